@@ -1,0 +1,42 @@
+# Every target bootstraps .venv (created when missing, reused when present) and installs the project into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+WORKDIR ?= demo_work
+
+.PHONY: demo demo-quick test bench lint browser clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Reinstall only when the dependency list changes; torch/torchvision pins come from pyproject.toml.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Debian's Chromium for the real-browser test; the test skips with a reason if this could not install it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+	  || echo "warning: could not install chromium; the browser test will skip"; }
+
+demo: $(STAMP)
+	$(VENV)/bin/prodcat demo --workdir $(WORKDIR)
+
+demo-quick: $(STAMP)
+	$(VENV)/bin/prodcat demo --workdir $(WORKDIR)-quick --quick
+
+test: $(STAMP) browser
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(WORKDIR) $(WORKDIR)-quick .pytest_cache

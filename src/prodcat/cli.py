@@ -1,0 +1,246 @@
+"""Thin typer CLI: parse flags, build a config, call one package function. No logic lives here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prodcat.config import DemoConfig, EvalConfig, ExtractConfig, IngestConfig, ServeConfig, TrainConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Working directory holding catalog, features, runs.")]
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _csv(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder to write train.bson, test.bson, category_names.csv into.")],
+    products: int = DemoConfig.products,
+    test_products: int = DemoConfig.test_products,
+    categories: int = DemoConfig.categories,
+    seed: int = DemoConfig.seed,
+) -> None:
+    """Write a synthetic data set in Kaggle's Cdiscount formats (the embedded default)."""
+    from prodcat.data.demo import generate_demo
+
+    summary = generate_demo(out, DemoConfig(products=products, test_products=test_products,
+                                            categories=categories, seed=seed))
+    typer.echo(f"wrote {summary['train_products']} train / {summary['test_products']} test products to {out}")
+
+
+@app.command()
+def ingest(
+    data_dir: Annotated[Path, typer.Argument(help="Folder with train.bson and/or test.bson and category_names.csv.")],
+    workdir: Workdir,
+    val_fraction: float = IngestConfig.val_fraction,
+    seed: int = IngestConfig.seed,
+    strict: Annotated[bool, typer.Option(help="Stop at the first bad document instead of skipping it.")] = False,
+) -> None:
+    """Index BSON files (no picture decoding) and the taxonomy into Parquet catalogs."""
+    from prodcat.data.catalog import IngestError
+    from prodcat.data.catalog import ingest as run_ingest
+
+    try:
+        report = run_ingest(IngestConfig(data_dir=str(data_dir), workdir=str(workdir), val_fraction=val_fraction,
+                                         seed=seed, strict=strict))
+    except (IngestError, FileNotFoundError) as error:
+        _fail(error)
+        return
+    for name, part in report["files"].items():
+        typer.echo(f"{name}: {part['products']} products, {part['images']} images, {part['problems']} problems")
+
+
+@app.command()
+def explore(workdir: Workdir, top_k: int = 5) -> None:
+    """Counts per level, log histograms, head and tail categories -> W/reports/explore/."""
+    from prodcat.report.explore import explore as run_explore
+
+    summary = run_explore(workdir, top_k=top_k)
+    typer.echo(f"{summary['products']} products, {summary['images']} images -> {workdir / 'reports' / 'explore'}")
+
+
+@app.command()
+def extract(
+    workdir: Workdir,
+    backbone: str = ExtractConfig.backbone,
+    weights: Annotated[Path | None, typer.Option(help="Local weights: .safetensors or a torch state dict.")] = None,
+    random_init: Annotated[bool, typer.Option(help="Random weights (tests and speed runs only).")] = False,
+    features: Annotated[str, typer.Option(help="pooled | spatial")] = ExtractConfig.features,
+    spatial_channels: int | None = None,
+    split: Annotated[str, typer.Option(help="Comma-separated splits: train,val,test.")] = "train,val,test",
+    batch_size: int = ExtractConfig.batch_size,
+    workers: int = ExtractConfig.workers,
+    shard_size: int = ExtractConfig.shard_size,
+    limit: Annotated[int | None, typer.Option(help="At most this many products per split.")] = None,
+    precision: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = ExtractConfig.precision,
+    distributed: Annotated[bool, typer.Option(help="Split shards across torchrun ranks.")] = False,
+    name: Annotated[str | None, typer.Option(help="Store name (default <backbone>-<features>).")] = None,
+) -> None:
+    """Run a frozen pretrained backbone over the catalog into a resumable feature store."""
+    from prodcat.features.backbones import WeightsNotFoundError
+    from prodcat.features.extract import extract as run_extract
+
+    config = ExtractConfig(workdir=str(workdir), backbone=backbone, weights=str(weights) if weights else None,
+                           random_init=random_init, features=features, spatial_channels=spatial_channels,
+                           splits=_csv(split) or (), batch_size=batch_size, workers=workers, shard_size=shard_size,
+                           limit=limit, precision=precision, distributed=distributed, name=name)
+    try:
+        store = run_extract(config)
+    except WeightsNotFoundError as error:
+        _fail(error)
+        return
+    typer.echo(f"features -> {store}")
+
+
+@app.command()
+def train(
+    workdir: Workdir,
+    features: str = TrainConfig.features,
+    head: Annotated[str, typer.Option(help="linear | mlp | conv | hier")] = TrainConfig.head,
+    loss: Annotated[str, typer.Option(help="softmax | sampled | adaptive")] = TrainConfig.loss,
+    run_name: str | None = None,
+    num_sampled: int = TrainConfig.num_sampled,
+    sampler: Annotated[str, typer.Option(help="uniform | log_uniform | unigram")] = TrainConfig.sampler,
+    with_replacement: bool = False,
+    optimizer: Annotated[str, typer.Option(help="adamw | sgd")] = TrainConfig.optimizer,
+    lr: float = TrainConfig.lr,
+    weight_decay: float = TrainConfig.weight_decay,
+    epochs: float = TrainConfig.epochs,
+    max_steps: int | None = None,
+    batch_size: int = TrainConfig.batch_size,
+    hidden_dim: int = TrainConfig.hidden_dim,
+    dropout: float = TrainConfig.dropout,
+    label_smoothing: float = TrainConfig.label_smoothing,
+    warmup_steps: int = TrainConfig.warmup_steps,
+    eval_every: int = TrainConfig.eval_every,
+    seed: int = TrainConfig.seed,
+    resume: bool = False,
+    distributed: Annotated[bool, typer.Option(help="DistributedDataParallel under torchrun.")] = False,
+) -> None:
+    """Train a head on cached features with full, sampled or adaptive softmax."""
+    from prodcat.train import train as run_train
+
+    config = TrainConfig(workdir=str(workdir), features=features, head=head, loss=loss, run_name=run_name,
+                         num_sampled=num_sampled, sampler=sampler, sample_with_replacement=with_replacement,
+                         optimizer=optimizer, lr=lr, weight_decay=weight_decay, epochs=epochs, max_steps=max_steps,
+                         batch_size=batch_size, hidden_dim=hidden_dim, dropout=dropout,
+                         label_smoothing=label_smoothing, warmup_steps=warmup_steps, eval_every=eval_every,
+                         seed=seed, resume=resume, distributed=distributed)
+    run_dir = run_train(config)
+    typer.echo(f"run -> {run_dir}")
+
+
+@app.command()
+def compare(
+    workdir: Workdir,
+    features: str = TrainConfig.features,
+    head: str = TrainConfig.head,
+    losses: str = "softmax,sampled,adaptive",
+    seeds: int = 3,
+    epochs: float = 5.0,
+    num_sampled: int = 64,
+    batch_size: int = TrainConfig.batch_size,
+) -> None:
+    """Same head, same budget and seeds: softmax vs sampled vs adaptive -> W/reports/compare/."""
+    from prodcat.experiments import compare as run_compare
+
+    out = run_compare(workdir, features=features, head=head, losses=_csv(losses) or (), seeds=seeds, epochs=epochs,
+                      num_sampled=num_sampled, batch_size=batch_size)
+    typer.echo(f"comparison -> {out}")
+
+
+@app.command()
+def sweep(
+    workdir: Workdir,
+    features: str = TrainConfig.features,
+    head: str = TrainConfig.head,
+    num_sampled: Annotated[str, typer.Option(help="Comma-separated sampled negatives.")] = "8,32,128,512,2048",
+    sampler: str = TrainConfig.sampler,
+    epochs: float = 5.0,
+    seeds: int = 1,
+    batch_size: int = TrainConfig.batch_size,
+) -> None:
+    """Accuracy and step time against the number of sampled negatives -> W/reports/sweep/."""
+    from prodcat.experiments import sweep as run_sweep
+
+    values = tuple(int(v) for v in _csv(num_sampled) or ())
+    out = run_sweep(workdir, features=features, head=head, num_sampled=values, sampler=sampler, epochs=epochs,
+                    seeds=seeds, batch_size=batch_size)
+    typer.echo(f"sweep -> {out}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option(help="Run directory (W/runs/NAME).")],
+    split: str = "val",
+    aggregation: Annotated[str, typer.Option(help="auto | mean_prob | mean_logprob | vote")] = "auto",
+    target_accuracy: float = EvalConfig.target_accuracy,
+) -> None:
+    """Image, product and taxonomy-level metrics -> RUN/eval/metrics.json and figures."""
+    from prodcat.evaluate import evaluate as run_evaluate
+
+    metrics = run_evaluate(EvalConfig(run=str(run), split=split, aggregation=aggregation,
+                                      target_accuracy=target_accuracy))
+    typer.echo(f"image top-1 {metrics['image']['top1']:.4f}  product top-1 {metrics['product']['top1']:.4f}")
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Option(help="Run directory (W/runs/NAME).")],
+    bson: Annotated[Path, typer.Option(help="A Kaggle BSON file (test.bson).")],
+    out: Annotated[Path, typer.Option(help="Submission CSV: _id,category_id.")] = Path("submission.csv"),
+    batch_size: int = 64,
+) -> None:
+    """Predict every product of a BSON file into a Kaggle submission, in input order."""
+    from prodcat.predict import predict_bson
+
+    summary = predict_bson(run, bson, out, batch_size=batch_size)
+    typer.echo(f"{summary['products']} products -> {out} ({summary['fallback_products']} without decodable images)")
+
+
+@app.command()
+def report(workdir: Workdir) -> None:
+    """One self-contained HTML page: exploration, training, comparison, sweep, evaluation, gallery."""
+    from prodcat.report.html import build_report
+
+    typer.echo(f"report -> {build_report(workdir)}")
+
+
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Option(help="Run directory (W/runs/NAME).")],
+    host: str = ServeConfig.host,
+    port: int = ServeConfig.port,
+    top_k: int = ServeConfig.top_k,
+    micro_batching: bool = True,
+) -> None:
+    """HTTP API (POST /v1/classify) and a web page to categorise a product's photos."""
+    from prodcat.serve.app import serve as run_serve
+
+    run_serve(ServeConfig(run=str(run), host=host, port=port, top_k=top_k, micro_batching=micro_batching))
+
+
+@app.command()
+def demo(
+    workdir: Workdir = Path("demo_work"),
+    quick: Annotated[bool, typer.Option(help="Tiny settings (under 2 minutes), what the tests run.")] = False,
+) -> None:
+    """The whole pipeline on the embedded default, offline: data -> ... -> report."""
+    from prodcat.pipeline import run_demo
+
+    run_demo(workdir, quick=quick)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,208 @@
+"""Typed configs for every stage. Each output directory gets the exact config that produced it (`config.json`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "DemoConfig",
+    "IngestConfig",
+    "ExploreConfig",
+    "ExtractConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "ServeConfig",
+    "save_config",
+    "load_config",
+    "config_from_dict",
+]
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or inconsistent."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Synthetic Cdiscount-format data set (the embedded default)."""
+
+    products: int = 3000
+    test_products: int = 300
+    categories: int = 60
+    seed: int = 0
+    image_size: int = 180
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        _check(self.products >= 1, "products must be >= 1")
+        _check(self.test_products >= 0, "test_products must be >= 0")
+        _check(self.categories >= 2, "categories must be >= 2")
+        _check(self.image_size >= 32, "image_size must be >= 32")
+        _check(1 <= self.jpeg_quality <= 100, "jpeg_quality must be in 1..100")
+
+
+@dataclasses.dataclass
+class IngestConfig:
+    """Index Kaggle BSON files and the taxonomy into Parquet catalogs."""
+
+    data_dir: str = ""
+    workdir: str = ""
+    val_fraction: float = 0.05
+    seed: int = 0
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class ExploreConfig:
+    workdir: str = ""
+    top_k: int = 5
+
+
+@dataclasses.dataclass
+class ExtractConfig:
+    """Frozen-backbone feature extraction into a sharded, memory-mappable store."""
+
+    workdir: str = ""
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    random_init: bool = False
+    features: str = "pooled"  # pooled | spatial
+    spatial_channels: int | None = None  # keep only the first N channels of a spatial map (smaller store)
+    splits: tuple[str, ...] = ("train", "val", "test")
+    batch_size: int = 64
+    workers: int = 1
+    shard_size: int = 4096  # images per shard
+    limit: int | None = None  # products per split, for quick looks
+    precision: str = "auto"  # auto | float32 | bfloat16
+    distributed: bool = False
+    name: str | None = None  # store name; default "<backbone>-<features>"
+
+    def __post_init__(self) -> None:
+        _check(self.features in ("pooled", "spatial"), "features must be 'pooled' or 'spatial'")
+        _check(self.precision in ("auto", "float32", "bfloat16"), "precision must be auto, float32 or bfloat16")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.shard_size >= 1, "shard_size must be >= 1")
+        _check(self.workers >= 0, "workers must be >= 0")
+        self.splits = tuple(self.splits)
+        for split in self.splits:
+            _check(split in ("train", "val", "test"), f"unknown split {split!r}")
+
+    @property
+    def store_name(self) -> str:
+        return self.name or f"{self.backbone}-{self.features}"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Train a head on cached features."""
+
+    workdir: str = ""
+    features: str = "efficientnet_lite0-pooled"
+    head: str = "linear"  # linear | mlp | conv | hier
+    loss: str = "softmax"  # softmax | sampled | adaptive
+    run_name: str | None = None
+    hidden_dim: int = 1024
+    dropout: float = 0.2
+    num_sampled: int = 256
+    sampler: str = "log_uniform"  # uniform | log_uniform | unigram
+    unigram_alpha: float = 0.75
+    sample_with_replacement: bool = False
+    remove_accidental_hits: bool = True
+    logq_correction: bool = True
+    hier_weights: tuple[float, float, float] = (0.25, 0.25, 1.0)  # level1, level2, leaf
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_steps: int = 50
+    epochs: float = 10.0
+    max_steps: int | None = None
+    batch_size: int = 256
+    label_smoothing: float = 0.0
+    eval_every: int = 100
+    seed: int = 0
+    resume: bool = False
+    distributed: bool = False
+    max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.loss in ("softmax", "sampled", "adaptive"), "loss must be softmax, sampled or adaptive")
+        _check(self.sampler in ("uniform", "log_uniform", "unigram"), "sampler must be uniform, log_uniform, unigram")
+        _check(self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd")
+        _check(self.num_sampled >= 1, "num_sampled must be >= 1")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
+        _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        _check(self.epochs > 0 or (self.max_steps or 0) > 0, "need epochs > 0 or max_steps > 0")
+        self.hier_weights = tuple(float(w) for w in self.hier_weights)  # type: ignore[assignment]
+        _check(len(self.hier_weights) == 3, "hier_weights needs three values (level1, level2, leaf)")
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.head}-{self.loss}-s{self.seed}"
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    run: str = ""
+    split: str = "val"
+    aggregation: str = "auto"  # auto | mean_prob | mean_logprob | vote
+    target_accuracy: float = 0.95
+    batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _check(self.aggregation in ("auto", "mean_prob", "mean_logprob", "vote"), "unknown aggregation")
+        _check(0.0 < self.target_accuracy <= 1.0, "target_accuracy must be in (0, 1]")
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    run: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    top_k: int = 5
+    max_images: int = 4
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    batch_window_ms: float = 5.0
+    max_batch_images: int = 64
+    micro_batching: bool = True
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def save_config(config: Any, path: str | Path) -> Path:
+    """Write a dataclass config as JSON (atomically), tagged with its class name."""
+    from prodcat.utils import atomic_write_text
+
+    payload = {"_type": type(config).__name__}
+    payload.update({k: _to_jsonable(v) for k, v in dataclasses.asdict(config).items()})
+    return atomic_write_text(Path(path), json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Build `cls` from a dict, ignoring unknown keys (older/newer runs) and re-running the checks."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def load_config(cls: type[C], path: str | Path) -> C:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return config_from_dict(cls, data)

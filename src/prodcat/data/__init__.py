@@ -1,0 +1,1 @@
+"""Ingest: BSON indexing, taxonomy and labels, splits, image decoding, demo data."""

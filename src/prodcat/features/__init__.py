@@ -1,0 +1,1 @@
+"""Frozen pretrained backbones, extraction and the on-disk feature store."""

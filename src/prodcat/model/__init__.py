@@ -1,0 +1,1 @@
+"""Heads and losses trained on cached features, with their registries."""

@@ -1,0 +1,1 @@
+"""Figures, exploration and the HTML report."""
