@@ -1,0 +1,117 @@
+"""`prodcat demo` / `make demo`: the whole pipeline on the embedded default data, offline, from nothing.
+
+demo data -> ingest -> explore -> extract (EfficientNet-Lite0, packaged ImageNet weights) -> compare (softmax,
+sampled, adaptive) -> sweep -> hierarchical head -> evaluate -> predict test.bson -> report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from prodcat.config import DemoConfig, EvalConfig, ExtractConfig, IngestConfig, TrainConfig
+from prodcat.paths import WorkPaths
+from prodcat.utils import get_logger, write_json
+
+__all__ = ["DemoPlan", "run_demo"]
+
+log = get_logger("prodcat.demo")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run; `quick` is what the tests run (under two minutes on 2 cores)."""
+
+    products: int = 3000
+    test_products: int = 300
+    categories: int = 60
+    seeds: int = 3
+    epochs: float = 12.0
+    num_sampled: int = 16
+    sweep: tuple[int, ...] = (2, 4, 8, 16, 32)
+    hierarchy: bool = True
+    batch_size: int = 128
+
+    @classmethod
+    def quick(cls) -> DemoPlan:
+        return cls(products=300, test_products=30, categories=10, seeds=1, epochs=4.0, num_sampled=4, sweep=(),
+                   hierarchy=False, batch_size=64)
+
+
+def _step(name: str, timings: dict[str, float]):  # noqa: ANN202 - tiny context helper
+    class _Timer:
+        def __enter__(self) -> None:
+            log.info("== %s", name)
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc: object) -> None:
+            timings[name] = round(time.perf_counter() - self.start, 1)
+
+    return _Timer()
+
+
+def run_demo(workdir: str | Path, quick: bool = False) -> dict:
+    """Run every stage into `workdir`; returns (and prints) the headline numbers."""
+    from prodcat.data.catalog import ingest
+    from prodcat.data.demo import generate_demo
+    from prodcat.evaluate import evaluate
+    from prodcat.experiments import compare, sweep
+    from prodcat.features.extract import extract
+    from prodcat.predict import predict_bson
+    from prodcat.report.explore import explore
+    from prodcat.report.html import build_report
+    from prodcat.train import train
+
+    plan = DemoPlan.quick() if quick else DemoPlan()
+    paths, data_dir, timings = WorkPaths(workdir), Path(workdir) / "data", {}
+    features = "efficientnet_lite0-pooled"
+    with _step("demo data", timings):
+        generate_demo(data_dir, DemoConfig(products=plan.products, test_products=plan.test_products,
+                                           categories=plan.categories, seed=0))
+    with _step("ingest", timings):
+        ingest(IngestConfig(data_dir=str(data_dir), workdir=str(workdir), val_fraction=0.15, seed=0))
+    with _step("explore", timings):
+        explore(workdir)
+    with _step("extract", timings):
+        extract(ExtractConfig(workdir=str(workdir), backbone="efficientnet_lite0", features="pooled",
+                              splits=("train", "val", "test"), batch_size=64, workers=1))
+    with _step("compare", timings):
+        compare(workdir, features=features, head="linear", losses=("softmax", "sampled", "adaptive"),
+                seeds=plan.seeds, epochs=plan.epochs, num_sampled=plan.num_sampled, batch_size=plan.batch_size)
+    if plan.sweep:
+        with _step("sweep", timings):
+            sweep(workdir, features=features, head="linear", num_sampled=plan.sweep, sampler="log_uniform",
+                  epochs=plan.epochs, seeds=1, batch_size=plan.batch_size)
+    runs = sorted(p for p in paths.runs.glob("compare-*-s0") if p.is_dir())
+    if plan.hierarchy:
+        with _step("hierarchical head", timings):
+            runs.append(Path(train(TrainConfig(workdir=str(workdir), features=features, head="hier", loss="softmax",
+                                               run_name="hier-softmax-s0", epochs=plan.epochs,
+                                               batch_size=plan.batch_size, eval_every=50))))
+    headline = {}
+    with _step("evaluate", timings):
+        for run in runs:
+            metrics = evaluate(EvalConfig(run=str(run)))
+            headline[run.name] = {"image_top1": metrics["image"]["top1"], "product_top1": metrics["product"]["top1"],
+                                  "aggregation": metrics["product"]["aggregation"]}
+    best = max(headline, key=lambda name: headline[name]["product_top1"])
+    with _step("predict test.bson", timings):
+        predict_bson(paths.run(best), data_dir / "test.bson", Path(workdir) / "submission.csv")
+    with _step("report", timings):
+        report = build_report(workdir)
+    summary = {"report": str(report), "best_run": best, "runs": headline, "seconds": timings,
+               "submission": str(Path(workdir) / "submission.csv")}
+    write_json(paths.reports / "demo_summary.json", summary)
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    print("\nprodcat demo: headline numbers (validation)")
+    print(f"{'run':<28} {'image top-1':>12} {'product top-1':>14}  aggregation")
+    for name, numbers in summary["runs"].items():
+        print(f"{name:<28} {numbers['image_top1']:>12.3f} {numbers['product_top1']:>14.3f}  {numbers['aggregation']}")
+    print(f"seconds per stage: {summary['seconds']}")
+    print(f"submission: {summary['submission']}")
+    print(f"report: {summary['report']}")

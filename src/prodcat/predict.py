@@ -1,0 +1,288 @@
+"""The Predictor: load a run, classify images, products or whole BSON files.
+
+It is the single path used by `prodcat evaluate`, `prodcat predict` (Kaggle submission) and the HTTP server, so
+the three can never disagree: same backbone and weights as the feature store the head was trained on, same
+preprocessing (carried by the backbone spec), same product aggregation (chosen on validation by evaluate).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prodcat.config import ExtractConfig, TrainConfig, config_from_dict, load_config
+from prodcat.data.taxonomy import Taxonomy
+from prodcat.paths import WorkPaths
+from prodcat.utils import atomic_write_text, get_logger, progress, read_json
+
+__all__ = ["CategoryScore", "ProductPrediction", "Predictor", "aggregate_products", "predict_bson",
+           "AGGREGATIONS"]
+
+AGGREGATIONS = ("mean_prob", "mean_logprob", "vote")
+log = get_logger("prodcat.predict")
+
+
+@dataclasses.dataclass
+class CategoryScore:
+    label: int
+    category_id: int
+    probability: float
+    level1: str
+    level2: str
+    level3: str
+
+
+@dataclasses.dataclass
+class ProductPrediction:
+    top: list[CategoryScore]
+    images: list[list[CategoryScore]]
+    accepted: bool
+    threshold: float | None
+    aggregation: str
+
+
+def aggregate_products(log_probs: np.ndarray, product_index: np.ndarray, num_products: int,
+                       method: str) -> np.ndarray:
+    """Combine image log-probabilities (N, C) into product log-probabilities (P, C).
+
+    mean_prob: average of probabilities (3rd place on Kaggle); mean_logprob: normalised geometric mean;
+    vote: share of images whose top-1 is each class, ties broken by mean probability.
+    """
+    num_classes = log_probs.shape[1]
+    counts = np.bincount(product_index, minlength=num_products).astype(np.float64)[:, None]
+    counts = np.maximum(counts, 1.0)
+    if method == "mean_logprob":
+        summed = np.zeros((num_products, num_classes), dtype=np.float64)
+        np.add.at(summed, product_index, log_probs)
+        return _log_normalise(summed / counts)
+    probs = np.exp(log_probs.astype(np.float64))
+    mean = np.zeros((num_products, num_classes), dtype=np.float64)
+    np.add.at(mean, product_index, probs)
+    mean /= counts
+    if method == "mean_prob":
+        return np.log(np.clip(mean, 1e-30, None))
+    if method == "vote":
+        votes = np.zeros((num_products, num_classes), dtype=np.float64)
+        np.add.at(votes, (product_index, log_probs.argmax(axis=1)), 1.0)
+        # Votes dominate; the mean probability (< 1) only breaks ties. Still a distribution after renormalising.
+        return _log_normalise(np.log(votes / counts + 1e-3 * mean + 1e-30))
+    raise ValueError(f"unknown aggregation {method!r}; choose one of {AGGREGATIONS}")
+
+
+def _log_normalise(scores: np.ndarray) -> np.ndarray:
+    scores = scores - scores.max(axis=1, keepdims=True)
+    return scores - np.log(np.exp(scores).sum(axis=1, keepdims=True))
+
+
+class Predictor:
+    """A trained head plus the backbone that made its features."""
+
+    def __init__(self, model: torch.nn.Module, taxonomy: Taxonomy, extract_config: ExtractConfig,
+                 meta: dict[str, Any], run_dir: Path, device: torch.device | None = None) -> None:
+        self.model = model.eval()
+        self.taxonomy = taxonomy
+        self.extract_config = extract_config
+        self.meta = meta
+        self.run_dir = Path(run_dir)
+        self.device = device or torch.device("cpu")
+        self._backbone: tuple[Any, Any, Any] | None = None
+        evaluation = self.run_dir / "eval" / "metrics.json"
+        metrics = read_json(evaluation) if evaluation.is_file() else {}
+        self.aggregation: str = metrics.get("product", {}).get("aggregation", "mean_prob")
+        self.store_name: str = extract_config.name or extract_config.store_name
+        self.accept_threshold: float | None = metrics.get("confidence", {}).get("threshold")
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str | torch.device | None = None, which: str = "best") -> Predictor:
+        from prodcat.checkpoint import load_checkpoint
+
+        run_dir = Path(run_dir)
+        model, meta = load_checkpoint(run_dir, which=which)
+        train_config = config_from_dict(TrainConfig, meta["config"]) if "config" in meta else \
+            load_config(TrainConfig, run_dir / "config.json")
+        paths = WorkPaths(train_config.workdir)
+        store_config = paths.feature_store(train_config.features) / "config.json"
+        extract_config = load_config(ExtractConfig, store_config)
+        taxonomy = Taxonomy.load(paths.taxonomy)
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        predictor = cls(model.to(target), taxonomy, extract_config, meta, run_dir, target)
+        predictor.store_name = train_config.features
+        return predictor
+
+    # -- features ------------------------------------------------------------------------------------------------
+    def _feature_path(self) -> tuple[Any, Any, Any]:
+        """Backbone, preprocessor and runner, built on first use (evaluate on cached features never needs them)."""
+        if self._backbone is None:
+            from prodcat.features.backbones import Preprocessor, create_backbone
+            from prodcat.features.inference import InferenceRunner
+
+            config = self.extract_config
+            backbone = create_backbone(config.backbone, weights=config.weights, random_init=config.random_init)
+            runner = InferenceRunner(backbone, precision=config.precision, device=self.device)
+            self._backbone = (backbone, Preprocessor(backbone.spec), runner)
+        return self._backbone
+
+    def image_features(self, images: Sequence[torch.Tensor], batch_size: int = 64) -> np.ndarray:
+        """Backbone features of decoded uint8 (3, H, W) images, exactly as extraction stores them."""
+        _, preprocess, runner = self._feature_path()
+        spatial = self.extract_config.features == "spatial"
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            out = runner(preprocess(list(images[start:start + batch_size])), spatial=spatial)
+            features = out["spatial"] if spatial else out["pooled"]
+            if spatial and self.extract_config.spatial_channels:
+                features = features[..., :self.extract_config.spatial_channels]
+            # Round through float16 like the store does, so served and evaluated scores match.
+            chunks.append(features.float().cpu().numpy().astype(np.float16).astype(np.float32))
+        return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
+
+    @torch.inference_mode()
+    def log_probs_from_features(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """Full-softmax log-probabilities (N, C) of cached features."""
+        out = []
+        for start in range(0, len(features), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(features[start:start + batch_size], dtype=np.float32))
+            out.append(self.model(batch.to(self.device)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.taxonomy.num_classes), np.float32)
+
+    def image_log_probs(self, images: Sequence[torch.Tensor]) -> np.ndarray:
+        return self.log_probs_from_features(self.image_features(images))
+
+    # -- products ------------------------------------------------------------------------------------------------
+    def scores(self, log_probs: np.ndarray, top_k: int) -> list[list[CategoryScore]]:
+        top_k = min(top_k, log_probs.shape[1])
+        order = np.argsort(-log_probs, axis=1)[:, :top_k]
+        result = []
+        for row, labels in enumerate(order):
+            result.append([self._score(int(label), float(np.exp(log_probs[row, label]))) for label in labels])
+        return result
+
+    def _score(self, label: int, probability: float) -> CategoryScore:
+        level1, level2, level3 = self.taxonomy.names(label)
+        return CategoryScore(label, int(self.taxonomy.category_ids[label]), probability, level1, level2, level3)
+
+    def predict_products(self, products: Sequence[Sequence[torch.Tensor]], top_k: int = 5) -> list[ProductPrediction]:
+        """One batched forward for all images of all products; then per-product aggregation."""
+        images = [image for product in products for image in product]
+        product_index = np.repeat(np.arange(len(products)), [len(product) for product in products])
+        image_log_probs = self.image_log_probs(images)
+        product_log_probs = aggregate_products(image_log_probs, product_index, len(products), self.aggregation)
+        image_scores = self.scores(image_log_probs, top_k)
+        predictions = []
+        for index, top in enumerate(self.scores(product_log_probs, top_k)):
+            accepted = self.accept_threshold is not None and top[0].probability >= self.accept_threshold
+            per_image = [image_scores[i] for i in np.flatnonzero(product_index == index)]
+            predictions.append(ProductPrediction(top, per_image, bool(accepted), self.accept_threshold,
+                                                 self.aggregation))
+        return predictions
+
+    def predict_product(self, images: Sequence[torch.Tensor], top_k: int = 5) -> ProductPrediction:
+        return self.predict_products([images], top_k)[0]
+
+
+def _iter_product_batches(bson_path: Path, batch_size: int) -> Iterator[tuple[np.ndarray, list[list[Any]], int]]:
+    """(product ids, decoded images per product, failed images) in file order, about batch_size images at a time."""
+    from prodcat.data.bson_index import BsonReader, index_bson
+    from prodcat.data.images import decode_image
+
+    index = index_bson(bson_path)
+    for problem in index.problems:
+        log.warning("%s (no row can be written without a readable _id)", problem)
+    with BsonReader(bson_path) as reader:
+        ids, products, count, failed = [], [], 0, 0
+        for product_id, offset, length in zip(index.product_id, index.offset, index.length, strict=True):
+            decoded = []
+            for picture in reader.pictures(int(offset), int(length)):
+                try:
+                    decoded.append(decode_image(picture))
+                except Exception:  # noqa: BLE001 - any undecodable picture is skipped and counted
+                    failed += 1
+            ids.append(int(product_id))
+            products.append(decoded)
+            count += len(decoded)
+            if count >= batch_size:
+                yield np.asarray(ids), products, failed
+                ids, products, count, failed = [], [], 0, 0
+        if ids:
+            yield np.asarray(ids), products, failed
+
+
+def predict_bson(run_dir: str | Path, bson_path: str | Path, out: str | Path, batch_size: int = 64) -> dict:
+    """Kaggle submission `_id,category_id`: one row per product of the file, in file order.
+
+    A product whose images all fail to decode gets the most frequent training category (label 0).
+    """
+    from prodcat.data.bson_index import index_bson
+
+    predictor = Predictor.load(run_dir)
+    fallback_category = int(predictor.taxonomy.category_ids[0])
+    index = index_bson(bson_path)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["_id", "category_id"])
+    cached = _from_store(predictor, Path(bson_path), index.product_id)
+    if cached is not None:
+        for product_id, category in zip(index.product_id, cached, strict=True):
+            writer.writerow([int(product_id), int(category) if category >= 0 else fallback_category])
+        atomic_write_text(out, buffer.getvalue())
+        fallback = int(np.sum(cached < 0))
+        _warn_fallback(fallback, fallback_category)
+        return {"products": len(cached), "fallback_products": fallback, "failed_images": None, "source": "store"}
+    summary = {"products": 0, "fallback_products": 0, "failed_images": 0, "source": "backbone"}
+    bar = progress(total=len(index), desc="predict", unit="product")
+    for ids, products, failed in _iter_product_batches(Path(bson_path), batch_size):
+        with_images = [i for i, product in enumerate(products) if product]
+        categories = np.full(len(ids), fallback_category, dtype=np.int64)
+        if with_images:
+            predictions = predictor.predict_products([products[i] for i in with_images], top_k=1)
+            categories[with_images] = [p.top[0].category_id for p in predictions]
+        for product_id, category in zip(ids, categories, strict=True):
+            writer.writerow([int(product_id), int(category)])
+        summary["products"] += len(ids)
+        summary["fallback_products"] += len(ids) - len(with_images)
+        summary["failed_images"] += failed
+        bar.update(len(ids))
+    bar.close()
+    atomic_write_text(out, buffer.getvalue())
+    _warn_fallback(summary["fallback_products"], fallback_category)
+    return summary
+
+
+def _warn_fallback(count: int, category: int) -> None:
+    if count:
+        log.warning("%d products had no decodable image and got the most frequent category %d", count, category)
+
+
+def _from_store(predictor: Predictor, bson_path: Path, product_ids: np.ndarray) -> np.ndarray | None:
+    """Category per product from the run's feature store when it already holds every product of this file.
+
+    Returns -1 for products whose images were all masked as undecodable; None when the store cannot serve.
+    """
+    from prodcat.data.catalog import catalog_source
+    from prodcat.features.store import FeatureStore
+
+    workdir = Path(predictor.extract_config.workdir)
+    try:
+        if catalog_source(workdir, "test").resolve() != bson_path.resolve():
+            return None
+        store = FeatureStore.open(WorkPaths(workdir).feature_store(predictor.store_name))
+    except Exception:  # noqa: BLE001 - no test catalog / store: compute features with the backbone instead
+        return None
+    rows = store.split_indices("test", valid_only=False)
+    stored_ids = store.column("product_id")[rows]
+    if not np.array_equal(np.unique(stored_ids), np.unique(product_ids)):
+        return None
+    valid = rows[store.column("valid")[rows]]
+    log_probs = predictor.log_probs_from_features(store.read(valid))
+    ids, product_index = np.unique(store.column("product_id")[valid], return_inverse=True)
+    product_log_probs = aggregate_products(log_probs, product_index, len(ids), predictor.aggregation)
+    best = dict(zip(ids.tolist(), predictor.taxonomy.category_ids[product_log_probs.argmax(axis=1)].tolist(),
+                    strict=True))
+    return np.array([best.get(int(pid), -1) for pid in product_ids], dtype=np.int64)
