@@ -21,6 +21,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:
@@ -29,6 +31,7 @@ def _atomic_write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs (reports, stores) should read like normal files
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
