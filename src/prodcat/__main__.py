@@ -1,6 +1,6 @@
 """`python -m prodcat` (and `torchrun -m prodcat`) run the CLI."""
 
-from prodcat.cli import app
+from prodcat.cli import main
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from prodcat.config import DemoConfig, EvalConfig, ExtractConfig, IngestConfig, ServeConfig, TrainConfig
+from prodcat.config import ConfigError, DemoConfig, EvalConfig, ExtractConfig, IngestConfig, ServeConfig, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -242,5 +242,14 @@ def demo(
     run_demo(workdir, quick=quick)
 
 
+def main() -> None:
+    """Console entry point: bad option values end with one clear line, not a traceback."""
+    try:
+        app()
+    except ConfigError as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

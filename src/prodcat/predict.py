@@ -199,7 +199,12 @@ def _iter_product_batches(bson_path: Path, batch_size: int) -> Iterator[tuple[np
         ids, products, count, failed = [], [], 0, 0
         for product_id, offset, length in zip(index.product_id, index.offset, index.length, strict=True):
             decoded = []
-            for picture in reader.pictures(int(offset), int(length)):
+            try:
+                pictures = reader.pictures(int(offset), int(length))
+            except Exception as error:  # noqa: BLE001 - damage inside the document: the product still gets a row
+                log.warning("product %d: %s", int(product_id), error)
+                pictures = []
+            for picture in pictures:
                 try:
                     decoded.append(decode_image(picture))
                 except Exception:  # noqa: BLE001 - any undecodable picture is skipped and counted

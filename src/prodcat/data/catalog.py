@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prodcat.config import IngestConfig, save_config
-from prodcat.data.bson_index import BsonDamageError, BsonIndex, BsonProblem, index_bson
+from prodcat.data.bson_index import BsonIndex, BsonProblem, index_bson
 from prodcat.data.split import stratified_split
 from prodcat.data.taxonomy import Taxonomy, TaxonomyError, read_category_csv
 from prodcat.paths import WorkPaths
@@ -49,30 +49,24 @@ def ingest(config: IngestConfig) -> dict:
     sources = {name: data_dir / f"{name}.bson" for name in ("train", "test") if (data_dir / f"{name}.bson").is_file()}
     if not sources:
         raise IngestError(f"{data_dir}: no train.bson or test.bson found")
-    indexes = {name: _index(path, config.strict) for name, path in sources.items()}
-    known = {row[0] for row in rows}
+    # Indexed leniently, then strict mode fails on the first problem by offset, before anything is written.
+    indexes = {name: index_bson(path) for name, path in sources.items()}
+    known_ids = np.array(sorted({row[0] for row in rows}), dtype=np.int64)
+    checked = {name: _check_products(name, index, known_ids) for name, index in indexes.items()}
+    for name, (_, problems) in checked.items():
+        if config.strict and problems:
+            raise IngestError(f"strict mode: {problems[0]}")
     report: dict = {"data_dir": str(data_dir.resolve()), "files": {}, "problems": []}
-    if "train" in indexes:
-        train_index = indexes["train"]
-        keep, problems = _usable_train(train_index, known, config.strict)
-        counts = _category_counts(train_index.category_id[keep])
-        taxonomy = Taxonomy.from_rows(rows, counts)
-        table = _train_table(train_index, keep, taxonomy, config)
-        _write_catalog(paths.catalog_table("train"), table, train_index.path)
-        report["files"]["train"] = _file_summary(train_index, table, problems)
-        report["problems"] += [dataclasses.asdict(p) for p in problems]
-    else:
-        taxonomy = Taxonomy.from_rows(rows, {})
+    counts = _category_counts(indexes["train"].category_id[checked["train"][0]]) if "train" in indexes else {}
+    taxonomy = Taxonomy.from_rows(rows, counts)
     taxonomy.save(paths.taxonomy)
-    if "test" in indexes:
-        test_index = indexes["test"]
-        problems = list(test_index.problems) + _empty_products(test_index)
-        table = _test_table(test_index)
-        _write_catalog(paths.catalog_table("test"), table, test_index.path)
-        report["files"]["test"] = _file_summary(test_index, table, problems)
+    for name, index in indexes.items():
+        keep, problems = checked[name]
+        table = _train_table(index, keep, taxonomy, config) if name == "train" else _test_table(index)
+        _write_catalog(paths.catalog_table(name), table, index.path)
+        report["files"][name] = _file_summary(index, table, problems)
         report["problems"] += [dataclasses.asdict(p) for p in problems]
-    report["taxonomy"] = {"leaves": taxonomy.num_classes, "level1": taxonomy.num_level1,
-                          "level2": taxonomy.num_level2}
+    report["taxonomy"] = {"leaves": taxonomy.num_classes, "level1": taxonomy.num_level1, "level2": taxonomy.num_level2}
     report["seconds"] = round(time.perf_counter() - start, 3)
     write_json(paths.ingest_report, report)
     save_config(config, paths.catalog / "config.json")
@@ -80,39 +74,42 @@ def ingest(config: IngestConfig) -> dict:
     return report
 
 
-def _index(path: Path, strict: bool) -> BsonIndex:
-    try:
-        return index_bson(path, strict=strict)
-    except BsonDamageError as error:
-        raise IngestError(f"strict mode: {error}") from error
+def _check_products(name: str, index: BsonIndex, known_ids: np.ndarray) -> tuple[np.ndarray, list[BsonProblem]]:
+    """Rows to keep, and every problem of the file (damage plus unusable products) sorted by offset.
 
-
-def _usable_train(index: BsonIndex, known: set[int], strict: bool) -> tuple[np.ndarray, list[BsonProblem]]:
-    """Train products need images and a category from the taxonomy; the others are reported, not kept."""
+    Train products need images, a category from the taxonomy and an id not seen before; the others are dropped.
+    Test products are all kept (a submission needs a row for each), and only reported.
+    """
+    is_train, rows = name == "train", np.arange(len(index))
+    no_images = index.num_images <= 0
+    unknown = ~np.isin(index.category_id, known_ids) if is_train else np.zeros(len(index), dtype=bool)
+    unusable = no_images | unknown if is_train else np.zeros(len(index), dtype=bool)
+    first_row = _first_with_same_id(index.product_id, ~unusable)
+    repeat = first_row != rows
+    outcome = "dropped" if is_train else "kept"
     problems = list(index.problems)
-    keep = np.ones(len(index), dtype=bool)
-    known_ids = np.fromiter(known, dtype=np.int64)
-    for row in np.flatnonzero(index.num_images <= 0):
-        problems.append(BsonProblem(index.path, int(index.offset[row]), "no_images", "product has no images",
-                                    int(index.product_id[row])))
-        keep[row] = False
-    unknown = ~np.isin(index.category_id, known_ids)
-    for row in np.flatnonzero(unknown & keep):
-        category = int(index.category_id[row])
-        reason = "no category_id field" if category < 0 else f"category_id {category} is not in category_names.csv"
-        problems.append(BsonProblem(index.path, int(index.offset[row]), "unknown_category", reason,
-                                    int(index.product_id[row])))
-        keep[row] = False
-    if strict and problems:
-        raise IngestError(f"strict mode: {min(problems, key=lambda p: p.offset)}")
-    problems.sort(key=lambda p: p.offset)
-    return keep, problems
+    for row in np.flatnonzero(no_images | unknown | repeat):
+        if no_images[row]:
+            kind, reason = "no_images", f"product has no images ({outcome})"
+        elif unknown[row]:
+            category = int(index.category_id[row])
+            missing = "no category_id field" if category < 0 else f"category_id {category} not in category_names.csv"
+            kind, reason = "unknown_category", f"{missing} ({outcome})"
+        else:
+            first_offset = int(index.offset[first_row[row]])
+            kind, reason = "duplicate_id", f"same _id as the product at byte {first_offset} ({outcome})"
+        problems.append(BsonProblem(index.path, int(index.offset[row]), kind, reason, int(index.product_id[row])))
+    keep = ~(unusable | repeat) if is_train else np.ones(len(index), dtype=bool)
+    return keep, sorted(problems, key=lambda p: p.offset)
 
 
-def _empty_products(index: BsonIndex) -> list[BsonProblem]:
-    # Test products without images stay in the catalog (a submission needs a row for each); we only report them.
-    return [BsonProblem(index.path, int(index.offset[row]), "no_images", "product has no images (kept)",
-                        int(index.product_id[row])) for row in np.flatnonzero(index.num_images <= 0)]
+def _first_with_same_id(product_id: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """For each candidate row, the first candidate row with the same id (itself if none earlier); others: own row."""
+    first_row = np.arange(len(product_id))
+    rows = np.flatnonzero(candidate)
+    _, first, inverse = np.unique(product_id[rows], return_index=True, return_inverse=True)
+    first_row[rows] = rows[first[inverse.reshape(-1)]]
+    return first_row
 
 
 def _category_counts(category_ids: np.ndarray) -> dict[int, int]:
@@ -123,22 +120,30 @@ def _category_counts(category_ids: np.ndarray) -> dict[int, int]:
 def _train_table(index: BsonIndex, keep: np.ndarray, taxonomy: Taxonomy, config: IngestConfig) -> pa.Table:
     labels = taxonomy.labels_of(index.category_id[keep])
     is_val = stratified_split(labels, config.val_fraction, config.seed)
-    return pa.table({
-        "product_id": pa.array(index.product_id[keep]),
-        "offset": pa.array(index.offset[keep]),
-        "length": pa.array(index.length[keep]),
-        "num_images": pa.array(index.num_images[keep]),
-        "category_id": pa.array(index.category_id[keep]),
-        "label": pa.array(labels.astype(np.int32)),
-        "level1": pa.array(taxonomy.leaf_level1[labels]),
-        "level2": pa.array(taxonomy.leaf_level2[labels]),
-        "split": pa.array(np.where(is_val, "val", "train")).dictionary_encode(),
-    })
+    return pa.table(
+        {
+            "product_id": pa.array(index.product_id[keep]),
+            "offset": pa.array(index.offset[keep]),
+            "length": pa.array(index.length[keep]),
+            "num_images": pa.array(index.num_images[keep]),
+            "category_id": pa.array(index.category_id[keep]),
+            "label": pa.array(labels.astype(np.int32)),
+            "level1": pa.array(taxonomy.leaf_level1[labels]),
+            "level2": pa.array(taxonomy.leaf_level2[labels]),
+            "split": pa.array(np.where(is_val, "val", "train")).dictionary_encode(),
+        }
+    )
 
 
 def _test_table(index: BsonIndex) -> pa.Table:
-    return pa.table({"product_id": pa.array(index.product_id), "offset": pa.array(index.offset),
-                     "length": pa.array(index.length), "num_images": pa.array(index.num_images)})
+    return pa.table(
+        {
+            "product_id": pa.array(index.product_id),
+            "offset": pa.array(index.offset),
+            "length": pa.array(index.length),
+            "num_images": pa.array(index.num_images),
+        }
+    )
 
 
 def _write_catalog(path: Path, table: pa.Table, source: str) -> None:
@@ -149,9 +154,14 @@ def _write_catalog(path: Path, table: pa.Table, source: str) -> None:
 
 
 def _file_summary(index: BsonIndex, table: pa.Table, problems: list[BsonProblem]) -> dict:
-    summary = {"path": index.path, "bytes": index.file_size, "products": table.num_rows,
-               "images": int(pc.sum(table["num_images"]).as_py() or 0), "problems": len(problems),
-               "problem_kinds": {}}
+    summary = {
+        "path": index.path,
+        "bytes": index.file_size,
+        "products": table.num_rows,
+        "images": int(pc.sum(table["num_images"]).as_py() or 0),
+        "problems": len(problems),
+        "problem_kinds": {},
+    }
     for problem in problems:
         summary["problem_kinds"][problem.kind] = summary["problem_kinds"].get(problem.kind, 0) + 1
     if "split" in table.column_names:
@@ -165,8 +175,9 @@ def _warn(problems: list[dict]) -> None:
     for problem in problems[:_MAX_WARNINGS]:
         log.warning(str(BsonProblem(**problem)))
     if len(problems) > _MAX_WARNINGS:
-        log.warning("... and %d more problems; all are listed in catalog/ingest_report.json",
-                    len(problems) - _MAX_WARNINGS)
+        log.warning(
+            "... and %d more problems; all are listed in catalog/ingest_report.json", len(problems) - _MAX_WARNINGS
+        )
 
 
 def load_catalog(workdir: str | Path, name: str, split: str | None = None) -> pa.Table:

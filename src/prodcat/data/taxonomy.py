@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from collections.abc import Mapping
+import io
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import pyarrow.parquet as pq
 __all__ = ["Taxonomy", "TaxonomyError", "read_category_csv", "CSV_COLUMNS"]
 
 CSV_COLUMNS = ("category_id", "category_level1", "category_level2", "category_level3")
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # int() alone would also take "1_000", " 7 " and non-ASCII digits
 
 
 class TaxonomyError(ValueError):
@@ -52,22 +55,32 @@ class Taxonomy:
 
     def labels_of(self, category_ids: np.ndarray) -> np.ndarray:
         """Map category ids to leaf labels; -1 where an id is not in the taxonomy."""
+        ids = np.asarray(category_ids, dtype=np.int64)
+        if self.num_classes == 0:
+            return np.full(ids.shape, -1, dtype=np.int64)
         order = np.argsort(self.category_ids, kind="stable")
         sorted_ids = self.category_ids[order]
-        ids = np.asarray(category_ids, dtype=np.int64)
         pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
         found = sorted_ids[pos] == ids
         return np.where(found, order[pos], -1).astype(np.int64)
 
     def names(self, label: int) -> tuple[str, str, str]:
         """(level1, level2, level3) names of a leaf label."""
-        return (self.level1_names[self.leaf_level1[label]], self.level2_names[self.leaf_level2[label]],
-                self.leaf_names[label])
+        return (
+            self.level1_names[self.leaf_level1[label]],
+            self.level2_names[self.leaf_level2[label]],
+            self.leaf_names[label],
+        )
 
     def describe(self, label: int) -> dict[str, object]:
         level1, level2, level3 = self.names(label)
-        return {"label": int(label), "category_id": int(self.category_ids[label]), "level1": level1,
-                "level2": level2, "level3": level3}
+        return {
+            "label": int(label),
+            "category_id": int(self.category_ids[label]),
+            "level1": level1,
+            "level2": level2,
+            "level3": level3,
+        }
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -96,16 +109,18 @@ class Taxonomy:
 
     # -- persistence ----------------------------------------------------------------------------------------------
     def to_table(self) -> pa.Table:
-        return pa.table({
-            "label": pa.array(np.arange(self.num_classes, dtype=np.int32)),
-            "category_id": pa.array(self.category_ids),
-            "category_level1": pa.array([self.level1_names[i] for i in self.leaf_level1], pa.string()),
-            "category_level2": pa.array([self.level2_names[i] for i in self.leaf_level2], pa.string()),
-            "category_level3": pa.array(list(self.leaf_names), pa.string()),
-            "level1": pa.array(self.leaf_level1),
-            "level2": pa.array(self.leaf_level2),
-            "train_count": pa.array(self.train_counts),
-        })
+        return pa.table(
+            {
+                "label": pa.array(np.arange(self.num_classes, dtype=np.int32)),
+                "category_id": pa.array(self.category_ids),
+                "category_level1": pa.array([self.level1_names[i] for i in self.leaf_level1], pa.string()),
+                "category_level2": pa.array([self.level2_names[i] for i in self.leaf_level2], pa.string()),
+                "category_level3": pa.array(list(self.leaf_names), pa.string()),
+                "level1": pa.array(self.leaf_level1),
+                "level2": pa.array(self.leaf_level2),
+                "train_count": pa.array(self.train_counts),
+            }
+        )
 
     def save(self, path: str | Path) -> Path:
         from prodcat.utils import atomic_write_bytes
@@ -118,8 +133,15 @@ class Taxonomy:
     def load(cls, path: str | Path) -> Taxonomy:
         table = pq.read_table(path).sort_by("label")
         columns = table.to_pydict()
-        rows = list(zip(columns["category_id"], columns["category_level1"], columns["category_level2"],
-                        columns["category_level3"], strict=True))
+        rows = list(
+            zip(
+                columns["category_id"],
+                columns["category_level1"],
+                columns["category_level2"],
+                columns["category_level3"],
+                strict=True,
+            )
+        )
         counts = dict(zip(columns["category_id"], columns["train_count"], strict=True))
         taxonomy = cls.from_rows(rows, counts)
         if not np.array_equal(taxonomy.category_ids, np.asarray(columns["category_id"], dtype=np.int64)):
@@ -136,25 +158,35 @@ def read_category_csv(path: str | Path) -> list[tuple[int, str, str, str]]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise TaxonomyError(f"{path}: not UTF-8 at byte {error.start}") from error
-    reader = csv.reader(text.splitlines())
-    header = next(reader, None)
-    if header is None or tuple(header) != CSV_COLUMNS:
-        raise TaxonomyError(f"{path}: header must be {','.join(CSV_COLUMNS)}, got {header!r}")
+    # newline="" lets the csv module own line endings: quoted fields may hold newlines, and str.splitlines would
+    # also split on \x85, \u2028 and other separators that can sit inside a name.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None or tuple(header) != CSV_COLUMNS:
+            raise TaxonomyError(f"{path}: header must be {','.join(CSV_COLUMNS)}, got {header!r}")
+        rows = _read_rows(path, reader)
+    except csv.Error as error:
+        raise TaxonomyError(f"{path}:{reader.line_num}: malformed CSV: {error}") from error
+    if not rows:
+        raise TaxonomyError(f"{path}: no categories")
+    return rows
+
+
+def _read_rows(path: Path, reader: Iterator[list[str]]) -> list[tuple[int, str, str, str]]:
     rows: list[tuple[int, str, str, str]] = []
     seen: dict[int, int] = {}
-    for line_number, fields in enumerate(reader, start=2):
+    for fields in reader:
+        line = reader.line_num  # type: ignore[attr-defined]
         if not fields:
             continue
         if len(fields) != 4:
-            raise TaxonomyError(f"{path}:{line_number}: expected 4 fields, got {len(fields)}")
-        try:
-            category_id = int(fields[0])
-        except ValueError as error:
-            raise TaxonomyError(f"{path}:{line_number}: category_id {fields[0]!r} is not an integer") from error
+            raise TaxonomyError(f"{path}:{line}: expected 4 fields, got {len(fields)}")
+        if not _INTEGER.fullmatch(fields[0]):
+            raise TaxonomyError(f"{path}:{line}: category_id {fields[0]!r} is not an integer")
+        category_id = int(fields[0])
         if category_id in seen:
-            raise TaxonomyError(f"{path}:{line_number}: category_id {category_id} repeats line {seen[category_id]}")
-        seen[category_id] = line_number
+            raise TaxonomyError(f"{path}:{line}: category_id {category_id} repeats line {seen[category_id]}")
+        seen[category_id] = line
         rows.append((category_id, fields[1], fields[2], fields[3]))
-    if not rows:
-        raise TaxonomyError(f"{path}: no categories")
     return rows
