@@ -55,25 +55,31 @@ def aggregate_products(log_probs: np.ndarray, product_index: np.ndarray, num_pro
     mean_prob: average of probabilities (3rd place on Kaggle); mean_logprob: normalised geometric mean;
     vote: share of images whose top-1 is each class, ties broken by mean probability.
     """
-    num_classes = log_probs.shape[1]
-    counts = np.bincount(product_index, minlength=num_products).astype(np.float64)[:, None]
-    counts = np.maximum(counts, 1.0)
+    if method not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {method!r}; choose one of {AGGREGATIONS}")
+    product_index = np.asarray(product_index, dtype=np.int64)
+    counts = np.maximum(np.bincount(product_index, minlength=num_products), 1).astype(np.float64)[:, None]
     if method == "mean_logprob":
-        summed = np.zeros((num_products, num_classes), dtype=np.float64)
-        np.add.at(summed, product_index, log_probs)
-        return _log_normalise(summed / counts)
-    probs = np.exp(log_probs.astype(np.float64))
-    mean = np.zeros((num_products, num_classes), dtype=np.float64)
-    np.add.at(mean, product_index, probs)
-    mean /= counts
+        return _log_normalise(_sum_by_product(log_probs.astype(np.float64), product_index, num_products) / counts)
+    mean = _sum_by_product(np.exp(log_probs.astype(np.float64)), product_index, num_products) / counts
     if method == "mean_prob":
         return np.log(np.clip(mean, 1e-30, None))
-    if method == "vote":
-        votes = np.zeros((num_products, num_classes), dtype=np.float64)
-        np.add.at(votes, (product_index, log_probs.argmax(axis=1)), 1.0)
-        # Votes dominate; the mean probability (< 1) only breaks ties. Still a distribution after renormalising.
-        return _log_normalise(np.log(votes / counts + 1e-3 * mean + 1e-30))
-    raise ValueError(f"unknown aggregation {method!r}; choose one of {AGGREGATIONS}")
+    votes = np.zeros_like(mean)
+    np.add.at(votes, (product_index, log_probs.argmax(axis=1)), 1.0)  # N scalar adds: cheap
+    # Votes dominate; the mean probability (< 1) only breaks ties. Still a distribution after renormalising.
+    return _log_normalise(np.log(votes / counts + 1e-3 * mean + 1e-30))
+
+
+def _sum_by_product(values: np.ndarray, product_index: np.ndarray, num_products: int) -> np.ndarray:
+    """Row sums per product: one sort + np.add.reduceat (np.add.at over (N, C) rows is ~50x slower)."""
+    out = np.zeros((num_products, values.shape[1]), dtype=values.dtype)
+    if len(product_index) == 0:
+        return out
+    order = np.argsort(product_index, kind="stable")
+    sorted_index = product_index[order]
+    starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])
+    out[sorted_index[starts]] = np.add.reduceat(values[order], starts, axis=0)
+    return out
 
 
 def _log_normalise(scores: np.ndarray) -> np.ndarray:

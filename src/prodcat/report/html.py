@@ -1,0 +1,738 @@
+"""`prodcat report`: one HTML page a person opens from disk -> `W/reports/index.html`.
+
+Sections: data exploration, training curves of every run, the softmax / sampled / adaptive comparison, the
+negative-sample sweep, evaluation of every evaluated run (with hier vs flat), and a gallery of validation products.
+Figures that already live under `W/reports/` are linked relatively; figures of runs (under `W/runs/`) are copied to
+`W/reports/assets/`, so the `reports` folder can be zipped and opened anywhere. Gallery thumbnails are embedded as
+small base64 JPEGs read straight from the BSON. A section whose inputs are missing says so instead of failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import html
+import io
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from prodcat.paths import WorkPaths
+from prodcat.utils import atomic_write_text, get_logger, read_json
+
+__all__ = ["build_report", "Section", "GALLERY_RIGHT", "GALLERY_WRONG", "THUMBNAIL_SIZE"]
+
+GALLERY_RIGHT = 12
+GALLERY_WRONG = 12
+THUMBNAIL_SIZE = 96  # pixels, longest side
+_AGGREGATIONS = ("mean_prob", "mean_logprob", "vote")
+log = get_logger("prodcat.report")
+
+
+@dataclasses.dataclass
+class Section:
+    """One part of the page: anchor id, title, body HTML, and whether its inputs were there."""
+
+    id: str
+    title: str
+    body: str
+    available: bool = True
+
+
+# -- tiny HTML helpers -------------------------------------------------------------------------------------------------
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _pct(value: Any, digits: int = 1) -> str:
+    return "–" if value is None else f"{100 * float(value):.{digits}f}%"
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
+        return f"{int(value):,}"
+    return f"{float(value):.{digits}g}" if isinstance(value, float) else _e(value)
+
+
+def _url(path: Path, base: Path) -> str:
+    return quote(path.relative_to(base).as_posix())
+
+
+def _figure(path: Path, base: Path, caption: str = "") -> str:
+    """A linked image (click for full size), only when the file exists."""
+    if not path.is_file():
+        return ""
+    url = _url(path, base)
+    text = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
+    wide = ' class="wide"' if _aspect(path) > 2.4 else ""  # multi-panel strips get a whole row
+    image = f'<img src="{url}" alt="{_e(caption or path.stem)}" loading="lazy">'
+    return f'<figure{wide}><a href="{url}">{image}</a>{text}</figure>'
+
+
+def _aspect(path: Path) -> float:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:  # reads the header only
+            return image.width / max(image.height, 1)
+    except OSError:
+        return 1.0
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], classes: str = "") -> str:
+    """Headers are escaped here; cells arrive as HTML (escape text with `_e` before)."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    table = f'<table class="{classes}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<div class="scroll">{table}</div>'
+
+
+def _cards(items: Iterable[tuple[str, str]]) -> str:
+    cells = "".join(
+        f'<div class="card"><div class="value">{value}</div><div class="label">{_e(label)}</div></div>'
+        for label, value in items
+    )
+    return f'<div class="cards">{cells}</div>'
+
+
+def _missing(text: str) -> str:
+    return f'<p class="missing">{text}</p>'
+
+
+def _read(path: Path) -> Any | None:
+    """JSON content, or None when the file is absent or unreadable (a section then says what is missing)."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as error:
+        if path.exists():
+            log.warning("report: cannot read %s: %s", path, error)
+        return None
+
+
+def _copy(source: Path, target: Path) -> Path | None:
+    """Copy a run's figure under W/reports/assets/ (skipped when already identical)."""
+    if not source.is_file():
+        return None
+    if not (
+        target.is_file()
+        and target.stat().st_size == source.stat().st_size
+        and target.stat().st_mtime >= source.stat().st_mtime
+    ):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    return target
+
+
+# -- data exploration --------------------------------------------------------------------------------------------------
+def _exploration(paths: WorkPaths) -> Section:
+    folder = paths.report("explore")
+    summary = _read(folder / "summary.json")
+    if summary is None:
+        return Section(
+            "explore",
+            "Data exploration",
+            _missing("No exploration yet: run <code>prodcat explore --workdir W</code>."),
+            False,
+        )
+    categories = summary.get("categories", {})
+    coverage = summary.get("coverage", {})
+    splits = summary.get("splits", {})
+    shares = coverage.get("leaves_for_share", {})
+    mean_images = summary.get("images_per_product", {}).get("labelled", {}).get("mean")
+
+    def present(level: str) -> str:
+        block = categories.get(level, {})
+        return f"{_num(block.get('present'))} / {_num(block.get('taxonomy'))}"
+
+    cards = [
+        ("products", _num(summary.get("products"))),
+        ("images", _num(summary.get("images"))),
+        *((f"{name} products", _num(part.get("products"))) for name, part in splits.items()),
+        ("level-1 categories (with products / all)", present("level1")),
+        ("level-2 categories", present("level2")),
+        ("leaf categories", present("level3")),
+        ("images per product (mean)", _num(mean_images)),
+        ("majority-class accuracy", _pct(coverage.get("majority_baseline_accuracy"))),
+        ("leaves holding 50% / 90% of products", f"{_num(shares.get('0.5'))} / {_num(shares.get('0.9'))}"),
+        ("Zipf exponent", _num(coverage.get("zipf_exponent"))),
+    ]
+    pngs = [name for name in summary.get("files", {}).values() if str(name).endswith(".png")]
+    figures = "".join(_figure(folder / name, paths.reports, Path(name).stem.replace("_", " ")) for name in pngs)
+    parts = [
+        _cards(cards),
+        _ranked_table("Largest categories", summary.get("largest", [])),
+        _ranked_table("Smallest categories (with products)", summary.get("smallest", [])),
+        f'<div class="grid two">{figures}</div>' if figures else "",
+    ]
+    if (folder / "index.html").is_file():
+        parts.append(
+            f'<p>Full exploration page: <a href="{_url(folder / "index.html", paths.reports)}">'
+            "explore/index.html</a>.</p>"
+        )
+    return Section("explore", "Data exploration", "".join(parts))
+
+
+def _ranked_table(title: str, ranked: list[dict]) -> str:
+    if not ranked:
+        return ""
+    rows = [
+        (
+            _num(r.get("rank")),
+            _e(r.get("level1", "")),
+            _e(r.get("level2", "")),
+            _e(r.get("level3", "")),
+            _num(r.get("products")),
+            _pct(r.get("share"), 2),
+        )
+        for r in ranked
+    ]
+    return f"<h3>{_e(title)}</h3>" + _table(("#", "level 1", "level 2", "level 3", "products", "share"), rows)
+
+
+# -- training runs -----------------------------------------------------------------------------------------------------
+def _runs(paths: WorkPaths) -> list[Path]:
+    if not paths.runs.is_dir():
+        return []
+    return sorted(p for p in paths.runs.iterdir() if p.is_dir() and (p / "config.json").is_file())
+
+
+def _run_label(config: dict[str, Any]) -> str:
+    text = f"{config.get('head', '?')} head, {config.get('loss', '?')}"
+    if config.get("loss") == "sampled":
+        text += f" ({config.get('num_sampled')} {config.get('sampler', '')} negatives)"
+    return text
+
+
+def _training(paths: WorkPaths) -> Section:
+    runs = _runs(paths)
+    if not runs:
+        return Section(
+            "training", "Training runs", _missing("No runs yet: run <code>prodcat train --workdir W</code>."), False
+        )
+    rows, figures = [], []
+    for run in runs:
+        config = _read(run / "config.json") or {}
+        summary = _read(run / "summary.json") or {}
+        best, final = summary.get("best") or {}, summary.get("final") or {}
+        rows.append(
+            (
+                _e(run.name),
+                _e(_run_label(config)),
+                _e(config.get("features", "")),
+                f"{_num(summary.get('step'))} / {_num(summary.get('total_steps'))}",
+                _num(summary.get("epoch")),
+                _pct(best.get("value")),
+                _pct(final.get("val_top1")),
+                _num(final.get("val_loss")),
+                _num(summary.get("seconds"), 3),
+            )
+        )
+        copied = _copy(run / "curves.png", paths.reports / "assets" / "runs" / run.name / "curves.png")
+        if copied is not None:
+            figures.append(_figure(copied, paths.reports, f"{run.name}: {_run_label(config)}"))
+    table = _table(
+        (
+            "run",
+            "model",
+            "features",
+            "steps",
+            "epochs",
+            "best val top-1 (image)",
+            "final val top-1",
+            "final val loss",
+            "seconds",
+        ),
+        rows,
+        "runs",
+    )
+    body = table
+    if figures:
+        opened = " open" if len(figures) <= 4 else ""
+        body += (
+            f"<details{opened}><summary>Training curves of {len(figures)} run(s): loss and validation "
+            f'accuracy against steps and seconds</summary><div class="grid two">{"".join(figures)}</div>'
+            "</details>"
+        )
+    else:
+        body += _missing("No curves.png in any run yet.")
+    return Section("training", "Training runs", body)
+
+
+# -- compare and sweep -------------------------------------------------------------------------------------------------
+def _experiment(paths: WorkPaths, name: str, title: str, command: str) -> Section:
+    """A folder written by `prodcat.experiments` (`<name>.json`, `<name>.png`, `<name>.html`): table and figure."""
+    folder = paths.report(name)
+    data = _read(folder / f"{name}.json")
+    figure = _figure(folder / f"{name}.png", paths.reports, title)
+    if not isinstance(data, dict) and not figure:
+        return Section(name, title, _missing(f"Not run yet: <code>{_e(command)}</code>."), False)
+    body = ""
+    if isinstance(data, dict):
+        body = _compare_body(data) if name == "compare" else _sweep_body(data)
+    if (folder / f"{name}.html").is_file():
+        body += f'<p>Stand-alone table: <a href="{_url(folder / f"{name}.html", paths.reports)}">{name}.html</a>.</p>'
+    return Section(name, title, body + figure)
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    keys = ("head", "features", "epochs", "batch_size", "seeds", "num_sampled", "sampler")
+    return ", ".join(f"{key.replace('_', ' ')} {_e(settings[key])}" for key in keys if key in settings)
+
+
+def _spread(block: dict[str, Any], key: str) -> str:
+    mean, std = block.get(f"{key}_mean"), block.get(f"{key}_std")
+    return _pct(mean) + (f" ± {100 * std:.1f}" if std else "")
+
+
+def _ms(seconds: Any) -> str:
+    return "–" if seconds is None else f"{1000 * float(seconds):.2f}"
+
+
+def _compare_body(data: dict[str, Any]) -> str:
+    rows = [
+        (
+            _e(loss),
+            _num(a.get("seeds")),
+            _spread(a, "val_top1"),
+            _pct(a.get("val_top5_mean")),
+            _num(a.get("val_loss_mean")),
+            _num(a.get("seconds_per_epoch_mean")),
+            _ms(a.get("step_seconds_mean")),
+            _num(a.get("peak_rss_mb_max"), 4),
+            _num(a.get("peak_cuda_mb_max"), 4),
+        )
+        for loss, a in data.get("losses", {}).items()
+    ]
+    headers = (
+        "loss",
+        "seeds",
+        "val top-1 (mean ± std)",
+        "val top-5",
+        "val loss",
+        "s / epoch",
+        "ms / step",
+        "peak RSS (MB)",
+        "peak GPU (MB)",
+    )
+    return (
+        f"<p>The same head trained with each output loss, same budget and seeds "
+        f"({_settings_text(data.get('settings', {}))}). Accuracy: image top-1 on val with the full softmax "
+        "after the last step.</p>" + _table(headers, rows, "numbers")
+    )
+
+
+def _sweep_body(data: dict[str, Any]) -> str:
+    def row(label: str, block: dict[str, Any]) -> tuple[str, ...]:
+        return (
+            _e(label),
+            _num(block.get("seeds")),
+            _spread(block, "val_top1"),
+            _pct(block.get("val_top5_mean")),
+            _num(block.get("val_loss_mean")),
+            _ms(block.get("step_seconds_mean")),
+            _num(block.get("seconds_per_epoch_mean")),
+        )
+
+    rows = [row(str(point.get("num_sampled")), point) for point in data.get("points", [])]
+    if isinstance(data.get("reference"), dict):
+        rows.append(row("full softmax", data["reference"]))
+    notes = "".join(f"<li>{_e(note)}</li>" for note in data.get("notes", []))
+    headers = ("negatives K", "seeds", "val top-1 (mean ± std)", "val top-5", "val loss", "ms / step", "s / epoch")
+    return (
+        f"<p>Sampled softmax against the number of sampled negatives K, the full softmax as reference "
+        f"({_settings_text(data.get('settings', {}))}).</p>"
+        + _table(headers, rows, "numbers")
+        + (f"<ul>{notes}</ul>" if notes else "")
+    )
+
+
+# -- evaluation --------------------------------------------------------------------------------------------------------
+def _evaluated(paths: WorkPaths) -> list[tuple[Path, dict[str, Any]]]:
+    result = []
+    for run in _runs(paths):
+        metrics = _read(run / "eval" / "metrics.json")
+        if isinstance(metrics, dict) and "product" in metrics and "image" in metrics:
+            result.append((run, metrics))
+    return result
+
+
+def _best(evaluated: list[tuple[Path, dict[str, Any]]]) -> tuple[Path, dict[str, Any]] | None:
+    return max(evaluated, key=lambda item: item[1]["product"].get("top1", 0.0), default=None)
+
+
+def _evaluation(paths: WorkPaths) -> Section:
+    evaluated = _evaluated(paths)
+    if not evaluated:
+        return Section(
+            "evaluation",
+            "Evaluation",
+            _missing("No evaluated run yet: run <code>prodcat evaluate --run W/runs/NAME</code>."),
+            False,
+        )
+    best_run, best_metrics = _best(evaluated)  # type: ignore[misc]
+    parts = [
+        "<p>Validation metrics of every evaluated run. Product predictions combine a product's images; "
+        "<b>bold</b> marks the aggregation each run keeps. Levels and severity are at product level: "
+        "<i>near miss</i> = wrong leaf but right level-2 group, <i>right dept.</i> = right level 1.</p>",
+        _evaluation_table(evaluated),
+        _hier_vs_flat(evaluated),
+        f"<h3>Best run: {_e(best_run.name)}</h3>",
+        _confidence_text(best_metrics),
+        _confusion_table(best_metrics),
+    ]
+    for run, _metrics in evaluated:
+        figures = _eval_figures(paths, run)
+        if figures:
+            opened = " open" if run == best_run else ""
+            parts.append(
+                f"<details{opened}><summary>Figures of {_e(run.name)}</summary>"
+                f'<div class="grid two">{figures}</div></details>'
+            )
+    return Section("evaluation", "Evaluation", "".join(parts))
+
+
+def _evaluation_table(evaluated: list[tuple[Path, dict[str, Any]]]) -> str:
+    rows = []
+    for run, m in evaluated:
+        product, taxonomy = m["product"], m.get("taxonomy", {}).get("product", {})
+        severity = taxonomy.get("severity", {})
+        methods = product.get("methods", {})
+        per_method = []
+        for method in _AGGREGATIONS:
+            value = _pct(methods.get(method, {}).get("top1"))
+            per_method.append(f"<b>{value}</b>" if method == product.get("aggregation") else value)
+        confidence = m.get("confidence", {})
+        rows.append(
+            (
+                _e(run.name),
+                _e(f"{m.get('head', '?')} / {m.get('loss', '?')}"),
+                _pct(m["image"].get("top1")),
+                _pct(m["image"].get("top5")),
+                *per_method,
+                _pct(taxonomy.get("level1")),
+                _pct(taxonomy.get("level2")),
+                _pct(severity.get("same_level2")),
+                _pct(severity.get("same_level1")),
+                f"{_num(confidence.get('threshold'))} → {_pct(confidence.get('coverage'))}",
+            )
+        )
+    headers = (
+        "run",
+        "head / loss",
+        "image top-1",
+        "image top-5",
+        "product mean_prob",
+        "product mean_logprob",
+        "product vote",
+        "level-1 acc.",
+        "level-2 acc.",
+        "errors: near miss",
+        "errors: right dept.",
+        "threshold → coverage",
+    )
+    return _table(headers, rows, "numbers")
+
+
+def _hier_vs_flat(evaluated: list[tuple[Path, dict[str, Any]]]) -> str:
+    hier = _best([item for item in evaluated if item[1].get("head") == "hier"])
+    flat = _best([item for item in evaluated if item[1].get("head") != "hier"])
+    if hier is None or flat is None:
+        return ""
+    rows = []
+    for label, getter in (
+        ("image top-1", lambda m: m["image"].get("top1")),
+        ("product top-1", lambda m: m["product"].get("top1")),
+        ("product level-1 accuracy", lambda m: m.get("taxonomy", {}).get("product", {}).get("level1")),
+        ("product level-2 accuracy", lambda m: m.get("taxonomy", {}).get("product", {}).get("level2")),
+        (
+            "errors inside the right level 2",
+            lambda m: m.get("taxonomy", {}).get("product", {}).get("severity", {}).get("same_level2"),
+        ),
+        (
+            "errors inside the right level 1",
+            lambda m: m.get("taxonomy", {}).get("product", {}).get("severity", {}).get("same_level1"),
+        ),
+        ("level-1 head's own accuracy (product)", lambda m: m.get("hier", {}).get("level1_head", {}).get("product")),
+        ("level-2 head's own accuracy (product)", lambda m: m.get("hier", {}).get("level2_head", {}).get("product")),
+    ):
+        a, b = getter(hier[1]), getter(flat[1])
+        delta = "–" if a is None or b is None else f"{100 * (a - b):+.1f} pts"
+        rows.append((_e(label), _pct(a), _pct(b), delta))
+    return (
+        f"<h3>Hierarchical vs flat head</h3><p>Best hierarchical run <b>{_e(hier[0].name)}</b> against the best "
+        f"flat run <b>{_e(flat[0].name)}</b> (by product top-1).</p>"
+        + _table(("metric", hier[0].name, flat[0].name, "difference"), rows, "metrics")
+    )
+
+
+def _confidence_text(metrics: dict[str, Any]) -> str:
+    confidence = metrics.get("confidence", {})
+    target = _pct(confidence.get("target_accuracy"), 0)
+    if confidence.get("threshold") is None:
+        return f"<p>Auto-accept: {_e(confidence.get('note') or 'no threshold reaches the target accuracy')}.</p>"
+    return (
+        f"<p>Auto-accept: products whose top probability is at least <b>{_num(confidence['threshold'])}</b> "
+        f"are {target} correct and make up <b>{_pct(confidence.get('coverage'))}</b> of the products; "
+        "the rest go to a person.</p>"
+    )
+
+
+def _confusion_table(metrics: dict[str, Any]) -> str:
+    pairs = metrics.get("taxonomy", {}).get("confusions", [])
+    if not pairs:
+        return ""
+
+    def path(category: dict[str, Any]) -> str:
+        return (
+            f"{_e(category.get('level1', ''))} › {_e(category.get('level2', ''))} › "
+            f"<b>{_e(category.get('level3', ''))}</b>"
+        )
+
+    rows = [
+        (
+            path(pair["true"]),
+            path(pair["predicted"]),
+            _num(pair["count"]),
+            _pct(pair.get("share_of_true")),
+            "near miss" if pair.get("same_level2") else "right dept." if pair.get("same_level1") else "other dept.",
+        )
+        for pair in pairs
+    ]
+    return "<h3>Most confused category pairs (products)</h3>" + _table(
+        ("true category", "predicted as", "products", "of the true category", "kind"), rows, "confusions"
+    )
+
+
+def _eval_figures(paths: WorkPaths, run: Path) -> str:
+    folder = run / "eval"
+    parts = []
+    for source in sorted(folder.glob("*.png")):
+        copied = _copy(source, paths.reports / "assets" / "eval" / run.name / source.name)
+        if copied is not None:
+            parts.append(_figure(copied, paths.reports, f"{run.name}: {source.stem.replace('_', ' ')}"))
+    return "".join(parts)
+
+
+# -- gallery -----------------------------------------------------------------------------------------------------------
+def _gallery(paths: WorkPaths) -> Section:
+    best = _best(_evaluated(paths))
+    table_path = best[0] / "eval" / "predictions.parquet" if best else None
+    if table_path is None or not table_path.is_file():
+        return Section(
+            "gallery",
+            "Gallery of validation products",
+            _missing("No predictions.parquet in any evaluated run yet."),
+            False,
+        )
+    import pyarrow.parquet as pq
+
+    from prodcat.data.taxonomy import Taxonomy
+
+    run = best[0]
+    table = pq.read_table(table_path).to_pandas()
+    taxonomy_path = run / "taxonomy.parquet" if (run / "taxonomy.parquet").is_file() else paths.taxonomy
+    taxonomy = Taxonomy.load(taxonomy_path)
+    picked = _pick(table)
+    thumbnails, note = _thumbnails(paths, picked["product_id"].tolist())
+    cards = "".join(
+        _product_card(row, taxonomy, thumbnails.get(int(row.product_id), [])) for row in picked.itertuples(index=False)
+    )
+    intro = (
+        f"<p>{GALLERY_RIGHT} right and {GALLERY_WRONG} wrong validation products of <b>{_e(run.name)}</b> "
+        "(chosen at random, wrong ones shown first), with the true category and the top-3 predictions."
+        f"{' ' + _e(note) if note else ''}</p>"
+    )
+    return Section("gallery", "Gallery of validation products", intro + f'<div class="gallery">{cards}</div>')
+
+
+def _pick(table: Any) -> Any:
+    rng = np.random.default_rng(0)
+    parts = []
+    for correct, count in ((False, GALLERY_WRONG), (True, GALLERY_RIGHT)):
+        rows = np.flatnonzero(table["correct"].to_numpy() == correct)
+        chosen = np.sort(rng.choice(rows, size=min(count, len(rows)), replace=False)) if len(rows) else rows
+        parts.append(table.iloc[chosen])
+    import pandas as pd
+
+    return pd.concat(parts)
+
+
+def _thumbnails(paths: WorkPaths, product_ids: list[int]) -> tuple[dict[int, list[str]], str]:
+    """product id -> base64 JPEG data URLs of its pictures, read by offset from the train catalog's BSON."""
+    from prodcat.data.bson_index import BsonReader
+    from prodcat.data.catalog import catalog_source, load_catalog
+
+    try:
+        catalog = load_catalog(paths.root, "train").select(["product_id", "offset", "length"]).to_pandas()
+        source = catalog_source(paths.root, "train")
+    except (OSError, RuntimeError, KeyError) as error:
+        return {}, f"(No thumbnails: {error}.)"
+    if not source.is_file():
+        return {}, f"(No thumbnails: {source} is not there.)"
+    located = catalog[catalog["product_id"].isin(product_ids)].set_index("product_id")
+    result: dict[int, list[str]] = {}
+    with BsonReader(source) as reader:
+        for product_id in product_ids:
+            if product_id not in located.index:
+                continue
+            row = located.loc[product_id]
+            try:
+                pictures = reader.pictures(int(row["offset"]), int(row["length"]))
+            except Exception as error:  # noqa: BLE001 - a damaged document costs its thumbnails, not the report
+                log.warning("report: product %d: %s", product_id, error)
+                continue
+            result[product_id] = [url for url in (_thumbnail(p) for p in pictures) if url]
+    return result, ""
+
+
+def _thumbnail(picture: bytes) -> str | None:
+    from prodcat.data.images import decode_pil
+
+    try:
+        image = decode_pil(picture)
+    except Exception:  # noqa: BLE001 - undecodable pictures are simply not shown
+        return None
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _names(taxonomy: Any, label: int) -> str:
+    if not 0 <= label < taxonomy.num_classes:
+        return "–"
+    level1, level2, level3 = taxonomy.names(label)
+    return f'<span class="path">{_e(level1)} › {_e(level2)} ›</span> <b>{_e(level3)}</b>'
+
+
+def _product_card(row: Any, taxonomy: Any, thumbnails: list[str]) -> str:
+    correct = bool(row.correct)
+    images = (
+        "".join(
+            f'<img src="{url}" alt="picture {i + 1} of product {int(row.product_id)}">'
+            for i, url in enumerate(thumbnails)
+        )
+        or '<div class="noimg">no thumbnail</div>'
+    )
+    predictions = []
+    for rank in (1, 2, 3):
+        label, prob = int(getattr(row, f"top{rank}_label")), float(getattr(row, f"top{rank}_prob"))
+        if label < 0:
+            continue
+        mark = ' class="hit"' if label == int(row.label) else ""
+        width = max(0.0, min(100.0, 100 * prob))
+        predictions.append(
+            f'<li{mark}><span class="prob">{_pct(prob)}<span class="meter"><span style="width:{width:.0f}%">'
+            f"</span></span></span><span>{_names(taxonomy, label)}</span></li>"
+        )
+    verdict = "right" if correct else "wrong"
+    return (
+        f'<div class="product {verdict}"><div class="verdict">{"✓ right" if correct else "✗ wrong"} · '
+        f"product {int(row.product_id)} · {int(row.num_images)} image(s)</div>"
+        f'<div class="thumbs">{images}</div><div class="truth">true: {_names(taxonomy, int(row.label))}</div>'
+        f'<ol class="preds">{"".join(predictions)}</ol></div>'
+    )
+
+
+# -- the page ----------------------------------------------------------------------------------------------------------
+_CSS = """
+:root { --ink: #1f2328; --muted: #5b636e; --line: #d9dde3; --bg: #f6f7f9; --right: #1a7f37; --wrong: #c2410c; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
+       color: var(--ink); background: white; }
+header { background: #0f2a44; color: white; padding: 22px 32px 14px; }
+header h1 { margin: 0 0 4px; font-size: 24px; }
+header p { margin: 0; color: #c8d3df; font-size: 13px; }
+nav { display: flex; flex-wrap: wrap; gap: 6px 18px; margin-top: 12px; }
+nav a { color: #ffffff; text-decoration: none; font-size: 14px; border-bottom: 1px solid transparent; }
+nav a:hover { border-bottom-color: white; }
+nav a.off { color: #8da2b8; }
+main { max-width: 1240px; margin: 0 auto; padding: 8px 32px 48px; }
+section { border-bottom: 1px solid var(--line); padding: 18px 0 26px; }
+h2 { font-size: 21px; margin: 10px 0 12px; }
+h3 { font-size: 16px; margin: 22px 0 8px; }
+p.missing { color: var(--muted); font-style: italic; background: var(--bg); padding: 10px 14px; border-radius: 6px; }
+code { background: var(--bg); padding: 1px 5px; border-radius: 4px; font-size: 13px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 10px; margin: 6px 0 10px; }
+.card { background: var(--bg); border-radius: 8px; padding: 10px 12px; }
+.card .value { font-size: 20px; font-weight: 650; }
+.card .label { color: var(--muted); font-size: 12.5px; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; margin: 6px 0 12px; font-size: 13.5px; }
+th, td { border-bottom: 1px solid var(--line); padding: 5px 10px; text-align: left; vertical-align: top; }
+th { background: var(--bg); font-weight: 600; vertical-align: bottom; }
+table.numbers { font-size: 13px; }
+table.metrics td:not(:first-child) { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+table.numbers th { max-width: 120px; }
+table.numbers td:first-child, table.numbers td:not(:nth-child(2)), table.runs td:not(:nth-child(2)),
+table.confusions td:nth-child(n+3) { white-space: nowrap; }
+table.numbers td:not(:first-child):not(:nth-child(2)) { text-align: right; font-variant-numeric: tabular-nums; }
+tbody tr:hover { background: #fafbfc; }
+.grid { display: grid; gap: 14px; grid-auto-flow: row dense; }
+.grid.two { grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); }
+figure { margin: 0; }
+.grid figure.wide { grid-column: 1 / -1; }
+figure img { width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
+figcaption { color: var(--muted); font-size: 12.5px; margin-top: 2px; }
+details { margin: 10px 0; }
+summary { cursor: pointer; font-weight: 600; margin-bottom: 8px; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(280px, 1fr)); gap: 12px; }
+.product { border: 1px solid var(--line); border-left: 5px solid var(--line); border-radius: 6px; padding: 8px 10px;
+           font-size: 13px; }
+.product.right { border-left-color: var(--right); }
+.product.wrong { border-left-color: var(--wrong); }
+.verdict { font-weight: 600; font-size: 12.5px; margin-bottom: 6px; }
+.right .verdict { color: var(--right); }
+.wrong .verdict { color: var(--wrong); }
+.thumbs { display: flex; gap: 4px; flex-wrap: wrap; margin-bottom: 6px; min-height: 40px; }
+.thumbs img { width: 60px; height: 60px; object-fit: cover; border-radius: 4px; border: 1px solid var(--line); }
+.noimg { color: var(--muted); font-style: italic; }
+.truth { margin-bottom: 4px; }
+.path { color: var(--muted); }
+ol.preds { margin: 0; padding-left: 0; list-style: none; }
+ol.preds li { display: grid; grid-template-columns: 50px 1fr; gap: 6px; padding: 2px 4px; border-radius: 3px; }
+ol.preds .prob { font-variant-numeric: tabular-nums; font-size: 12px; padding-top: 1px; }
+ol.preds .meter { display: block; height: 4px; background: #e3e8ee; border-radius: 2px; margin-top: 2px; }
+ol.preds .meter span { display: block; height: 4px; background: #0072b2; border-radius: 2px; }
+ol.preds li.hit { background: #e8f5ec; }
+footer { color: var(--muted); font-size: 12px; text-align: center; padding: 16px; }
+"""
+
+
+def _page(workdir: Path, sections: list[Section]) -> str:
+    nav = "".join(f'<a href="#{s.id}"{"" if s.available else " class=off"}>{_e(s.title)}</a>' for s in sections)
+    body = "".join(f'<section id="{s.id}"><h2>{_e(s.title)}</h2>{s.body}</section>' for s in sections)
+    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>prodcat report</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<header><h1>prodcat: product categorisation report</h1><p>work directory {_e(workdir)} · "
+        f"generated {_e(stamp)}</p><nav>{nav}</nav></header>\n<main>{body}</main>\n"
+        "<footer>prodcat · figures open at full size when clicked</footer>\n</body>\n</html>\n"
+    )
+
+
+def build_report(workdir: str | Path) -> Path:
+    """Write `W/reports/index.html` from whatever the work directory holds; returns its path."""
+    paths = WorkPaths(workdir)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    sections = [
+        _exploration(paths),
+        _training(paths),
+        _experiment(paths, "compare", "Full vs sampled vs adaptive softmax", "prodcat compare --workdir W"),
+        _experiment(paths, "sweep", "Number of sampled negatives", "prodcat sweep --workdir W"),
+        _evaluation(paths),
+        _gallery(paths),
+    ]
+    out = paths.reports / "index.html"
+    atomic_write_text(out, _page(paths.root, sections))
+    log.info("report -> %s (%s)", out, ", ".join(s.id for s in sections if s.available) or "no inputs yet")
+    return out

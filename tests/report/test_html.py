@@ -1,0 +1,197 @@
+"""`prodcat report`: the page builds with all or some sections, escapes names, links only files that exist."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import shutil
+from pathlib import Path
+from urllib.parse import unquote
+
+import bson
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from prodcat.config import EvalConfig, ExtractConfig, IngestConfig, TrainConfig, save_config
+from prodcat.data.catalog import ingest, load_catalog
+from prodcat.data.taxonomy import Taxonomy
+from prodcat.features.store import write_store
+from prodcat.paths import WorkPaths
+from prodcat.report.html import GALLERY_RIGHT, GALLERY_WRONG, build_report
+
+ROWS = [
+    (10, "MAISON & <JARDIN>", "ABRI", "ABRI DE JARDIN"),
+    (11, "MAISON & <JARDIN>", "ABRI", "CARTE PRÉPAYÉE "),
+    (12, "MAISON & <JARDIN>", "OUTIL", "GROS ŒUVRE (MURET - PILIER)"),
+    (13, "SPORT", "CYCLES", 'VELO ENFANT (10" - 12")'),
+    (14, "SPORT", "CYCLES", "CASQUE"),
+    (15, "LIBRAIRIE", "LIVRE", "ROMAN"),
+]
+SECTIONS = ("explore", "training", "compare", "sweep", "evaluation", "gallery")
+STORE = "toy"
+
+
+def _jpeg(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 24), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _write_data(data_dir: Path, rng: np.random.Generator, products: int = 120) -> None:
+    """category_names.csv + a Kaggle-format train.bson of products with 1-4 small JPEGs."""
+    data_dir.mkdir(parents=True)
+    with open(data_dir / "category_names.csv", "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("category_id", "category_level1", "category_level2", "category_level3"))
+        writer.writerows(ROWS)
+    with open(data_dir / "train.bson", "wb") as out:
+        for product in range(products):
+            category = ROWS[int(rng.integers(len(ROWS)))][0]
+            pictures = [{"picture": _jpeg((40 * (category - 10), 30 * k, 200))} for k in range(product % 4 + 1)]
+            out.write(bson.encode({"_id": 100 + product, "imgs": pictures, "category_id": category}))
+
+
+def _write_store(root: Path, rng: np.random.Generator) -> None:
+    """Synthetic features for the catalog's products (noisy class centres), as extraction would lay them out."""
+    paths = WorkPaths(root)
+    taxonomy = Taxonomy.load(paths.taxonomy)
+    catalog = load_catalog(root, "train").to_pandas()
+    centres = rng.normal(size=(taxonomy.num_classes, 8)) * 1.2
+    repeat = catalog["num_images"].to_numpy().astype(int)
+    label = np.repeat(catalog["label"].to_numpy(), repeat)
+    features = centres[label] + rng.normal(size=(len(label), 8)) * 1.4
+    write_store(
+        paths.feature_store(STORE),
+        features.astype(np.float32),
+        product_id=np.repeat(catalog["product_id"].to_numpy(), repeat),
+        image_index=np.concatenate([np.arange(n) for n in repeat]),
+        label=label,
+        level1=taxonomy.leaf_level1[label],
+        level2=taxonomy.leaf_level2[label],
+        split=np.repeat(catalog["split"].astype(str).to_numpy(), repeat),
+        shard_size=64,
+    )
+    save_config(
+        ExtractConfig(workdir=str(root), backbone="arrays", name=STORE, random_init=True),
+        paths.feature_store(STORE) / "config.json",
+    )
+
+
+@pytest.fixture(scope="module")
+def full_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from prodcat.evaluate import evaluate
+    from prodcat.experiments import compare, sweep
+    from prodcat.report.explore import explore
+    from prodcat.train import train
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("reportwork")
+    rng = np.random.default_rng(0)
+    _write_data(root / "data", rng)
+    ingest(IngestConfig(data_dir=str(root / "data"), workdir=str(root), val_fraction=0.4, seed=0))
+    explore(root)
+    _write_store(root, rng)
+    common = dict(
+        workdir=str(root),
+        features=STORE,
+        lr=0.05,
+        warmup_steps=0,
+        epochs=6,
+        batch_size=32,
+        eval_every=20,
+        device="cpu",
+        hidden_dim=16,
+        dropout=0.0,
+    )
+    for head in ("linear", "hier"):
+        run = train(TrainConfig(head=head, loss="softmax", run_name=f"{head}-run", **common))
+        evaluate(EvalConfig(run=str(run)))
+    # The real experiment writers, in-process and tiny: the report reads exactly what they write.
+    settings = dict(features=STORE, head="linear", epochs=2, batch_size=32, seeds=1)
+    compare(root, losses=("softmax", "sampled"), num_sampled=2, isolate=False, **settings)
+    sweep(root, num_sampled=(2,), sampler="uniform", **settings)
+    return root
+
+
+def _sections(page: str) -> dict[str, str]:
+    parts = re.split(r'<section id="([a-z]+)">', page)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def _local_links(page: str) -> list[str]:
+    return [link for link in re.findall(r'(?:src|href)="([^"]+)"', page) if not link.startswith(("data:", "#"))]
+
+
+def _assert_links_exist(page: str, reports: Path) -> None:
+    for link in _local_links(page):
+        assert not link.startswith(("/", "file:", "http")), link  # relative, so the folder can move
+        assert (reports / unquote(link)).is_file(), link
+
+
+def test_full_report(full_workdir: Path) -> None:
+    out = build_report(full_workdir)
+    reports = WorkPaths(full_workdir).reports
+    assert out == reports / "index.html"
+    page = out.read_text(encoding="utf-8")
+    sections = _sections(page)
+    assert list(sections) == list(SECTIONS)
+    for name, body in sections.items():
+        assert 'class="missing"' not in body, name
+    # Names are escaped: the raw "<JARDIN>" never reaches the page as markup; accents and Œ survive as UTF-8.
+    assert "<JARDIN>" not in page and "MAISON &amp; &lt;JARDIN&gt;" in page
+    assert "GROS ŒUVRE" in page and "PRÉPAYÉE" in page and "VELO ENFANT (10&quot; - 12&quot;)" in page
+    _assert_links_exist(page, reports)
+    assert "assets/runs/linear-run/curves.png" in page and "assets/eval/hier-run/confidence.png" in page
+    assert "explore/" in sections["explore"] and 'src="compare/compare.png"' in sections["compare"]
+    assert 'src="sweep/sweep.png"' in sections["sweep"] and "full softmax" in sections["sweep"]
+    assert ">sampled<" in sections["compare"] and ">softmax<" in sections["compare"]
+    assert "Hierarchical vs flat head" in sections["evaluation"]
+    gallery = sections["gallery"]
+    best = max(
+        ("linear-run", "hier-run"),
+        key=lambda run: (
+            pq.read_table(WorkPaths(full_workdir).run(run) / "eval" / "predictions.parquet")["correct"]
+            .to_numpy()
+            .mean()
+        ),
+    )
+    table = pq.read_table(WorkPaths(full_workdir).run(best) / "eval" / "predictions.parquet").to_pandas()
+    right = min(GALLERY_RIGHT, int(table["correct"].sum()))
+    wrong = min(GALLERY_WRONG, int((~table["correct"]).sum()))
+    assert gallery.count('class="product right"') == right and gallery.count('class="product wrong"') == wrong
+    shown = re.findall(r"product (\d+) · (\d) image", gallery)
+    assert len(shown) == right + wrong
+    # Every picture of every shown product is embedded as a JPEG thumbnail.
+    assert gallery.count("data:image/jpeg;base64,") == sum(int(n) for _, n in shown)
+
+
+def test_report_on_empty_workdir(tmp_path: Path) -> None:
+    page = build_report(tmp_path).read_text(encoding="utf-8")
+    sections = _sections(page)
+    assert list(sections) == list(SECTIONS)
+    assert all('class="missing"' in body for body in sections.values())
+    assert "<img" not in page and not _local_links(page)
+
+
+def test_report_with_some_sections(full_workdir: Path, tmp_path: Path) -> None:
+    """Explore and runs without catalog or BSON: training and evaluation show, the gallery has no thumbnails."""
+    source, target = WorkPaths(full_workdir), WorkPaths(tmp_path)
+    shutil.copytree(source.report("explore"), target.report("explore"))
+    shutil.copytree(source.runs, target.runs)
+    shutil.rmtree(target.run("linear-run") / "eval")  # trained, not evaluated
+    (target.run("hier-run") / "curves.png").unlink()
+    page = build_report(tmp_path).read_text(encoding="utf-8")
+    sections = _sections(page)
+    for name in ("compare", "sweep"):
+        assert 'class="missing"' in sections[name]
+    for name in ("explore", "training", "evaluation", "gallery"):
+        assert 'class="missing"' not in sections[name], name
+    assert "linear-run" in sections["training"] and "linear-run" not in sections["evaluation"]
+    assert "Hierarchical vs flat head" not in sections["evaluation"]  # only the hier run is evaluated
+    assert "assets/runs/hier-run/curves.png" not in page
+    assert "no thumbnail" in sections["gallery"] and "data:image" not in page
+    _assert_links_exist(page, target.reports)
