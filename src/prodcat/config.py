@@ -42,13 +42,24 @@ class DemoConfig:
     seed: int = 0
     image_size: int = 180
     jpeg_quality: int = 90
+    tail_power: float = 1.0  # leaf sizes = real long tail ** tail_power (1: real shape, 0: uniform)
+    unique_images_per_leaf: int | None = None  # reuse a pool of rendered pictures per leaf (fast, for big files)
 
     def __post_init__(self) -> None:
-        _check(self.products >= 1, "products must be >= 1")
-        _check(self.test_products >= 0, "test_products must be >= 0")
-        _check(self.categories >= 2, "categories must be >= 2")
-        _check(self.image_size >= 32, "image_size must be >= 32")
-        _check(1 <= self.jpeg_quality <= 100, "jpeg_quality must be in 1..100")
+        _check(self.products >= 1, f"products must be >= 1, got {self.products}")
+        _check(self.test_products >= 0, f"test_products must be >= 0, got {self.test_products}")
+        _check(self.categories >= 2, f"categories must be >= 2, got {self.categories}")
+        _check(self.categories <= 1_000_000, f"categories must be <= 1,000,000, got {self.categories}")
+        _check(self.products >= self.categories,
+               f"products ({self.products}) must be >= categories ({self.categories}): every leaf needs one")
+        # Product ids are int32 in Kaggle's BSON; leave room for the gaps between ids.
+        _check(self.products + self.test_products <= 1_000_000_000, "products + test_products must be <= 1e9")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(32 <= self.image_size <= 1024, f"image_size must be in 32..1024, got {self.image_size}")
+        _check(1 <= self.jpeg_quality <= 100, f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        _check(0.0 <= self.tail_power <= 2.0, f"tail_power must be in [0, 2], got {self.tail_power}")
+        _check(self.unique_images_per_leaf is None or self.unique_images_per_leaf >= 4,
+               "unique_images_per_leaf must be None or >= 4 (one product shows up to 4 views of one object)")
 
 
 @dataclasses.dataclass
@@ -137,8 +148,15 @@ class TrainConfig:
     resume: bool = False
     distributed: bool = False
     max_seconds: float | None = None
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    precision: str = "float32"  # float32 | bfloat16 (autocast)
+    sparse_output: bool | None = None  # row-wise sparse optimizer for the sampled output layer; None = auto
+    memory_limit_gb: float = 2.0  # splits smaller than this are loaded once; larger ones are streamed with prefetch
+    stop_after: int | None = None  # end this session after this global step (checkpointed); --resume continues
 
     def __post_init__(self) -> None:
+        _check(self.precision in ("float32", "bfloat16"), "precision must be float32 or bfloat16")
+        _check(self.stop_after is None or self.stop_after >= 1, "stop_after must be >= 1")
         _check(self.loss in ("softmax", "sampled", "adaptive"), "loss must be softmax, sampled or adaptive")
         _check(self.sampler in ("uniform", "log_uniform", "unigram"), "sampler must be uniform, log_uniform, unigram")
         _check(self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd")
@@ -170,16 +188,29 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class ServeConfig:
+    """HTTP server: request limits and micro-batching of model forwards."""
+
     run: str = ""
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     top_k: int = 5
-    max_images: int = 4
-    max_upload_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    batch_window_ms: float = 5.0
-    max_batch_images: int = 64
-    micro_batching: bool = True
+    max_images: int = 4  # photos per product (per request)
+    max_upload_bytes: int = 10 * 1024 * 1024  # per photo
+    max_pixels: int = 40_000_000  # declared width * height; larger is refused before decoding (decompression bombs)
+    batch_window_ms: float = 5.0  # longest wait for more requests once one is queued
+    max_batch_images: int = 64  # images per model forward
+    micro_batching: bool = True  # False: one forward per request (the benchmark's baseline)
+    max_pending_requests: int = 512  # queued + decoding requests; beyond this the server answers 503
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port must be in 0..65535")
+        _check(self.top_k >= 1, "top_k must be >= 1")
+        _check(self.max_images >= 1, "max_images must be >= 1")
+        _check(self.max_upload_bytes >= 1, "max_upload_bytes must be >= 1")
+        _check(self.max_pixels >= 1, "max_pixels must be >= 1")
+        _check(self.batch_window_ms >= 0, "batch_window_ms must be >= 0")
+        _check(self.max_batch_images >= self.max_images, "max_batch_images must be >= max_images")
+        _check(self.max_pending_requests >= 1, "max_pending_requests must be >= 1")
 
 
 def _to_jsonable(value: Any) -> Any:
