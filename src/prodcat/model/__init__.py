@@ -1,1 +1,42 @@
-"""Heads and losses trained on cached features, with their registries."""
+"""Heads and losses trained on cached features, with their registries.
+
+Importing the package registers every head (`linear`, `mlp`, `conv`), loss (`softmax`, `sampled`, `adaptive`) and
+sampler (`uniform`, `log_uniform`, `unigram`).
+"""
+
+from prodcat.model.classifier import HIER_HEAD, Classifier, HierarchicalClassifier, build_classifier
+from prodcat.model.heads import Head, create_head, list_heads, register_head
+from prodcat.model.losses import OutputLoss, create_loss, list_losses, register_loss
+from prodcat.model.optim import (
+    RowWiseAdamW,
+    RowWiseSGD,
+    build_optimizer,
+    optimizer_state_from_tensors,
+    optimizer_state_tensors,
+)
+from prodcat.model.sampled import SampledSoftmaxLoss
+from prodcat.model.samplers import create_sampler, list_samplers, register_sampler
+
+__all__ = [
+    "HIER_HEAD",
+    "Classifier",
+    "HierarchicalClassifier",
+    "build_classifier",
+    "Head",
+    "create_head",
+    "list_heads",
+    "register_head",
+    "OutputLoss",
+    "create_loss",
+    "list_losses",
+    "register_loss",
+    "SampledSoftmaxLoss",
+    "create_sampler",
+    "list_samplers",
+    "register_sampler",
+    "RowWiseAdamW",
+    "RowWiseSGD",
+    "build_optimizer",
+    "optimizer_state_tensors",
+    "optimizer_state_from_tensors",
+]
