@@ -51,8 +51,8 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
-def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, run A B A B ... so drift hits all alike."""
+def interleaved_samples(fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each function, run A B A B ... so drift hits all alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -62,4 +62,9 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5, warmu
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, interleaved (see interleaved_samples)."""
+    return {name: statistics.median(values) for name, values in interleaved_samples(fns, repeats, warmup).items()}

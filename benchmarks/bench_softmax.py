@@ -41,7 +41,7 @@ from prodcat.model import build_classifier, build_optimizer  # noqa: E402
 from prodcat.model.samplers import LogUniformSampler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import interleaved_samples, write_result  # noqa: E402
 
 FULL = {"dim": 1280, "batch": 1024, "num_sampled": 1024, "sizes": (5270, 50_000, 500_000), "one_million": 1_000_000}
 QUICK = {"dim": 256, "batch": 256, "num_sampled": 256, "sizes": (2000, 20_000), "one_million": 100_000}
@@ -95,18 +95,6 @@ def _floor(features: torch.Tensor, weight: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    for fn in fns.values():  # warm-up: allocator, optimizer state, page faults
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return samples
-
-
 def measure_size(num_classes: int, config: dict[str, Any], repeats: int) -> dict[str, Any]:
     dim, batch = config["dim"], config["batch"]
     generator = torch.Generator().manual_seed(1)
@@ -115,7 +103,7 @@ def measure_size(num_classes: int, config: dict[str, Any], repeats: int) -> dict
     targets = LogUniformSampler(num_classes, unique=False).sample(batch, generator).ids
     full = Trainer("softmax", num_classes, dim, config["num_sampled"], None)
     sampled = Trainer("sampled", num_classes, dim, config["num_sampled"], full.model.output.weight)
-    samples = _interleaved(
+    samples = interleaved_samples(
         {
             "full": lambda: full.step(features, targets),
             "floor": _floor(features.detach(), full.model.output.weight.detach()),

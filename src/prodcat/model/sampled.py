@@ -64,6 +64,7 @@ def gather_rows(
     return weight.index_select(0, ids), bias.index_select(0, ids)
 
 
+@register_loss("sampled")  # the class is its own factory: same (in_dim, num_classes, **options) signature
 class SampledSoftmaxLoss(OutputLoss):
     """Output layer (weight (C, H), bias (C,)) trained with TF-style sampled softmax; scored with the full softmax.
 
@@ -179,30 +180,3 @@ class SampledSoftmaxLoss(OutputLoss):
 
     def full_loss(self, embedding: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(F.linear(embedding, self.weight, self.bias), target)
-
-
-@register_loss("sampled")
-def _sampled(
-    in_dim: int,
-    num_classes: int,
-    num_sampled: int = 256,
-    sampler: str = "log_uniform",
-    class_counts: object = None,
-    unigram_alpha: float = 0.75,
-    with_replacement: bool = False,
-    remove_accidental_hits: bool = True,
-    logq_correction: bool = True,
-    seed: int | None = None,
-) -> OutputLoss:
-    return SampledSoftmaxLoss(
-        in_dim,
-        num_classes,
-        num_sampled=num_sampled,
-        sampler=sampler,
-        class_counts=class_counts,
-        unigram_alpha=unigram_alpha,
-        with_replacement=with_replacement,
-        remove_accidental_hits=remove_accidental_hits,
-        logq_correction=logq_correction,
-        seed=seed,
-    )
