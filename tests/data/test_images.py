@@ -1,0 +1,169 @@
+"""decode_image / decode_pil: every format path, every refusal, and size checks made from the header alone."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from prodcat.data.images import ImageDecodeError, decode_image, decode_pil
+
+
+def photo(width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:
+    """A smooth RGB picture (JPEG-friendly, so round-trip errors stay small)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200 + 20
+    return np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def as_hwc(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.permute(1, 2, 0).numpy().astype(np.int16)
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def test_rgb_jpeg_matches_pillow() -> None:
+    data = encode(Image.fromarray(photo()), "JPEG", quality=92)
+    decoded = decode_image(data)
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 48, 64)
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+    assert np.abs(as_hwc(decoded) - reference).mean() < 1.0
+    assert np.abs(as_hwc(decoded) - photo().astype(np.int16)).mean() < 4.0
+
+
+def test_accepts_bytearray_and_memoryview_refuses_other_types() -> None:
+    data = encode(Image.fromarray(photo()), "JPEG")
+    assert torch.equal(decode_image(bytearray(data)), decode_image(memoryview(data)))
+    with pytest.raises(TypeError):
+        decode_image("not bytes")  # type: ignore[arg-type]
+
+
+def test_grayscale_jpeg_gives_three_equal_channels() -> None:
+    gray = Image.fromarray(photo()).convert("L")
+    decoded = decode_image(encode(gray, "JPEG", quality=95))
+    assert decoded.shape == (3, 48, 64)
+    assert torch.equal(decoded[0], decoded[1]) and torch.equal(decoded[1], decoded[2])
+    assert np.abs(decoded[0].numpy().astype(np.int16) - np.asarray(gray, dtype=np.int16)).mean() < 3.0
+
+
+def test_cmyk_jpeg_is_converted_to_rgb() -> None:
+    rgb = Image.fromarray(photo())
+    data = encode(rgb.convert("CMYK"), "JPEG", quality=95)
+    decoded = decode_image(data)
+    assert decoded.shape == (3, 48, 64)
+    reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+    assert np.abs(as_hwc(decoded) - reference).mean() < 2.0
+    assert np.abs(as_hwc(decoded) - np.asarray(rgb, dtype=np.int16)).mean() < 6.0
+
+
+def test_png_alpha_is_composited_on_white() -> None:
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = (200, 10, 30)
+    rgba[:4, ..., 3] = 255  # top half opaque red, bottom half fully transparent (black underneath)
+    decoded = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert decoded.shape == (3, 8, 8)
+    assert decoded[:, 0, 0].tolist() == [200, 10, 30]
+    assert decoded[:, 7, 7].tolist() == [255, 255, 255]
+
+
+def test_palette_with_transparency_and_gif() -> None:
+    palette = Image.fromarray(photo(16, 16)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    palette.info["transparency"] = 0
+    decoded = decode_image(encode(palette, "PNG", transparency=0))
+    assert decoded.shape == (3, 16, 16) and decoded.dtype == torch.uint8
+    assert decode_image(encode(Image.fromarray(photo(16, 16)), "GIF")).shape == (3, 16, 16)
+
+
+def test_sixteen_bit_grayscale_png_is_scaled_not_clipped() -> None:
+    values = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    decoded = decode_image(encode(Image.fromarray(values), "PNG"))
+    assert decoded.shape == (3, 16, 16)
+    assert int(decoded.max()) == 255 and int(decoded.min()) == 0 and int(decoded[0, 8, 0]) > 100
+
+
+def test_exif_orientation_is_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    data = encode(Image.fromarray(photo(64, 48)), "JPEG", exif=exif.tobytes())
+    assert decode_image(data).shape == (3, 64, 48)
+    assert decode_pil(data).size == (48, 64)
+
+
+def test_decode_pil_returns_rgb_matching_decode_image() -> None:
+    data = encode(Image.fromarray(photo()), "PNG")
+    image = decode_pil(data)
+    assert image.mode == "RGB" and image.size == (64, 48)
+    assert np.array_equal(np.asarray(image), decode_image(data).permute(1, 2, 0).numpy())
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_truncated_jpeg_raises(cut: float) -> None:
+    data = encode(Image.fromarray(photo(128, 96)), "JPEG", quality=95)
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_image(data[: int(len(data) * cut)])
+
+
+def test_truncated_png_raises_and_pillow_stays_strict() -> None:
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    data = encode(Image.fromarray(photo(128, 96)), "PNG")
+    with pytest.raises(ImageDecodeError, match="truncated|corrupt"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_jpeg_header_only_raises() -> None:
+    with pytest.raises(ImageDecodeError, match="truncated JPEG"):
+        decode_image(b"\xff\xd8\xff\xe0\x00\x10JFIF")
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [(b"", "empty"), (b"hello, this is not a picture" * 4, "not an image"), (bytes(range(256)) * 8, "not an image")],
+)
+def test_empty_and_garbage_raise(data: bytes, reason: str) -> None:
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(data)
+    assert caught.value.reason == reason
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(ImageDecodeError):
+        decode_pil(data)
+
+
+def test_huge_png_header_is_refused_before_decoding() -> None:
+    # A 57-byte file claiming 100000 x 100000 RGB pixels (30 GB once decoded): the IHDR alone must stop it.
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+    data = b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b"")
+    with pytest.raises(ImageDecodeError, match=r"too many pixels \(100000 x 100000\)"):
+        decode_image(data)
+    with pytest.raises(ImageDecodeError, match="too many pixels"):
+        decode_pil(data)
+
+
+def test_huge_jpeg_header_is_refused_before_decoding() -> None:
+    data = bytearray(encode(Image.fromarray(photo(64, 48)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 60_000, 50_000)  # height, width
+    with pytest.raises(ImageDecodeError, match=r"too many pixels \(50000 x 60000\)"):
+        decode_image(bytes(data))
+
+
+def test_max_pixels_is_configurable() -> None:
+    data = encode(Image.fromarray(photo(64, 48)), "JPEG")
+    assert decode_image(data, max_pixels=64 * 48).shape == (3, 48, 64)
+    with pytest.raises(ImageDecodeError, match=r"too many pixels \(64 x 48\)"):
+        decode_image(data, max_pixels=64 * 48 - 1)
+    with pytest.raises(ImageDecodeError, match="too many pixels"):
+        decode_image(encode(Image.fromarray(photo(64, 48)), "PNG"), max_pixels=100)
