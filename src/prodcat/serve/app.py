@@ -1,0 +1,518 @@
+"""FastAPI app: decode request -> Predictor (micro-batched) -> JSON; plus the web page at `/`.
+
+Routes: POST /v1/classify, GET /v1/categories, GET /health, GET / (web page), /docs (OpenAPI).
+Every error a client can cause is a 4xx `{"error": {"code", "message"}}`; anything else is a logged JSON 500
+that leaks no traceback. Uploads are limited while they stream in (per file and per request), image sizes are
+checked from the header before decoding, and decoding and the model run off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from prodcat.config import ServeConfig
+from prodcat.data.images import ImageDecodeError, decode_image
+from prodcat.serve.batching import BatchInfo, ModelError, OverloadedError, Runner, create_runner
+from prodcat.utils import get_logger
+
+if TYPE_CHECKING:
+    import torch
+
+    from prodcat.predict import CategoryScore, Predictor, ProductPrediction
+
+__all__ = ["ApiError", "STATIC_DIR", "create_app", "serve"]
+
+log = get_logger("prodcat.serve")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_TOP_K = 100
+_FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries, part headers and the small top_k field
+
+
+class ApiError(Exception):
+    """A client error answered as `{"error": {"code", "message"}}` with its HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+# -- upload parsing ------------------------------------------------------------------------------------------------
+class _FileTooLarge(Exception):
+    def __init__(self, filename: str | None) -> None:
+        self.filename = filename
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _LimitedMultiPartParser(MultiPartParser):
+    """Starlette's parser, but a part over `max_part_bytes` is refused as it streams in, before it is spooled."""
+
+    def __init__(self, *args: Any, max_part_bytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_part_bytes = max_part_bytes
+        self._part_bytes = 0
+
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self._part_bytes = 0
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._part_bytes += end - start
+        if self._part_bytes > self.max_part_bytes:
+            upload = getattr(getattr(self, "_current_part", None), "file", None)
+            raise _FileTooLarge(getattr(upload, "filename", None))
+        super().on_part_data(data, start, end)
+
+
+async def _limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise _BodyTooLarge
+        yield chunk
+
+
+async def _parse_form(request: Request, config: ServeConfig) -> FormData:
+    """The multipart form, refusing oversized files and bodies while they arrive."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "multipart/form-data":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send the photos as multipart/form-data (field 'images'), not {content_type or 'no type'!r}",
+        )
+    body_limit = config.max_images * config.max_upload_bytes + _FORM_OVERHEAD_BYTES
+    too_large = ApiError(
+        413,
+        "request_too_large",
+        f"request body is over {body_limit} bytes "
+        f"({config.max_images} photos of at most {config.max_upload_bytes} bytes each)",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > body_limit:
+        raise too_large
+    parser = _LimitedMultiPartParser(
+        request.headers,
+        _limited_stream(request, body_limit),
+        max_files=config.max_images + 16,
+        max_fields=16,
+        max_part_bytes=config.max_upload_bytes,
+    )
+    try:
+        return await parser.parse()
+    except _FileTooLarge as error:
+        name = f" {error.filename!r}" if error.filename else ""
+        raise ApiError(
+            413, "file_too_large", f"file{name} is over the limit of {config.max_upload_bytes} bytes per photo"
+        ) from None
+    except _BodyTooLarge:
+        raise too_large from None
+    except MultiPartException as error:
+        if error.message.startswith("Too many files"):
+            raise ApiError(422, "too_many_images", f"at most {config.max_images} photos per product") from None
+        raise ApiError(400, "malformed_form", f"could not parse the multipart form: {error.message}") from None
+
+
+def _uploads(form: FormData, config: ServeConfig) -> list[UploadFile]:
+    """The `images` files of the form, 1..max_images of them."""
+    values = form.getlist("images")
+    not_files = [value for value in values if not isinstance(value, UploadFile)]
+    if not_files:
+        raise ApiError(
+            422,
+            "images_not_files",
+            f"field 'images' must hold files (multipart parts with a filename), got {len(not_files)} text value(s)",
+        )
+    if not values:
+        others = sorted({key for key, value in form.multi_items() if isinstance(value, UploadFile)})
+        hint = f"; got files under {', '.join(map(repr, others))}" if others else ""
+        raise ApiError(
+            422, "no_images", f"no photo uploaded: send 1 to {config.max_images} files in field 'images'{hint}"
+        )
+    if len(values) > config.max_images:
+        raise ApiError(
+            422, "too_many_images", f"{len(values)} photos uploaded; at most {config.max_images} per product"
+        )
+    return values  # type: ignore[return-value]
+
+
+def _top_k(query_value: int | None, form: FormData, config: ServeConfig) -> int:
+    if query_value is not None:
+        return query_value
+    raw = form.get("top_k")
+    if raw is None or raw == "":
+        return config.top_k
+    if not isinstance(raw, str) or not raw.strip().isdigit() or not 1 <= int(raw) <= MAX_TOP_K:
+        raise ApiError(422, "invalid_top_k", f"top_k must be an integer in 1..{MAX_TOP_K}, got {str(raw)[:40]!r}")
+    return int(raw)
+
+
+def _decode_all(uploads: Sequence[UploadFile], max_pixels: int) -> list[torch.Tensor]:
+    """Read and decode every upload (runs in a worker thread); the first failure names its file."""
+    images = []
+    for index, upload in enumerate(uploads):
+        upload.file.seek(0)
+        data = upload.file.read()
+        try:
+            images.append(decode_image(data, max_pixels=max_pixels))
+        except ImageDecodeError as error:
+            where = _where(index, upload)
+            if error.reason.startswith("too many pixels"):
+                raise ApiError(
+                    413, "image_too_large", f"{where}: {error.reason}; the limit is {max_pixels} pixels"
+                ) from None
+            raise ApiError(422, "invalid_image", f"{where}: {error.reason}") from None
+        except (ValueError, OSError, RuntimeError, EOFError) as error:
+            # A decoder library failing in a way decode_image does not translate is still the upload's fault.
+            log.warning("%s: decoder raised %s", _where(index, upload), type(error).__name__, exc_info=True)
+            raise ApiError(422, "invalid_image", f"{_where(index, upload)}: could not decode") from None
+    return images
+
+
+def _where(index: int, upload: UploadFile) -> str:
+    return f"images[{index}] {upload.filename!r}" if upload.filename else f"images[{index}]"
+
+
+# -- response ------------------------------------------------------------------------------------------------------
+def _score_json(score: CategoryScore, rank: int) -> dict[str, Any]:
+    return {
+        "rank": rank,
+        "label": int(score.label),
+        "category_id": int(score.category_id),
+        "probability": float(score.probability),
+        "level1": score.level1,
+        "level2": score.level2,
+        "level3": score.level3,
+    }
+
+
+def _scores_json(scores: Sequence[CategoryScore]) -> list[dict[str, Any]]:
+    return [_score_json(score, rank) for rank, score in enumerate(scores, start=1)]
+
+
+def _classify_json(
+    prediction: ProductPrediction,
+    uploads: Sequence[UploadFile],
+    images: Sequence[torch.Tensor],
+    info: BatchInfo,
+    decode_ms: float,
+    started: float,
+) -> dict[str, Any]:
+    per_image = [
+        {
+            "index": index,
+            "filename": upload.filename,
+            "width": int(image.shape[-1]),
+            "height": int(image.shape[-2]),
+            "top": _scores_json(scores),
+        }
+        for index, (upload, image, scores) in enumerate(zip(uploads, images, prediction.images, strict=True))
+    ]
+    return {
+        "top": _scores_json(prediction.top),
+        "accepted": bool(prediction.accepted),
+        "threshold": None if prediction.threshold is None else float(prediction.threshold),
+        "aggregation": prediction.aggregation,
+        "images": per_image,
+        "batch": {"products": info.products, "images": info.images},
+        "timing_ms": {
+            "decode": round(decode_ms, 3),
+            "queue": round(info.queue_ms, 3),
+            "model": round(info.model_ms, 3),
+            "total": round((time.perf_counter() - started) * 1e3, 3),
+        },
+    }
+
+
+# -- routes --------------------------------------------------------------------------------------------------------
+_ERROR_SCHEMA = {
+    "content": {
+        "application/json": {
+            "example": {"error": {"code": "invalid_image", "message": "images[0] 'a.jpg': not an image"}}
+        }
+    }
+}
+_CLASSIFY_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
+                            "maxItems": 4,
+                            "description": "1 to 4 photos of ONE product (JPEG, PNG, WebP, ...)",
+                        },
+                        "top_k": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_TOP_K,
+                            "description": "how many categories to return (the query parameter wins)",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/classify",
+    openapi_extra=_CLASSIFY_OPENAPI,
+    summary="Categorise one product from its photos",
+    responses={
+        status: {"description": text, **_ERROR_SCHEMA}
+        for status, text in (
+            (400, "malformed multipart form"),
+            (413, "file, request or image too large"),
+            (415, "not multipart/form-data"),
+            (422, "no/too many photos, not an image, bad top_k"),
+            (503, "too many requests waiting"),
+        )
+    },
+)
+async def classify(
+    request: Request, top_k: int | None = Query(None, ge=1, le=MAX_TOP_K, description="categories to return")
+) -> JSONResponse:
+    """Top-k leaf categories of the product (aggregated over its photos), per-photo top-k, and auto-accept."""
+    started = time.perf_counter()
+    state = request.app.state
+    config: ServeConfig = state.config
+    runner: Runner = state.runner
+    form = await _parse_form(request, config)
+    try:
+        uploads = _uploads(form, config)
+        k = min(_top_k(top_k, form, config), state.predictor.taxonomy.num_classes)
+        with runner.admit():
+            decode_start = time.perf_counter()
+            images = await asyncio.to_thread(_decode_all, uploads, config.max_pixels)
+            decode_ms = (time.perf_counter() - decode_start) * 1e3
+            prediction, info = await runner.predict(images, k)
+    finally:
+        await form.close()
+    return JSONResponse(_classify_json(prediction, uploads, images, info, decode_ms, started))
+
+
+@router.get("/v1/categories", summary="The category taxonomy, paginated")
+async def categories(
+    request: Request,
+    offset: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=1000),
+) -> dict[str, Any]:
+    """Leaves in label order (0 = most frequent in training) with their names at all three levels."""
+    items: list[dict[str, Any]] = request.app.state.categories
+    return {"total": len(items), "offset": offset, "limit": limit, "items": items[offset : offset + limit]}
+
+
+@router.get("/health", summary="Liveness and model information")
+async def health(request: Request) -> dict[str, Any]:
+    state = request.app.state
+    config: ServeConfig = state.config
+    runner: Runner = state.runner
+    return {
+        "status": "ok",
+        "model": state.model_info,
+        "serving": {
+            "micro_batching": config.micro_batching,
+            "batch_window_ms": config.batch_window_ms,
+            "max_batch_images": config.max_batch_images,
+            "in_flight": runner.in_flight,
+            "batches": getattr(runner, "batches", None),
+        },
+        "limits": {
+            "max_images": config.max_images,
+            "max_upload_bytes": config.max_upload_bytes,
+            "max_pixels": config.max_pixels,
+            "default_top_k": config.top_k,
+            "max_top_k": MAX_TOP_K,
+        },
+    }
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> HTMLResponse:
+    return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
+
+
+# -- errors --------------------------------------------------------------------------------------------------------
+def _validation_message(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        location = ".".join(str(part) for part in item.get("loc", ()))
+        parts.append(f"{location}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return _error_response(error.status, error.code, error.message, error.headers)
+
+    @app.exception_handler(OverloadedError)
+    async def overloaded(_: Request, error: OverloadedError) -> JSONResponse:
+        return _error_response(503, "overloaded", str(error), {"Retry-After": "1"})
+
+    @app.exception_handler(ModelError)
+    async def model_error(_: Request, error: ModelError) -> JSONResponse:
+        return _error_response(500, "model_error", f"{error}; the server log has the details")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return _error_response(422, "invalid_request", _validation_message(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error_response(
+            error.status_code,
+            _HTTP_CODES.get(error.status_code, "http_error"),
+            str(error.detail),
+            getattr(error, "headers", None),
+        )
+
+
+class _InternalErrorMiddleware:
+    """Any unexpected exception -> logged, answered as a JSON 500 without traceback; the server keeps serving."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            if response_started:
+                raise
+            response = _error_response(500, "internal_error", "internal server error; the server log has the details")
+            await response(scope, receive, send)
+
+
+# -- app -----------------------------------------------------------------------------------------------------------
+def _model_info(predictor: Predictor, config: ServeConfig) -> dict[str, Any]:
+    taxonomy = predictor.taxonomy
+    info: dict[str, Any] = {
+        "run": config.run or None,
+        "num_classes": int(taxonomy.num_classes),
+        "num_level1": int(taxonomy.num_level1),
+        "num_level2": int(taxonomy.num_level2),
+        "accept_threshold": predictor.accept_threshold,
+    }
+    extract_config = getattr(predictor, "extract_config", None)
+    for key, value in (
+        ("backbone", getattr(extract_config, "backbone", None)),
+        ("aggregation", getattr(predictor, "aggregation", None)),
+        ("device", getattr(predictor, "device", None)),
+    ):
+        if value is not None:
+            info[key] = str(value)
+    return info
+
+
+def _category_items(predictor: Predictor) -> list[dict[str, Any]]:
+    taxonomy = predictor.taxonomy
+    return [
+        {**taxonomy.describe(label), "train_count": int(taxonomy.train_counts[label])}
+        for label in range(taxonomy.num_classes)
+    ]
+
+
+def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastAPI:
+    """The app over a loaded predictor; the runner (micro-batcher) starts and stops with the app's lifespan."""
+    config = config or ServeConfig()
+    runner = create_runner(predictor, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runner.start()
+        try:
+            yield
+        finally:
+            await runner.stop()
+
+    app = FastAPI(
+        title="prodcat",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Categorise a new product from 1-4 photos into the Cdiscount category tree.",
+    )
+    app.state.predictor, app.state.config, app.state.runner = predictor, config, runner
+    app.state.model_info = _model_info(predictor, config)
+    app.state.categories = _category_items(predictor)
+    _install_error_handlers(app)
+    app.add_middleware(_InternalErrorMiddleware)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _warm_up(predictor: Predictor) -> None:
+    """One forward before the first client, so its latency is not the model's first-call setup."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    predictor.predict_product([torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8, generator=generator)])
+    log.info("warm-up forward took %.0f ms", (time.perf_counter() - start) * 1e3)
+
+
+def serve(config: ServeConfig) -> None:
+    """Load `config.run`, then serve the API and the web page with uvicorn on config.host:config.port."""
+    import uvicorn
+
+    from prodcat.predict import Predictor
+
+    if not config.run:
+        raise ValueError("serve needs a run directory (--run W/runs/NAME)")
+    predictor = Predictor.load(config.run)
+    _warm_up(predictor)
+    log.info(
+        "serving %s on http://%s:%d (micro-batching %s)",
+        config.run,
+        config.host,
+        config.port,
+        "on" if config.micro_batching else "off",
+    )
+    uvicorn.run(create_app(predictor, config), host=config.host, port=config.port, log_level="info")

@@ -1,0 +1,150 @@
+"""Shared fixtures for the server tests: a deterministic fake Predictor and encoded test images."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prodcat.data.taxonomy import Taxonomy
+
+try:  # the real result types when predict.py is importable; the app only reads their attributes
+    from prodcat.predict import CategoryScore, ProductPrediction
+except ImportError:  # pragma: no cover - keeps these tests independent of the model stack
+
+    @dataclasses.dataclass
+    class CategoryScore:  # type: ignore[no-redef]
+        label: int
+        category_id: int
+        probability: float
+        level1: str
+        level2: str
+        level3: str
+
+    @dataclasses.dataclass
+    class ProductPrediction:  # type: ignore[no-redef]
+        top: list[CategoryScore]
+        images: list[list[CategoryScore]]
+        accepted: bool
+        threshold: float | None
+        aggregation: str
+
+
+ROWS = [
+    (1000010653, "INFORMATIQUE", "STOCKAGE", "CLE USB"),
+    (1000010667, "INFORMATIQUE", "STOCKAGE", "DISQUE DUR EXTERNE"),
+    (1000004079, "INFORMATIQUE", "PERIPHERIQUE", "SOURIS"),
+    (1000004141, "MAISON", "CUISINE", "CAFETIERE"),
+    (1000015309, "MAISON", "CUISINE", "BOUILLOIRE"),
+    (1000018290, "MAISON", "DECORATION", "VASE"),
+]
+
+
+class FakePredictor:
+    """Implements the Predictor contract: an image's label is its mean red value bucketed into C classes."""
+
+    def __init__(
+        self, threshold: float | None = 0.5, delay: float = 0.0, fail: bool = False, gate: threading.Event | None = None
+    ) -> None:
+        self.taxonomy = Taxonomy.from_rows(ROWS, counts={row[0]: 100 - i for i, row in enumerate(ROWS)})
+        self.accept_threshold = threshold
+        self.aggregation = "mean_prob"
+        self.delay, self.fail, self.gate = delay, fail, gate
+        self.calls: list[list[int]] = []  # images per product, one list per predict_products call
+        self._lock = threading.Lock()
+
+    def label_of(self, image: torch.Tensor) -> int:
+        return min(int(image[0].float().mean()) * self.taxonomy.num_classes // 256, self.taxonomy.num_classes - 1)
+
+    def image_probs(self, image: torch.Tensor) -> np.ndarray:
+        """Peaked on label_of(image), falling off with label distance: a deterministic distribution."""
+        distance = np.abs(np.arange(self.taxonomy.num_classes) - self.label_of(image))
+        weights = 1.0 / (1.0 + distance) ** 3
+        return weights / weights.sum()
+
+    def _scores(self, probs: np.ndarray, top_k: int) -> list[CategoryScore]:
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        return [
+            CategoryScore(
+                int(label),
+                int(self.taxonomy.category_ids[label]),
+                float(probs[label]),
+                *self.taxonomy.names(int(label)),
+            )
+            for label in order
+        ]
+
+    def predict_products(self, products: Sequence[Sequence[torch.Tensor]], top_k: int = 5) -> list[ProductPrediction]:
+        with self._lock:
+            self.calls.append([len(product) for product in products])
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("secret internal detail")
+        predictions = []
+        for product in products:
+            per_image = [self.image_probs(image) for image in product]
+            top = self._scores(np.mean(per_image, axis=0), top_k)
+            accepted = self.accept_threshold is not None and top[0].probability >= self.accept_threshold
+            predictions.append(
+                ProductPrediction(
+                    top, [self._scores(p, top_k) for p in per_image], accepted, self.accept_threshold, self.aggregation
+                )
+            )
+        return predictions
+
+    def predict_product(self, images: Sequence[torch.Tensor], top_k: int = 5) -> ProductPrediction:
+        return self.predict_products([images], top_k)[0]
+
+
+def _encode(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def jpeg_for_label(
+    label: int, num_classes: int = len(ROWS), size: tuple[int, int] = (40, 32), seed: int = 0, fmt: str = "JPEG"
+) -> bytes:
+    """A photo whose mean red value makes FakePredictor answer `label`; green/blue are noise."""
+    rng = np.random.default_rng(seed)
+    height, width = size[1], size[0]
+    array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    array[..., 0] = (label * 256 + 128) // num_classes
+    return _encode(array, fmt)
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header declares width x height pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def make_predictor() -> Callable[..., FakePredictor]:
+    return FakePredictor
+
+
+@pytest.fixture
+def make_jpeg() -> Callable[..., bytes]:
+    return jpeg_for_label
+
+
+@pytest.fixture
+def make_bomb() -> Callable[..., bytes]:
+    return bomb_png
