@@ -80,7 +80,7 @@ def extract(
     spatial_channels: int | None = None,
     split: Annotated[str, typer.Option(help="Comma-separated splits: train,val,test.")] = "train,val,test",
     batch_size: int = ExtractConfig.batch_size,
-    workers: int = ExtractConfig.workers,
+    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: auto).")] = None,
     shard_size: int = ExtractConfig.shard_size,
     limit: Annotated[int | None, typer.Option(help="At most this many products per split.")] = None,
     precision: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = ExtractConfig.precision,
@@ -88,7 +88,7 @@ def extract(
     name: Annotated[str | None, typer.Option(help="Store name (default <backbone>-<features>).")] = None,
 ) -> None:
     """Run a frozen pretrained backbone over the catalog into a resumable feature store."""
-    from prodcat.features.backbones import WeightsNotFoundError
+    from prodcat.features.backbones import WeightsError
     from prodcat.features.extract import extract as run_extract
 
     config = ExtractConfig(workdir=str(workdir), backbone=backbone, weights=str(weights) if weights else None,
@@ -97,7 +97,7 @@ def extract(
                            limit=limit, precision=precision, distributed=distributed, name=name)
     try:
         store = run_extract(config)
-    except WeightsNotFoundError as error:
+    except WeightsError as error:
         _fail(error)
         return
     typer.echo(f"features -> {store}")

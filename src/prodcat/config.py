@@ -94,7 +94,7 @@ class ExtractConfig:
     spatial_channels: int | None = None  # keep only the first N channels of a spatial map (smaller store)
     splits: tuple[str, ...] = ("train", "val", "test")
     batch_size: int = 64
-    workers: int = 1
+    workers: int | None = None  # DataLoader decode workers; None = auto (0 on small CPU hosts, more with a GPU)
     shard_size: int = 4096  # images per shard
     limit: int | None = None  # products per split, for quick looks
     precision: str = "auto"  # auto | float32 | bfloat16
@@ -106,7 +106,7 @@ class ExtractConfig:
         _check(self.precision in ("auto", "float32", "bfloat16"), "precision must be auto, float32 or bfloat16")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.shard_size >= 1, "shard_size must be >= 1")
-        _check(self.workers >= 0, "workers must be >= 0")
+        _check(self.workers is None or self.workers >= 0, "workers must be >= 0")
         self.splits = tuple(self.splits)
         for split in self.splits:
             _check(split in ("train", "val", "test"), f"unknown split {split!r}")

@@ -75,7 +75,7 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict:
         explore(workdir)
     with _step("extract", timings):
         extract(ExtractConfig(workdir=str(workdir), backbone="efficientnet_lite0", features="pooled",
-                              splits=("train", "val", "test"), batch_size=64, workers=1))
+                              splits=("train", "val", "test"), batch_size=64))
     with _step("compare", timings):
         compare(workdir, features=features, head="linear", losses=("softmax", "sampled", "adaptive"),
                 seeds=plan.seeds, epochs=plan.epochs, num_sampled=plan.num_sampled, batch_size=plan.batch_size)

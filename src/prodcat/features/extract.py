@@ -27,7 +27,7 @@ from prodcat.features.store import FeatureStore, ShardResult, make_rows
 from prodcat.paths import WorkPaths
 from prodcat.utils import get_logger, progress
 
-__all__ = ["extract", "RowPlan", "plan_rows"]
+__all__ = ["extract", "RowPlan", "auto_workers", "plan_rows"]
 
 log = get_logger("prodcat.extract")
 # Test hook: pause after each shard so a kill -9 test can land mid-run deterministically.
@@ -118,6 +118,16 @@ class _BatchDataset(Dataset):
                 "batch": batch, "invalid": invalid}
 
 
+def auto_workers(device: torch.device) -> int:
+    """Decode workers: on a CPU-only host the forward already uses every core, and a worker process only adds
+    contention and IPC (measured on 2 cores: in-process decode 1.05x the model-only rate, one worker 0.85x).
+    With a GPU doing the forward, the CPU cores are free to decode."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        return 0 if cpus <= 8 else min(4, cpus // 8)
+    return max(1, min(16, cpus - 2))
+
+
 def _shard_batches(store: FeatureStore, shards: list[int], batch_size: int) -> list[tuple[int, int, int]]:
     batches = []
     for shard in shards:
@@ -190,8 +200,9 @@ def _run_shards(store: FeatureStore, shards: list[int], plan: RowPlan, preproces
     if not batches:
         return
     dataset = _BatchDataset(plan, batches, preprocess, max_pixels=40_000_000)
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=config.workers,
-                        prefetch_factor=4 if config.workers else None, persistent_workers=False,
+    workers = auto_workers(info.device) if config.workers is None else config.workers
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                        prefetch_factor=4 if workers else None, persistent_workers=False,
                         pin_memory=info.device.type == "cuda")
     pending: dict[int, ShardResult] = {}
     total = sum(stop - start for _, start, stop in batches)
