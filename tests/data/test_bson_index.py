@@ -296,3 +296,40 @@ def test_fast_path_reads_kaggle_layouts_without_decoding(
     index = index_bson(tmp_path / "train.bson")
     assert len(index) == 8 and index.problems == []
     assert sorted(decoded) == [offset for offset, _ in frames[len(kaggle) :]]  # only the other layouts
+
+
+@pytest.mark.parametrize("damage", ["none", "bad_length", "truncated", "negative", "trailing"])
+def test_compiled_walk_equals_python_walk(damage: str) -> None:
+    """Large files take the numba walk; it must frame exactly the documents the Python loop frames."""
+    import array
+
+    from prodcat.data import bson_index
+
+    if bson_index._chain_compiled is None:
+        pytest.skip("numba not installed: only the Python walk exists")
+    rng = np.random.default_rng(0)
+    docs = [
+        bson.encode(
+            {"_id": i, "imgs": [{"picture": bson.Binary(rng.bytes(int(rng.integers(0, 300))))}], "category_id": 7}
+        )
+        for i in range(500)
+    ]
+    data = bytearray(b"".join(docs))
+    if damage == "bad_length":
+        at = sum(map(len, docs[:100]))
+        data[at : at + 4] = (3).to_bytes(4, "little")
+    elif damage == "truncated":
+        data = data[:-7]
+    elif damage == "negative":
+        at = sum(map(len, docs[:10]))
+        data[at : at + 4] = (-20).to_bytes(4, "little", signed=True)
+    elif damage == "trailing":
+        data += b"\x01\x02"
+    buffer = bytes(data)
+    python_offsets, fast_offsets = array.array("q"), array.array("q")
+    assert bson_index._chain_python(buffer, 0, python_offsets) == bson_index._chain_fast(buffer, 0, fast_offsets)
+    assert list(python_offsets) == list(fast_offsets)
+    assert (
+        len(python_offsets)
+        == {"none": 500, "bad_length": 100, "truncated": 499, "negative": 10, "trailing": 500}[damage]
+    )
