@@ -18,12 +18,18 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     import torch
 
-    return {"cpus": os.cpu_count(), "torch": torch.__version__.split("+")[0], "device": device,
-            "threads": torch.get_num_threads(), "platform": platform.machine()}
+    return {
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__.split("+")[0],
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "platform": platform.machine(),
+    }
 
 
-def write_result(name: str, value: float, unit: str, goal: float | None, direction: str,
-                 details: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+def write_result(
+    name: str, value: float, unit: str, goal: float | None, direction: str, details: dict[str, Any], device: str = "cpu"
+) -> dict[str, Any]:
     """Write benchmarks/results/<name>.json and print the one-line summary."""
     if goal is None:
         ok = True
@@ -31,9 +37,17 @@ def write_result(name: str, value: float, unit: str, goal: float | None, directi
         ok = value >= goal
     else:
         ok = value <= goal
-    payload = {"name": name, "value": round(float(value), 4), "unit": unit, "goal": goal, "direction": direction,
-               "ok": bool(ok), "details": details,
-               "when": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine_info(device)}
+    payload = {
+        "name": name,
+        "value": round(float(value), 4),
+        "unit": unit,
+        "goal": goal,
+        "direction": direction,
+        "ok": bool(ok),
+        "details": details,
+        "when": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine_info(device),
+    }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"BENCH {name} {payload['value']} {unit} goal {direction} {goal} {'ok' if ok else 'MISS'}", flush=True)

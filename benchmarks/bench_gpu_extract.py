@@ -23,8 +23,9 @@ def model_only(batch: int, repeats: int, precision: str) -> float:
     from prodcat.features.backbones import create_backbone
     from prodcat.features.inference import InferenceRunner
 
-    runner = InferenceRunner(create_backbone("legacy_xception", random_init=True), precision=precision,
-                             device=torch.device("cuda"))
+    runner = InferenceRunner(
+        create_backbone("legacy_xception", random_init=True), precision=precision, device=torch.device("cuda")
+    )
     x = torch.rand(batch, 3, 180, 180, device="cuda")
     for _ in range(3):
         runner(x)
@@ -43,15 +44,36 @@ def pipeline(workdir: Path, products: int, batch: int, workers: int) -> tuple[fl
     from prodcat.features.extract import extract
     from prodcat.features.store import FeatureStore
 
-    generate_demo(workdir / "data", DemoConfig(products=products, test_products=0, categories=60,
-                                               unique_images_per_leaf=64))
+    generate_demo(
+        workdir / "data", DemoConfig(products=products, test_products=0, categories=60, unique_images_per_leaf=64)
+    )
     ingest(IngestConfig(data_dir=str(workdir / "data"), workdir=str(workdir), val_fraction=0.0))
     # Warm-up run on a few products (model load, cuDNN autotune), then the timed full run.
-    extract(ExtractConfig(workdir=str(workdir), backbone="legacy_xception", random_init=True, splits=("train",),
-                          batch_size=batch, workers=workers, limit=batch * 2, name="warm", shard_size=4096))
+    extract(
+        ExtractConfig(
+            workdir=str(workdir),
+            backbone="legacy_xception",
+            random_init=True,
+            splits=("train",),
+            batch_size=batch,
+            workers=workers,
+            limit=batch * 2,
+            name="warm",
+            shard_size=4096,
+        )
+    )
     start = time.perf_counter()
-    path = extract(ExtractConfig(workdir=str(workdir), backbone="legacy_xception", random_init=True,
-                                 splits=("train",), batch_size=batch, workers=workers, shard_size=8192))
+    path = extract(
+        ExtractConfig(
+            workdir=str(workdir),
+            backbone="legacy_xception",
+            random_init=True,
+            splits=("train",),
+            batch_size=batch,
+            workers=workers,
+            shard_size=8192,
+        )
+    )
     seconds = time.perf_counter() - start
     images = len(FeatureStore.open(path))
     return images / seconds, images
@@ -68,10 +90,18 @@ def main() -> None:
     best, mode = model_only(args.batch, 40, "auto")
     with tempfile.TemporaryDirectory() as tmp:
         pipe, images = pipeline(Path(tmp), args.products, args.batch, args.workers)
-    details = {"card": card, "batch": args.batch, "workers": args.workers, "images": images, "mode": mode,
-               "model_only_fp32_img_per_s": round(fp32, 1), "model_only_auto_img_per_s": round(best, 1),
-               "pipeline_img_per_s": round(pipe, 1), "pipeline_vs_model": round(pipe / best, 3),
-               "torch": torch.__version__}
+    details = {
+        "card": card,
+        "batch": args.batch,
+        "workers": args.workers,
+        "images": images,
+        "mode": mode,
+        "model_only_fp32_img_per_s": round(fp32, 1),
+        "model_only_auto_img_per_s": round(best, 1),
+        "pipeline_img_per_s": round(pipe, 1),
+        "pipeline_vs_model": round(pipe / best, 3),
+        "torch": torch.__version__,
+    }
     print(details, flush=True)
     write_result("gpu_extract_xception_img_per_s", pipe, "img/s", None, ">=", details, device=card)
 

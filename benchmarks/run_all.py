@@ -44,10 +44,19 @@ def print_table(since: float) -> None:
         fresh = path.stat().st_mtime >= since
         goal = "" if result.get("goal") is None else f"{result['direction']} {result['goal']}"
         status = "ok" if result.get("ok") else "MISS"
-        rows.append((result["name"], f"{result['value']:g} {result['unit']}", goal, status,
-                     result.get("machine", {}).get("device", "?"), "this run" if fresh else result.get("when", "")))
-    widths = [max(len(str(row[i])) for row in rows + [("name", "value", "goal", "ok", "device", "when")])
-              for i in range(6)]
+        rows.append(
+            (
+                result["name"],
+                f"{result['value']:g} {result['unit']}",
+                goal,
+                status,
+                result.get("machine", {}).get("device", "?"),
+                "this run" if fresh else result.get("when", ""),
+            )
+        )
+    widths = [
+        max(len(str(row[i])) for row in rows + [("name", "value", "goal", "ok", "device", "when")]) for i in range(6)
+    ]
     header = ("name", "value", "goal", "ok", "device", "when")
     print()
     for row in [header, *rows]:

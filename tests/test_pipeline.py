@@ -66,10 +66,23 @@ def test_real_example_file_ingest_extract_predict(tmp_path: Path) -> None:
     shutil.copy(SHARED / "category_names.csv", data / "category_names.csv")
     workdir = tmp_path / "W"
     ingest(IngestConfig(data_dir=str(data), workdir=str(workdir), val_fraction=0.1, seed=0))
-    extract(ExtractConfig(workdir=str(workdir), backbone="efficientnet_lite0", splits=("train", "val"),
-                          batch_size=32, workers=0))
-    run = train(TrainConfig(workdir=str(workdir), head="linear", loss="softmax", max_steps=20, batch_size=32,
-                            eval_every=10, warmup_steps=2, run_name="real"))
+    extract(
+        ExtractConfig(
+            workdir=str(workdir), backbone="efficientnet_lite0", splits=("train", "val"), batch_size=32, workers=0
+        )
+    )
+    run = train(
+        TrainConfig(
+            workdir=str(workdir),
+            head="linear",
+            loss="softmax",
+            max_steps=20,
+            batch_size=32,
+            eval_every=10,
+            warmup_steps=2,
+            run_name="real",
+        )
+    )
     out = tmp_path / "submission.csv"
     summary = predict_bson(run, data / "train.bson", out)
     rows = _submission(out)
@@ -91,10 +104,27 @@ def test_predict_cli_never_drops_a_product_with_bad_pictures(tmp_path: Path) -> 
 
     generate_demo(run_demo_dir, DemoConfig(products=60, test_products=0, categories=4, seed=1))
     ingest(IngestConfig(data_dir=str(run_demo_dir), workdir=str(workdir), val_fraction=0.2))
-    extract(ExtractConfig(workdir=str(workdir), backbone="test_efficientnet", random_init=True,
-                          splits=("train", "val"), batch_size=32, workers=0))
-    run = train(TrainConfig(workdir=str(workdir), features="test_efficientnet-pooled", max_steps=5, batch_size=16,
-                            eval_every=5, warmup_steps=1, run_name="tiny"))
+    extract(
+        ExtractConfig(
+            workdir=str(workdir),
+            backbone="test_efficientnet",
+            random_init=True,
+            splits=("train", "val"),
+            batch_size=32,
+            workers=0,
+        )
+    )
+    run = train(
+        TrainConfig(
+            workdir=str(workdir),
+            features="test_efficientnet-pooled",
+            max_steps=5,
+            batch_size=16,
+            eval_every=5,
+            warmup_steps=1,
+            run_name="tiny",
+        )
+    )
     bad = tmp_path / "test.bson"
     with open(bad, "wb") as handle:
         handle.write(bson.encode({"_id": 7, "imgs": [{"picture": bson.Binary(b"not a jpeg")}]}))

@@ -34,8 +34,9 @@ def demo_data(
     """Write a synthetic data set in Kaggle's Cdiscount formats (the embedded default)."""
     from prodcat.data.demo import generate_demo
 
-    summary = generate_demo(out, DemoConfig(products=products, test_products=test_products,
-                                            categories=categories, seed=seed))
+    summary = generate_demo(
+        out, DemoConfig(products=products, test_products=test_products, categories=categories, seed=seed)
+    )
     typer.echo(f"wrote {summary['train_products']} train / {summary['test_products']} test products to {out}")
 
 
@@ -52,8 +53,11 @@ def ingest(
     from prodcat.data.catalog import ingest as run_ingest
 
     try:
-        report = run_ingest(IngestConfig(data_dir=str(data_dir), workdir=str(workdir), val_fraction=val_fraction,
-                                         seed=seed, strict=strict))
+        report = run_ingest(
+            IngestConfig(
+                data_dir=str(data_dir), workdir=str(workdir), val_fraction=val_fraction, seed=seed, strict=strict
+            )
+        )
     except (IngestError, FileNotFoundError) as error:
         _fail(error)
         return
@@ -91,10 +95,22 @@ def extract(
     from prodcat.features.backbones import WeightsError
     from prodcat.features.extract import extract as run_extract
 
-    config = ExtractConfig(workdir=str(workdir), backbone=backbone, weights=str(weights) if weights else None,
-                           random_init=random_init, features=features, spatial_channels=spatial_channels,
-                           splits=_csv(split) or (), batch_size=batch_size, workers=workers, shard_size=shard_size,
-                           limit=limit, precision=precision, distributed=distributed, name=name)
+    config = ExtractConfig(
+        workdir=str(workdir),
+        backbone=backbone,
+        weights=str(weights) if weights else None,
+        random_init=random_init,
+        features=features,
+        spatial_channels=spatial_channels,
+        splits=_csv(split) or (),
+        batch_size=batch_size,
+        workers=workers,
+        shard_size=shard_size,
+        limit=limit,
+        precision=precision,
+        distributed=distributed,
+        name=name,
+    )
     try:
         store = run_extract(config)
     except WeightsError as error:
@@ -131,12 +147,30 @@ def train(
     """Train a head on cached features with full, sampled or adaptive softmax."""
     from prodcat.train import train as run_train
 
-    config = TrainConfig(workdir=str(workdir), features=features, head=head, loss=loss, run_name=run_name,
-                         num_sampled=num_sampled, sampler=sampler, sample_with_replacement=with_replacement,
-                         optimizer=optimizer, lr=lr, weight_decay=weight_decay, epochs=epochs, max_steps=max_steps,
-                         batch_size=batch_size, hidden_dim=hidden_dim, dropout=dropout,
-                         label_smoothing=label_smoothing, warmup_steps=warmup_steps, eval_every=eval_every,
-                         seed=seed, resume=resume, distributed=distributed)
+    config = TrainConfig(
+        workdir=str(workdir),
+        features=features,
+        head=head,
+        loss=loss,
+        run_name=run_name,
+        num_sampled=num_sampled,
+        sampler=sampler,
+        sample_with_replacement=with_replacement,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        hidden_dim=hidden_dim,
+        dropout=dropout,
+        label_smoothing=label_smoothing,
+        warmup_steps=warmup_steps,
+        eval_every=eval_every,
+        seed=seed,
+        resume=resume,
+        distributed=distributed,
+    )
     run_dir = run_train(config)
     typer.echo(f"run -> {run_dir}")
 
@@ -155,8 +189,16 @@ def compare(
     """Same head, same budget and seeds: softmax vs sampled vs adaptive -> W/reports/compare/."""
     from prodcat.experiments import compare as run_compare
 
-    out = run_compare(workdir, features=features, head=head, losses=_csv(losses) or (), seeds=seeds, epochs=epochs,
-                      num_sampled=num_sampled, batch_size=batch_size)
+    out = run_compare(
+        workdir,
+        features=features,
+        head=head,
+        losses=_csv(losses) or (),
+        seeds=seeds,
+        epochs=epochs,
+        num_sampled=num_sampled,
+        batch_size=batch_size,
+    )
     typer.echo(f"comparison -> {out}")
 
 
@@ -175,8 +217,16 @@ def sweep(
     from prodcat.experiments import sweep as run_sweep
 
     values = tuple(int(v) for v in _csv(num_sampled) or ())
-    out = run_sweep(workdir, features=features, head=head, num_sampled=values, sampler=sampler, epochs=epochs,
-                    seeds=seeds, batch_size=batch_size)
+    out = run_sweep(
+        workdir,
+        features=features,
+        head=head,
+        num_sampled=values,
+        sampler=sampler,
+        epochs=epochs,
+        seeds=seeds,
+        batch_size=batch_size,
+    )
     typer.echo(f"sweep -> {out}")
 
 
@@ -190,8 +240,9 @@ def evaluate(
     """Image, product and taxonomy-level metrics -> RUN/eval/metrics.json and figures."""
     from prodcat.evaluate import evaluate as run_evaluate
 
-    metrics = run_evaluate(EvalConfig(run=str(run), split=split, aggregation=aggregation,
-                                      target_accuracy=target_accuracy))
+    metrics = run_evaluate(
+        EvalConfig(run=str(run), split=split, aggregation=aggregation, target_accuracy=target_accuracy)
+    )
     typer.echo(f"image top-1 {metrics['image']['top1']:.4f}  product top-1 {metrics['product']['top1']:.4f}")
 
 

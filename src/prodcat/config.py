@@ -50,16 +50,20 @@ class DemoConfig:
         _check(self.test_products >= 0, f"test_products must be >= 0, got {self.test_products}")
         _check(self.categories >= 2, f"categories must be >= 2, got {self.categories}")
         _check(self.categories <= 1_000_000, f"categories must be <= 1,000,000, got {self.categories}")
-        _check(self.products >= self.categories,
-               f"products ({self.products}) must be >= categories ({self.categories}): every leaf needs one")
+        _check(
+            self.products >= self.categories,
+            f"products ({self.products}) must be >= categories ({self.categories}): every leaf needs one",
+        )
         # Product ids are int32 in Kaggle's BSON; leave room for the gaps between ids.
         _check(self.products + self.test_products <= 1_000_000_000, "products + test_products must be <= 1e9")
         _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _check(32 <= self.image_size <= 1024, f"image_size must be in 32..1024, got {self.image_size}")
         _check(1 <= self.jpeg_quality <= 100, f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         _check(0.0 <= self.tail_power <= 2.0, f"tail_power must be in [0, 2], got {self.tail_power}")
-        _check(self.unique_images_per_leaf is None or self.unique_images_per_leaf >= 4,
-               "unique_images_per_leaf must be None or >= 4 (one product shows up to 4 views of one object)")
+        _check(
+            self.unique_images_per_leaf is None or self.unique_images_per_leaf >= 4,
+            "unique_images_per_leaf must be None or >= 4 (one product shows up to 4 views of one object)",
+        )
 
 
 @dataclasses.dataclass

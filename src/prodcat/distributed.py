@@ -47,8 +47,10 @@ def init_distributed(requested: bool = False) -> DistInfo:
     if not (requested or launched_by_torchrun()):
         return DistInfo(device=_default_device(0))
     if "RANK" not in os.environ:
-        raise RuntimeError("--distributed needs torchrun (RANK/WORLD_SIZE/MASTER_ADDR unset); e.g. "
-                           "`torchrun --nproc-per-node 2 -m prodcat ...`")
+        raise RuntimeError(
+            "--distributed needs torchrun (RANK/WORLD_SIZE/MASTER_ADDR unset); e.g. "
+            "`torchrun --nproc-per-node 2 -m prodcat ...`"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _default_device(local_rank)
     if not dist.is_initialized():

@@ -35,8 +35,17 @@ class DemoPlan:
 
     @classmethod
     def quick(cls) -> DemoPlan:
-        return cls(products=300, test_products=30, categories=10, seeds=1, epochs=4.0, num_sampled=4, sweep=(),
-                   hierarchy=False, batch_size=64)
+        return cls(
+            products=300,
+            test_products=30,
+            categories=10,
+            seeds=1,
+            epochs=4.0,
+            num_sampled=4,
+            sweep=(),
+            hierarchy=False,
+            batch_size=64,
+        )
 
 
 def _step(name: str, timings: dict[str, float]):  # noqa: ANN202 - tiny context helper
@@ -67,41 +76,87 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict:
     paths, data_dir, timings = WorkPaths(workdir), Path(workdir) / "data", {}
     features = "efficientnet_lite0-pooled"
     with _step("demo data", timings):
-        generate_demo(data_dir, DemoConfig(products=plan.products, test_products=plan.test_products,
-                                           categories=plan.categories, seed=0))
+        generate_demo(
+            data_dir,
+            DemoConfig(products=plan.products, test_products=plan.test_products, categories=plan.categories, seed=0),
+        )
     with _step("ingest", timings):
         ingest(IngestConfig(data_dir=str(data_dir), workdir=str(workdir), val_fraction=0.15, seed=0))
     with _step("explore", timings):
         explore(workdir)
     with _step("extract", timings):
-        extract(ExtractConfig(workdir=str(workdir), backbone="efficientnet_lite0", features="pooled",
-                              splits=("train", "val", "test"), batch_size=64))
+        extract(
+            ExtractConfig(
+                workdir=str(workdir),
+                backbone="efficientnet_lite0",
+                features="pooled",
+                splits=("train", "val", "test"),
+                batch_size=64,
+            )
+        )
     with _step("compare", timings):
-        compare(workdir, features=features, head="linear", losses=("softmax", "sampled", "adaptive"),
-                seeds=plan.seeds, epochs=plan.epochs, num_sampled=plan.num_sampled, batch_size=plan.batch_size)
+        compare(
+            workdir,
+            features=features,
+            head="linear",
+            losses=("softmax", "sampled", "adaptive"),
+            seeds=plan.seeds,
+            epochs=plan.epochs,
+            num_sampled=plan.num_sampled,
+            batch_size=plan.batch_size,
+        )
     if plan.sweep:
         with _step("sweep", timings):
-            sweep(workdir, features=features, head="linear", num_sampled=plan.sweep, sampler="log_uniform",
-                  epochs=plan.epochs, seeds=1, batch_size=plan.batch_size)
+            sweep(
+                workdir,
+                features=features,
+                head="linear",
+                num_sampled=plan.sweep,
+                sampler="log_uniform",
+                epochs=plan.epochs,
+                seeds=1,
+                batch_size=plan.batch_size,
+            )
     runs = sorted(p for p in paths.runs.glob("compare-*-s0") if p.is_dir())
     if plan.hierarchy:
         with _step("hierarchical head", timings):
-            runs.append(Path(train(TrainConfig(workdir=str(workdir), features=features, head="hier", loss="softmax",
-                                               run_name="hier-softmax-s0", epochs=plan.epochs,
-                                               batch_size=plan.batch_size, eval_every=50))))
+            runs.append(
+                Path(
+                    train(
+                        TrainConfig(
+                            workdir=str(workdir),
+                            features=features,
+                            head="hier",
+                            loss="softmax",
+                            run_name="hier-softmax-s0",
+                            epochs=plan.epochs,
+                            batch_size=plan.batch_size,
+                            eval_every=50,
+                        )
+                    )
+                )
+            )
     headline = {}
     with _step("evaluate", timings):
         for run in runs:
             metrics = evaluate(EvalConfig(run=str(run)))
-            headline[run.name] = {"image_top1": metrics["image"]["top1"], "product_top1": metrics["product"]["top1"],
-                                  "aggregation": metrics["product"]["aggregation"]}
+            headline[run.name] = {
+                "image_top1": metrics["image"]["top1"],
+                "product_top1": metrics["product"]["top1"],
+                "aggregation": metrics["product"]["aggregation"],
+            }
     best = max(headline, key=lambda name: headline[name]["product_top1"])
     with _step("predict test.bson", timings):
         predict_bson(paths.run(best), data_dir / "test.bson", Path(workdir) / "submission.csv")
     with _step("report", timings):
         report = build_report(workdir)
-    summary = {"report": str(report), "best_run": best, "runs": headline, "seconds": timings,
-               "submission": str(Path(workdir) / "submission.csv")}
+    summary = {
+        "report": str(report),
+        "best_run": best,
+        "runs": headline,
+        "seconds": timings,
+        "submission": str(Path(workdir) / "submission.csv"),
+    }
     write_json(paths.reports / "demo_summary.json", summary)
     _print_summary(summary)
     return summary

@@ -22,8 +22,7 @@ from prodcat.data.taxonomy import Taxonomy
 from prodcat.paths import WorkPaths
 from prodcat.utils import atomic_write_text, get_logger, progress, read_json
 
-__all__ = ["CategoryScore", "ProductPrediction", "Predictor", "aggregate_products", "predict_bson",
-           "AGGREGATIONS"]
+__all__ = ["CategoryScore", "ProductPrediction", "Predictor", "aggregate_products", "predict_bson", "AGGREGATIONS"]
 
 AGGREGATIONS = ("mean_prob", "mean_logprob", "vote")
 log = get_logger("prodcat.predict")
@@ -48,8 +47,7 @@ class ProductPrediction:
     aggregation: str
 
 
-def aggregate_products(log_probs: np.ndarray, product_index: np.ndarray, num_products: int,
-                       method: str) -> np.ndarray:
+def aggregate_products(log_probs: np.ndarray, product_index: np.ndarray, num_products: int, method: str) -> np.ndarray:
     """Combine image log-probabilities (N, C) into product log-probabilities (P, C).
 
     mean_prob: average of probabilities (3rd place on Kaggle); mean_logprob: normalised geometric mean;
@@ -90,8 +88,15 @@ def _log_normalise(scores: np.ndarray) -> np.ndarray:
 class Predictor:
     """A trained head plus the backbone that made its features."""
 
-    def __init__(self, model: torch.nn.Module, taxonomy: Taxonomy, extract_config: ExtractConfig,
-                 meta: dict[str, Any], run_dir: Path, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        taxonomy: Taxonomy,
+        extract_config: ExtractConfig,
+        meta: dict[str, Any],
+        run_dir: Path,
+        device: torch.device | None = None,
+    ) -> None:
         self.model = model.eval()
         self.taxonomy = taxonomy
         self.extract_config = extract_config
@@ -111,8 +116,11 @@ class Predictor:
 
         run_dir = Path(run_dir)
         model, meta = load_checkpoint(run_dir, which=which)
-        train_config = config_from_dict(TrainConfig, meta["config"]) if "config" in meta else \
-            load_config(TrainConfig, run_dir / "config.json")
+        train_config = (
+            config_from_dict(TrainConfig, meta["config"])
+            if "config" in meta
+            else load_config(TrainConfig, run_dir / "config.json")
+        )
         paths = WorkPaths(train_config.workdir)
         store_config = paths.feature_store(train_config.features) / "config.json"
         extract_config = load_config(ExtractConfig, store_config)
@@ -141,10 +149,10 @@ class Predictor:
         spatial = self.extract_config.features == "spatial"
         chunks = []
         for start in range(0, len(images), batch_size):
-            out = runner(preprocess(list(images[start:start + batch_size])), spatial=spatial)
+            out = runner(preprocess(list(images[start : start + batch_size])), spatial=spatial)
             features = out["spatial"] if spatial else out["pooled"]
             if spatial and self.extract_config.spatial_channels:
-                features = features[..., :self.extract_config.spatial_channels]
+                features = features[..., : self.extract_config.spatial_channels]
             # Round through float16 like the store does, so served and evaluated scores match.
             chunks.append(features.float().cpu().numpy().astype(np.float16).astype(np.float32))
         return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
@@ -154,7 +162,7 @@ class Predictor:
         """Full-softmax log-probabilities (N, C) of cached features."""
         out = []
         for start in range(0, len(features), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(features[start:start + batch_size], dtype=np.float32))
+            batch = torch.from_numpy(np.ascontiguousarray(features[start : start + batch_size], dtype=np.float32))
             out.append(self.model(batch.to(self.device)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.taxonomy.num_classes), np.float32)
 
@@ -185,8 +193,9 @@ class Predictor:
         for index, top in enumerate(self.scores(product_log_probs, top_k)):
             accepted = self.accept_threshold is not None and top[0].probability >= self.accept_threshold
             per_image = [image_scores[i] for i in np.flatnonzero(product_index == index)]
-            predictions.append(ProductPrediction(top, per_image, bool(accepted), self.accept_threshold,
-                                                 self.aggregation))
+            predictions.append(
+                ProductPrediction(top, per_image, bool(accepted), self.accept_threshold, self.aggregation)
+            )
         return predictions
 
     def predict_product(self, images: Sequence[torch.Tensor], top_k: int = 5) -> ProductPrediction:
@@ -294,6 +303,7 @@ def _from_store(predictor: Predictor, bson_path: Path, product_ids: np.ndarray) 
     log_probs = predictor.log_probs_from_features(store.read(valid))
     ids, product_index = np.unique(store.column("product_id")[valid], return_inverse=True)
     product_log_probs = aggregate_products(log_probs, product_index, len(ids), predictor.aggregation)
-    best = dict(zip(ids.tolist(), predictor.taxonomy.category_ids[product_log_probs.argmax(axis=1)].tolist(),
-                    strict=True))
+    best = dict(
+        zip(ids.tolist(), predictor.taxonomy.category_ids[product_log_probs.argmax(axis=1)].tolist(), strict=True)
+    )
     return np.array([best.get(int(pid), -1) for pid in product_ids], dtype=np.int64)

@@ -68,16 +68,23 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
-             disable: bool | None = None) -> Iterator[T]:
+def progress(
+    iterable: Iterable[T] | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    disable: bool | None = None,
+) -> Iterator[T]:
     """A tqdm bar with rate and ETA; quiet when stderr is not a terminal unless PRODCAT_PROGRESS=1."""
     from tqdm.auto import tqdm
 
     if disable is None:
         forced = os.environ.get("PRODCAT_PROGRESS")
         disable = (forced == "0") if forced is not None else not sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, smoothing=0.1,
-                mininterval=0.5)
+    return tqdm(
+        iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, smoothing=0.1, mininterval=0.5
+    )
 
 
 def get_logger(name: str = "prodcat") -> logging.Logger:

@@ -43,8 +43,15 @@ def _make_data(root: Path, products: int = 14) -> Path:
             pictures = [_jpeg(pid * 10 + k) for k in range(1 + pid % 3)]
             if pid == 5:
                 pictures[0] = pictures[0][:200]  # truncated JPEG: must be masked, not fatal
-            handle.write(bson.encode({"_id": pid, "imgs": [{"picture": bson.Binary(p)} for p in pictures],
-                                      "category_id": categories[pid % 3][0]}))
+            handle.write(
+                bson.encode(
+                    {
+                        "_id": pid,
+                        "imgs": [{"picture": bson.Binary(p)} for p in pictures],
+                        "category_id": categories[pid % 3][0],
+                    }
+                )
+            )
     with open(data / "test.bson", "wb") as handle:
         for pid in range(100, 104):
             handle.write(bson.encode({"_id": pid, "imgs": [{"picture": bson.Binary(_jpeg(pid))}]}))
@@ -60,8 +67,15 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def _config(workdir: Path, **overrides: object) -> ExtractConfig:
-    values = dict(workdir=str(workdir), backbone=BACKBONE, random_init=True, batch_size=3, shard_size=5, workers=0,
-                  precision="float32")
+    values = dict(
+        workdir=str(workdir),
+        backbone=BACKBONE,
+        random_init=True,
+        batch_size=3,
+        shard_size=5,
+        workers=0,
+        precision="float32",
+    )
     values.update(overrides)
     return ExtractConfig(**values)
 
@@ -106,8 +120,25 @@ def test_rerun_is_a_no_op_and_mismatch_is_refused(workdir: Path) -> None:
 
 
 def _cli(workdir: Path, *extra: str) -> list[str]:
-    return ["-m", "prodcat", "extract", "--workdir", str(workdir), "--backbone", BACKBONE, "--random-init",
-            "--batch-size", "2", "--shard-size", "4", "--workers", "0", "--precision", "float32", *extra]
+    return [
+        "-m",
+        "prodcat",
+        "extract",
+        "--workdir",
+        str(workdir),
+        "--backbone",
+        BACKBONE,
+        "--random-init",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "4",
+        "--workers",
+        "0",
+        "--precision",
+        "float32",
+        *extra,
+    ]
 
 
 def test_kill_and_resume_equals_uninterrupted_run(workdir: Path, tmp_path: Path) -> None:
@@ -115,8 +146,12 @@ def test_kill_and_resume_equals_uninterrupted_run(workdir: Path, tmp_path: Path)
     subprocess.run([sys.executable, *_cli(workdir, "--name", "reference")], check=True, capture_output=True)
     reference = workdir / "features" / "reference"
     env = dict(os.environ, PRODCAT_SLOW_SHARDS="0.5")  # each shard waits, so the kill lands mid-run
-    process = subprocess.Popen([sys.executable, *_cli(workdir, "--name", "resumed")], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, *_cli(workdir, "--name", "resumed")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     shards = workdir / "features" / "resumed" / "shards"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(shards.glob("*.json"))) < 1 and process.poll() is None:
@@ -134,10 +169,18 @@ def test_kill_and_resume_equals_uninterrupted_run(workdir: Path, tmp_path: Path)
 
 def test_two_torchrun_ranks_match_single_process(workdir: Path) -> None:
     reference = FeatureStore.open(extract(_config(workdir, batch_size=2, shard_size=4, name="single")))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(29500 + os.getpid() % 1000)]
-    result = subprocess.run([*torchrun, *_cli(workdir, "--name", "ranks", "--distributed")],
-                            capture_output=True, text=True, timeout=240)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(29500 + os.getpid() % 1000),
+    ]
+    result = subprocess.run(
+        [*torchrun, *_cli(workdir, "--name", "ranks", "--distributed")], capture_output=True, text=True, timeout=240
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = FeatureStore.open(workdir / "features" / "ranks")
     assert ranks.rows.equals(reference.rows)

@@ -48,8 +48,12 @@ def _compile_chain() -> Callable | None:
     def chain(view: np.ndarray, pos: int, out: np.ndarray) -> tuple[int, int]:
         size, count = view.shape[0], 0
         while count < out.shape[0] and pos + 4 <= size:
-            length = (np.int64(view[pos]) | (np.int64(view[pos + 1]) << 8) | (np.int64(view[pos + 2]) << 16)
-                      | (np.int64(view[pos + 3]) << 24))
+            length = (
+                np.int64(view[pos])
+                | (np.int64(view[pos + 1]) << 8)
+                | (np.int64(view[pos + 2]) << 16)
+                | (np.int64(view[pos + 3]) << 24)
+            )
             if length >= 2**31:  # a negative int32
                 break
             if length < 5 or pos + length > size or view[pos + length - 1] != 0:

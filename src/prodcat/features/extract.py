@@ -57,8 +57,14 @@ def plan_rows(workdir: str | Path, splits: tuple[str, ...], limit: int | None = 
         sources.append(str(catalog_source(workdir, name)))
         parts.append(_expand(table, split, len(sources) - 1))
     merged = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]} if parts else {}
-    rows = make_rows(merged["product_id"], merged["image_index"], merged["label"], merged["level1"],
-                     merged["level2"], merged["split"])
+    rows = make_rows(
+        merged["product_id"],
+        merged["image_index"],
+        merged["label"],
+        merged["level1"],
+        merged["level2"],
+        merged["split"],
+    )
     return RowPlan(rows, sources, merged["source"], merged["offset"], merged["length"])
 
 
@@ -71,11 +77,17 @@ def _expand(table: pa.Table, split: str, source: int) -> dict[str, np.ndarray]:
         values = table[name].to_numpy() if name in table.column_names else np.full(table.num_rows, default)
         return np.repeat(values, repeat)
 
-    return {"product_id": column("product_id"), "image_index": image_index, "label": column("label"),
-            "level1": column("level1"), "level2": column("level2"),
-            "split": np.repeat(np.array([split], dtype=object), repeat.sum()),
-            "source": np.full(repeat.sum(), source, dtype=np.int64), "offset": column("offset"),
-            "length": column("length")}
+    return {
+        "product_id": column("product_id"),
+        "image_index": image_index,
+        "label": column("label"),
+        "level1": column("level1"),
+        "level2": column("level2"),
+        "split": np.repeat(np.array([split], dtype=object), repeat.sum()),
+        "source": np.full(repeat.sum(), source, dtype=np.int64),
+        "offset": column("offset"),
+        "length": column("length"),
+    }
 
 
 class _BatchDataset(Dataset):
@@ -114,8 +126,14 @@ class _BatchDataset(Dataset):
             except Exception as error:  # noqa: BLE001 - a bad image or document is masked, never fatal
                 invalid.append((row, f"{type(error).__name__}: {error}"))
         batch = self.preprocess(images) if images else None
-        return {"shard": shard, "start": start, "stop": stop, "rows": np.asarray(good, dtype=np.int64),
-                "batch": batch, "invalid": invalid}
+        return {
+            "shard": shard,
+            "start": start,
+            "stop": stop,
+            "rows": np.asarray(good, dtype=np.int64),
+            "batch": batch,
+            "invalid": invalid,
+        }
 
 
 def auto_workers(device: torch.device) -> int:
@@ -172,21 +190,37 @@ def extract(config: ExtractConfig) -> Path:
         barrier(info)
         if info.is_main:
             store.finalize()
-            log.info("store %s: %d rows, %d masked images, mode %s", store.path, len(store),
-                     store.manifest.get("invalid_rows", 0), runner.mode)
+            log.info(
+                "store %s: %d rows, %d masked images, mode %s",
+                store.path,
+                len(store),
+                store.manifest.get("invalid_rows", 0),
+                runner.mode,
+            )
         barrier(info)
         return store.path
     finally:
         cleanup(info)
 
 
-def _open_store(path: Path, plan: RowPlan, shape: tuple[int, ...], backbone: Any, runner: Any,
-                config: ExtractConfig, info: DistInfo) -> FeatureStore:
+def _open_store(
+    path: Path, plan: RowPlan, shape: tuple[int, ...], backbone: Any, runner: Any, config: ExtractConfig, info: DistInfo
+) -> FeatureStore:
     spec = backbone.spec
-    meta = {"backbone": config.backbone, "weights_id": backbone.weights_id, "kind": config.features,
-            "preprocessing": {"input_size": list(spec.input_size), "mean": list(spec.mean), "std": list(spec.std),
-                              "interpolation": spec.interpolation},
-            "splits": list(config.splits), "limit": config.limit, "mode": runner.mode}
+    meta = {
+        "backbone": config.backbone,
+        "weights_id": backbone.weights_id,
+        "kind": config.features,
+        "preprocessing": {
+            "input_size": list(spec.input_size),
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "interpolation": spec.interpolation,
+        },
+        "splits": list(config.splits),
+        "limit": config.limit,
+        "mode": runner.mode,
+    }
     if info.is_main:
         FeatureStore.create(path, plan.rows, shape, config.shard_size, meta)
         save_config(config, path / "config.json")
@@ -194,16 +228,29 @@ def _open_store(path: Path, plan: RowPlan, shape: tuple[int, ...], backbone: Any
     return FeatureStore(path)
 
 
-def _run_shards(store: FeatureStore, shards: list[int], plan: RowPlan, preprocess: Any, runner: Any,
-                config: ExtractConfig, info: DistInfo) -> None:
+def _run_shards(
+    store: FeatureStore,
+    shards: list[int],
+    plan: RowPlan,
+    preprocess: Any,
+    runner: Any,
+    config: ExtractConfig,
+    info: DistInfo,
+) -> None:
     batches = _shard_batches(store, shards, config.batch_size)
     if not batches:
         return
     dataset = _BatchDataset(plan, batches, preprocess, max_pixels=40_000_000)
     workers = auto_workers(info.device) if config.workers is None else config.workers
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                        prefetch_factor=4 if workers else None, persistent_workers=False,
-                        pin_memory=info.device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        pin_memory=info.device.type == "cuda",
+    )
     pending: dict[int, ShardResult] = {}
     total = sum(stop - start for _, start, stop in batches)
     bar = progress(total=total, desc=f"extract[{info.rank}]" if info.enabled else "extract", unit="img")
@@ -212,8 +259,9 @@ def _run_shards(store: FeatureStore, shards: list[int], plan: RowPlan, preproces
         first, last = store.shard_rows(shard)
         result = pending.setdefault(shard, ShardResult(np.zeros((last - first, *store.feature_shape), np.float16), []))
         if item["batch"] is not None:
-            features = _select(runner(item["batch"], spatial=config.features == "spatial"), config.features,
-                               config.spatial_channels)
+            features = _select(
+                runner(item["batch"], spatial=config.features == "spatial"), config.features, config.spatial_channels
+            )
             result.features[np.asarray(item["rows"]) - first] = features.astype(np.float16)
         result.invalid += [(row - first, reason) for row, reason in item["invalid"]]
         bar.update(int(item["stop"]) - int(item["start"]))

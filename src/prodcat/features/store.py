@@ -52,13 +52,21 @@ class FeatureStore:
 
     # -- creation ------------------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, rows: pa.Table, feature_shape: tuple[int, ...], shard_size: int,
-               meta: dict[str, Any]) -> FeatureStore:
+    def create(
+        cls, path: str | Path, rows: pa.Table, feature_shape: tuple[int, ...], shard_size: int, meta: dict[str, Any]
+    ) -> FeatureStore:
         """Write the row plan and manifest of a new (empty) store; an existing store must match exactly."""
         store = cls(path)
-        manifest = {"format": FORMAT_VERSION, "feature_shape": list(feature_shape), "dtype": "float16",
-                    "rows": rows.num_rows, "shard_size": shard_size,
-                    "num_shards": max(1, -(-rows.num_rows // shard_size)), "complete": False, **meta}
+        manifest = {
+            "format": FORMAT_VERSION,
+            "feature_shape": list(feature_shape),
+            "dtype": "float16",
+            "rows": rows.num_rows,
+            "shard_size": shard_size,
+            "num_shards": max(1, -(-rows.num_rows // shard_size)),
+            "complete": False,
+            **meta,
+        }
         if store.manifest_path.is_file():
             store._check_matches(manifest, rows)
             return store
@@ -75,8 +83,10 @@ class FeatureStore:
         if not existing_rows.equals(rows.select(["product_id", "image_index"])):
             differing.append("rows")
         if differing:
-            raise StoreError(f"{self.path} already holds a different store (differs in {', '.join(differing)}); "
-                             "choose another --name or delete it")
+            raise StoreError(
+                f"{self.path} already holds a different store (differs in {', '.join(differing)}); "
+                "choose another --name or delete it"
+            )
 
     # -- paths and metadata ----------------------------------------------------------------------------------------
     @property
@@ -150,8 +160,14 @@ class FeatureStore:
             for row_in_shard, reason in read_json(self.marker_path(shard))["invalid"]:
                 row = start + int(row_in_shard)
                 valid[row] = False
-                errors.append({"row": row, "product_id": int(product_ids[row]),
-                               "image_index": int(image_index[row]), "reason": reason})
+                errors.append(
+                    {
+                        "row": row,
+                        "product_id": int(product_ids[row]),
+                        "image_index": int(image_index[row]),
+                        "reason": reason,
+                    }
+                )
         rows = rows.set_column(rows.column_names.index("valid"), "valid", pa.array(valid))
         atomic_write_bytes(self.rows_path, _parquet_bytes(rows))
         write_json(self.path / "errors.json", errors)
@@ -165,8 +181,10 @@ class FeatureStore:
         store = cls(path)
         if not store.manifest.get("complete"):
             missing = store.missing_shards()
-            raise StoreError(f"{path}: store is incomplete ({len(missing)} of {store.num_shards} shards missing); "
-                             "re-run the same `prodcat extract` command to finish it")
+            raise StoreError(
+                f"{path}: store is incomplete ({len(missing)} of {store.num_shards} shards missing); "
+                "re-run the same `prodcat extract` command to finish it"
+            )
         return store
 
     @property
@@ -212,33 +230,55 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def make_rows(product_id: np.ndarray, image_index: np.ndarray, label: np.ndarray, level1: np.ndarray,
-              level2: np.ndarray, split: np.ndarray) -> pa.Table:
+def make_rows(
+    product_id: np.ndarray,
+    image_index: np.ndarray,
+    label: np.ndarray,
+    level1: np.ndarray,
+    level2: np.ndarray,
+    split: np.ndarray,
+) -> pa.Table:
     """The row table in the store's schema (valid is filled in by `finalize`)."""
     n = len(product_id)
-    return pa.table({
-        "row": pa.array(np.arange(n, dtype=np.int64)),
-        "product_id": pa.array(np.asarray(product_id, dtype=np.int64)),
-        "image_index": pa.array(np.asarray(image_index, dtype=np.int8)),
-        "label": pa.array(np.asarray(label, dtype=np.int32)),
-        "level1": pa.array(np.asarray(level1, dtype=np.int32)),
-        "level2": pa.array(np.asarray(level2, dtype=np.int32)),
-        "split": pa.array(np.asarray(split, dtype=object), pa.string()),
-        "valid": pa.array(np.ones(n, dtype=bool)),
-    })
+    return pa.table(
+        {
+            "row": pa.array(np.arange(n, dtype=np.int64)),
+            "product_id": pa.array(np.asarray(product_id, dtype=np.int64)),
+            "image_index": pa.array(np.asarray(image_index, dtype=np.int8)),
+            "label": pa.array(np.asarray(label, dtype=np.int32)),
+            "level1": pa.array(np.asarray(level1, dtype=np.int32)),
+            "level2": pa.array(np.asarray(level2, dtype=np.int32)),
+            "split": pa.array(np.asarray(split, dtype=object), pa.string()),
+            "valid": pa.array(np.ones(n, dtype=bool)),
+        }
+    )
 
 
-def write_store(path: str | Path, features: np.ndarray, *, product_id: np.ndarray, image_index: np.ndarray,
-                label: np.ndarray, level1: np.ndarray, level2: np.ndarray, split: np.ndarray,
-                shard_size: int = 4096, meta: dict[str, Any] | None = None) -> FeatureStore:
+def write_store(
+    path: str | Path,
+    features: np.ndarray,
+    *,
+    product_id: np.ndarray,
+    image_index: np.ndarray,
+    label: np.ndarray,
+    level1: np.ndarray,
+    level2: np.ndarray,
+    split: np.ndarray,
+    shard_size: int = 4096,
+    meta: dict[str, Any] | None = None,
+) -> FeatureStore:
     """Write a complete store from in-memory arrays (tests, synthetic benchmarks, imports)."""
     rows = make_rows(product_id, image_index, label, level1, level2, split)
-    meta = {"backbone": "arrays", "weights_id": "none", "kind": "pooled" if features.ndim == 2 else "spatial",
-            "preprocessing": None, **(meta or {})}
+    meta = {
+        "backbone": "arrays",
+        "weights_id": "none",
+        "kind": "pooled" if features.ndim == 2 else "spatial",
+        "preprocessing": None,
+        **(meta or {}),
+    }
     store = FeatureStore.create(path, rows, tuple(features.shape[1:]), shard_size, meta)
     for shard in store.missing_shards():
         start, stop = store.shard_rows(shard)
         store.write_shard(shard, ShardResult(features[start:stop].astype(np.float16), []))
     store.finalize()
     return FeatureStore.open(path)
-
