@@ -305,7 +305,7 @@ def test_compiled_walk_equals_python_walk(damage: str) -> None:
 
     from prodcat.data import bson_index
 
-    if bson_index._chain_compiled is None:
+    if bson_index._COMPILED is None:
         pytest.skip("numba not installed: only the Python walk exists")
     rng = np.random.default_rng(0)
     docs = [
@@ -333,3 +333,84 @@ def test_compiled_walk_equals_python_walk(damage: str) -> None:
         len(python_offsets)
         == {"none": 500, "bad_length": 100, "truncated": 499, "negative": 10, "trailing": 500}[damage]
     )
+
+
+def _mixed_layout_buffer(seed: int) -> bytes:
+    """Documents in every layout the indexer distinguishes, plus a few corrupted inside their frame."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(400):
+        pictures = [{"picture": bson.Binary(rng.bytes(int(rng.integers(0, 120))))} for _ in range(i % 13)]
+        product_id = bson.Int64(i) if i % 3 == 0 else i
+        doc: dict = {"_id": product_id, "imgs": pictures}
+        if i % 5:
+            doc["category_id"] = bson.Int64(10**10 + i) if i % 7 == 0 else 1000 + i
+        if i % 11 == 0:
+            doc = {"imgs": pictures, "_id": product_id}  # another field order
+        encoded = bytearray(bson.encode(doc))
+        if i % 17 == 0 and len(encoded) > 30:
+            encoded[20] ^= 0xFF  # damage inside a well-framed document
+        docs.append(bytes(encoded))
+    return b"".join(docs)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compiled_parse_equals_numpy_parse(seed: int) -> None:
+    """The compiled field parse (alone and fused with the walk) decides exactly like the numpy one."""
+    import array
+
+    from prodcat.data import bson_index
+
+    if bson_index._COMPILED is None:
+        pytest.skip("numba not installed: only the numpy parse exists")
+    buffer = _mixed_layout_buffer(seed)
+    offsets, parsed = array.array("q"), []
+    assert bson_index._chain_fast(buffer, 0, offsets, parsed) == len(buffer)
+    starts = np.frombuffer(offsets, dtype=np.int64)
+    lengths = np.diff(np.r_[starts, len(buffer)])
+    reference = bson_index._fast_fields_none(len(starts))
+    for first in range(0, len(starts), 64):
+        part = slice(first, first + 64)
+        file_ints = np.ndarray((len(buffer) - 7,), dtype="<i8", buffer=buffer, strides=(1,))
+        bson_index._fast_chunk(
+            buffer, len(buffer), file_ints, starts[part], lengths[part], {k: v[part] for k, v in reference.items()}
+        )
+    compiled = bson_index._fast_fields_compiled(buffer, starts, lengths, bson_index._fast_fields_none(len(starts)))
+    fused = bson_index._parsed_fields(parsed, len(starts))
+    assert 0 < reference["ok"].sum() < len(starts)  # both kinds of document are present
+    for fields in (compiled, fused):
+        assert np.array_equal(fields["ok"], reference["ok"])
+        for key in ("product_id", "num_images", "category_id"):
+            assert np.array_equal(fields[key][reference["ok"]], reference[key][reference["ok"]])
+
+
+@pytest.mark.parametrize("case", ["clean", "damage_first_half", "damage_second_half", "false_candidates"])
+def test_two_thread_walk_equals_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    """Large files are walked by two threads from a guessed split point; the index must not depend on it."""
+    from prodcat.data import bson_index
+
+    if bson_index._COMPILED is None:
+        pytest.skip("numba not installed: only the Python walk exists")
+    rng = np.random.default_rng(3)
+    fake = (16).to_bytes(4, "little") + b"\x10_id\x00" + bytes(20)  # looks like a document start
+    docs = []
+    for i in range(600):
+        picture = rng.bytes(int(rng.integers(50, 400))) + (fake if case == "false_candidates" else b"")
+        docs.append(
+            bytearray(bson.encode({"_id": i, "imgs": [{"picture": bson.Binary(picture)}], "category_id": 1000 + i % 9}))
+        )
+    at = {"damage_first_half": 150, "damage_second_half": 450}.get(case)
+    if at is not None:
+        docs[at][:4] = (3).to_bytes(4, "little")
+    path = tmp_path / "train.bson"
+    path.write_bytes(b"".join(bytes(doc) for doc in docs))
+    monkeypatch.setattr(bson_index, "_COMPILED_MIN_BYTES", 1 << 60)
+    reference = index_bson(path)
+    monkeypatch.setattr(bson_index, "_COMPILED_MIN_BYTES", 0)
+    monkeypatch.setattr(bson_index, "_PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(bson_index, "_THREADS", 2)
+    index = index_bson(path)
+    for name in ("product_id", "offset", "length", "num_images", "category_id"):
+        assert np.array_equal(getattr(index, name), getattr(reference, name)), name
+    assert [(p.kind, p.offset) for p in index.problems] == [(p.kind, p.offset) for p in reference.problems]
+    assert len(index) == (599 if at is not None else 600)
