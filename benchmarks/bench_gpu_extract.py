@@ -48,23 +48,9 @@ def pipeline(workdir: Path, products: int, batch: int, workers: int) -> tuple[fl
         workdir / "data", DemoConfig(products=products, test_products=0, categories=60, unique_images_per_leaf=64)
     )
     ingest(IngestConfig(data_dir=str(workdir / "data"), workdir=str(workdir), val_fraction=0.0))
-    # Warm-up run on a few products (model load, cuDNN autotune), then the timed full run.
-    extract(
-        ExtractConfig(
-            workdir=str(workdir),
-            backbone="legacy_xception",
-            random_init=True,
-            splits=("train",),
-            batch_size=batch,
-            workers=workers,
-            limit=batch * 2,
-            name="warm",
-            shard_size=4096,
-        )
-    )
-    start = time.perf_counter()
-    path = extract(
-        ExtractConfig(
+
+    def config(**overrides: object) -> ExtractConfig:
+        values = dict(
             workdir=str(workdir),
             backbone="legacy_xception",
             random_init=True,
@@ -73,7 +59,12 @@ def pipeline(workdir: Path, products: int, batch: int, workers: int) -> tuple[fl
             workers=workers,
             shard_size=8192,
         )
-    )
+        return ExtractConfig(**{**values, **overrides})
+
+    # Warm-up run on a few products (model load, cuDNN autotune), then the timed full run.
+    extract(config(limit=batch * 2, name="warm", shard_size=4096))
+    start = time.perf_counter()
+    path = extract(config())
     seconds = time.perf_counter() - start
     images = len(FeatureStore.open(path))
     return images / seconds, images

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import struct
 import threading
@@ -16,28 +15,7 @@ import torch
 from PIL import Image
 
 from prodcat.data.taxonomy import Taxonomy
-
-try:  # the real result types when predict.py is importable; the app only reads their attributes
-    from prodcat.predict import CategoryScore, ProductPrediction
-except ImportError:  # pragma: no cover - keeps these tests independent of the model stack
-
-    @dataclasses.dataclass
-    class CategoryScore:  # type: ignore[no-redef]
-        label: int
-        category_id: int
-        probability: float
-        level1: str
-        level2: str
-        level3: str
-
-    @dataclasses.dataclass
-    class ProductPrediction:  # type: ignore[no-redef]
-        top: list[CategoryScore]
-        images: list[list[CategoryScore]]
-        accepted: bool
-        threshold: float | None
-        aggregation: str
-
+from prodcat.predict import CategoryScore, ProductPrediction
 
 ROWS = [
     (1000010653, "INFORMATIQUE", "STOCKAGE", "CLE USB"),
