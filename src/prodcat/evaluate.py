@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from prodcat.config import EvalConfig, TrainConfig, config_from_dict, load_config, save_config
@@ -27,7 +26,7 @@ from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import FeatureStore
 from prodcat.paths import WorkPaths
 from prodcat.predict import AGGREGATIONS, Predictor, aggregate_products
-from prodcat.utils import atomic_write_bytes, get_logger, progress, write_json
+from prodcat.utils import get_logger, progress, write_json, write_parquet
 
 __all__ = [
     "evaluate",
@@ -490,9 +489,7 @@ def _write_predictions(path: Path, data: Collected, chosen: str, split: str) -> 
     table = pa.table(columns).replace_schema_metadata(
         {b"prodcat.aggregation": chosen.encode(), b"prodcat.split": split.encode()}
     )
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    write_parquet(path, table)
 
 
 # -- figures -----------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,12 +10,14 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 __all__ = [
+    "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
     "write_json",
+    "write_parquet",
     "read_json",
     "progress",
     "get_logger",
@@ -25,22 +28,38 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    # Write beside the target then rename, so a crash never leaves a half-written file under the real name.
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """Binary handle on a temp file beside `path`, renamed over it on success and removed on any error, so a crash
+    never leaves a half-written file under the real name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs (reports, stores) should read like normal files
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        with os.fdopen(fd, "wb", buffering=1 << 20) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    with atomic_open(path) as handle:
+        handle.write(data)
     return path
+
+
+def write_parquet(path: str | Path, table: Any) -> Path:
+    """Write a pyarrow Table atomically."""
+    import pyarrow.parquet as pq
+
+    with atomic_open(path) as handle:
+        pq.write_table(table, handle)
+    return Path(path)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

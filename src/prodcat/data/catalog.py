@@ -24,7 +24,7 @@ from prodcat.data.bson_index import BsonIndex, BsonProblem, index_bson
 from prodcat.data.split import stratified_split
 from prodcat.data.taxonomy import Taxonomy, TaxonomyError, read_category_csv
 from prodcat.paths import WorkPaths
-from prodcat.utils import atomic_write_bytes, get_logger, write_json
+from prodcat.utils import get_logger, write_json, write_parquet
 
 __all__ = ["ingest", "IngestError", "load_catalog", "catalog_source", "TRAIN_COLUMNS", "TEST_COLUMNS"]
 
@@ -147,10 +147,7 @@ def _test_table(index: BsonIndex) -> pa.Table:
 
 
 def _write_catalog(path: Path, table: pa.Table, source: str) -> None:
-    table = table.replace_schema_metadata({b"prodcat.source": source.encode("utf-8")})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    write_parquet(path, table.replace_schema_metadata({b"prodcat.source": source.encode("utf-8")}))
 
 
 def _file_summary(index: BsonIndex, table: pa.Table, problems: list[BsonProblem]) -> dict:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
@@ -40,7 +38,7 @@ from prodcat.data._demo_stats import (
     REAL_LEVEL1,
     REAL_LEVEL2,
 )
-from prodcat.utils import atomic_write_text, progress
+from prodcat.utils import atomic_open, atomic_write_text, progress
 
 __all__ = [
     "CategoryRow",
@@ -794,26 +792,17 @@ def _write_bson(
     import bson
 
     images = 0
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(handle, 0o666 & ~umask)  # mkstemp makes 0600; the data files should read like normal files
-        with os.fdopen(handle, "wb", buffering=1 << 20) as out:
-            for index in progress(range(len(ids)), total=len(ids), desc=path.name, unit="product"):
-                jpegs = pictures(int(leaves[index]), np.random.default_rng([seed, tag, index]))
-                document: dict[str, Any] = {
-                    "_id": int(ids[index]),
-                    "imgs": [{"picture": bson.Binary(jpeg)} for jpeg in jpegs],
-                }
-                if category_ids is not None:
-                    document["category_id"] = int(category_ids[leaves[index]])
-                out.write(bson.encode(document))
-                images += len(jpegs)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as out:
+        for index in progress(range(len(ids)), total=len(ids), desc=path.name, unit="product"):
+            jpegs = pictures(int(leaves[index]), np.random.default_rng([seed, tag, index]))
+            document: dict[str, Any] = {
+                "_id": int(ids[index]),
+                "imgs": [{"picture": bson.Binary(jpeg)} for jpeg in jpegs],
+            }
+            if category_ids is not None:
+                document["category_id"] = int(category_ids[leaves[index]])
+            out.write(bson.encode(document))
+            images += len(jpegs)
     return images, path.stat().st_size
 
 

@@ -123,11 +123,9 @@ class Taxonomy:
         )
 
     def save(self, path: str | Path) -> Path:
-        from prodcat.utils import atomic_write_bytes
+        from prodcat.utils import write_parquet
 
-        sink = pa.BufferOutputStream()
-        pq.write_table(self.to_table(), sink)
-        return atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        return write_parquet(path, self.to_table())
 
     @classmethod
     def load(cls, path: str | Path) -> Taxonomy:

@@ -15,7 +15,6 @@ how ranks of a distributed run split the work.
 from __future__ import annotations
 
 import dataclasses
-import io
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prodcat.utils import atomic_write_bytes, read_json, write_json
+from prodcat.utils import atomic_open, read_json, write_json, write_parquet
 
 __all__ = ["FeatureStore", "ShardResult", "StoreError", "ROW_COLUMNS", "make_rows", "write_store"]
 
@@ -71,7 +70,7 @@ class FeatureStore:
             store._check_matches(manifest, rows)
             return store
         (store.path / "shards").mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(store.rows_path, _parquet_bytes(rows))
+        write_parquet(store.rows_path, rows)
         write_json(store.manifest_path, manifest)
         return store
 
@@ -140,9 +139,8 @@ class FeatureStore:
         expected = (stop - start, *self.feature_shape)
         if result.features.shape != expected:
             raise StoreError(f"shard {shard}: features {result.features.shape}, expected {expected}")
-        buffer = io.BytesIO()
-        np.save(buffer, np.ascontiguousarray(result.features, dtype=np.float16))
-        atomic_write_bytes(self.shard_path(shard), buffer.getvalue())
+        with atomic_open(self.shard_path(shard)) as handle:
+            np.save(handle, np.ascontiguousarray(result.features, dtype=np.float16))
         write_json(self.marker_path(shard), {"rows": stop - start, "invalid": result.invalid})
 
     def finalize(self) -> None:
@@ -169,7 +167,7 @@ class FeatureStore:
                     }
                 )
         rows = rows.set_column(rows.column_names.index("valid"), "valid", pa.array(valid))
-        atomic_write_bytes(self.rows_path, _parquet_bytes(rows))
+        write_parquet(self.rows_path, rows)
         write_json(self.path / "errors.json", errors)
         manifest = dict(self.manifest, complete=True, invalid_rows=len(errors))
         write_json(self.manifest_path, manifest)
@@ -222,12 +220,6 @@ class FeatureStore:
 
     def read_all(self, indices: np.ndarray | None = None, dtype: np.dtype | type = np.float32) -> np.ndarray:
         return self.read(np.arange(len(self)) if indices is None else indices, dtype=dtype)
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
 
 
 def make_rows(
