@@ -6,8 +6,10 @@ sampled, adaptive) -> sweep -> hierarchical head -> evaluate -> predict test.bso
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from prodcat.config import DemoConfig, EvalConfig, ExtractConfig, IngestConfig, TrainConfig
@@ -48,16 +50,13 @@ class DemoPlan:
         )
 
 
-def _step(name: str, timings: dict[str, float]):  # noqa: ANN202 - tiny context helper
-    class _Timer:
-        def __enter__(self) -> None:
-            log.info("== %s", name)
-            self.start = time.perf_counter()
-
-        def __exit__(self, *exc: object) -> None:
-            timings[name] = round(time.perf_counter() - self.start, 1)
-
-    return _Timer()
+@contextlib.contextmanager
+def _step(name: str, timings: dict[str, float]) -> Iterator[None]:
+    """Log a stage's start and record its seconds."""
+    log.info("== %s", name)
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 1)
 
 
 def run_demo(workdir: str | Path, quick: bool = False) -> dict:

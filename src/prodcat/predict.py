@@ -96,6 +96,7 @@ class Predictor:
         meta: dict[str, Any],
         run_dir: Path,
         device: torch.device | None = None,
+        store_name: str | None = None,
     ) -> None:
         self.model = model.eval()
         self.taxonomy = taxonomy
@@ -107,7 +108,7 @@ class Predictor:
         evaluation = self.run_dir / "eval" / "metrics.json"
         metrics = read_json(evaluation) if evaluation.is_file() else {}
         self.aggregation: str = metrics.get("product", {}).get("aggregation", "mean_prob")
-        self.store_name: str = extract_config.name or extract_config.store_name
+        self.store_name = store_name or extract_config.store_name  # the feature store the head was trained on
         self.accept_threshold: float | None = metrics.get("confidence", {}).get("threshold")
 
     @classmethod
@@ -126,9 +127,7 @@ class Predictor:
         extract_config = load_config(ExtractConfig, store_config)
         taxonomy = Taxonomy.load(paths.taxonomy)
         target = torch.device(device) if device is not None else torch.device("cpu")
-        predictor = cls(model.to(target), taxonomy, extract_config, meta, run_dir, target)
-        predictor.store_name = train_config.features
-        return predictor
+        return cls(model.to(target), taxonomy, extract_config, meta, run_dir, target, store_name=train_config.features)
 
     # -- features ------------------------------------------------------------------------------------------------
     def _feature_path(self) -> tuple[Any, Any, Any]:
