@@ -43,6 +43,7 @@ class RowPlan:
     source: np.ndarray  # (N,) index into sources
     offset: np.ndarray  # (N,) product document offset
     length: np.ndarray  # (N,) product document length
+    image_index: np.ndarray  # (N,) picture within the product
 
 
 def plan_rows(workdir: str | Path, splits: tuple[str, ...], limit: int | None = None) -> RowPlan:
@@ -65,7 +66,7 @@ def plan_rows(workdir: str | Path, splits: tuple[str, ...], limit: int | None = 
         merged["level2"],
         merged["split"],
     )
-    return RowPlan(rows, sources, merged["source"], merged["offset"], merged["length"])
+    return RowPlan(rows, sources, merged["source"], merged["offset"], merged["length"], merged["image_index"])
 
 
 def _expand(table: pa.Table, split: str, source: int) -> dict[str, np.ndarray]:
@@ -109,7 +110,7 @@ class _BatchDataset(Dataset):
         from prodcat.data.images import ImageDecodeError, decode_image
 
         shard, start, stop = self.batches[item]
-        image_index = self.plan.rows["image_index"].to_numpy()
+        image_index = self.plan.image_index
         images, good, invalid = [], [], []
         cached: tuple[tuple[int, int], list[bytes]] | None = None
         for row in range(start, stop):
