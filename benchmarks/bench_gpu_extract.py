@@ -2,12 +2,18 @@
 
 Measures, in one run on the same card: (a) model-only forward img/s on pre-made tensors (fp32 NCHW eager and the
 auto mode: bf16 autocast + channels_last), (b) the whole `prodcat extract` path (BSON read, JPEG decode in
-DataLoader workers, preprocess, forward, float16 shards) img/s on demo data, and their ratio.
+DataLoader workers, preprocess, forward, float16 shards) img/s on demo data, and their ratio, (c) whether GPU JPEG
+decode would help: libjpeg-turbo img/s in one CPU process (times the DataLoader workers gives the CPU decode
+capacity) against torchvision's batched nvJPEG decode on the card, on the same 180x180 Cdiscount-sized JPEGs.
+
+    bash benchmarks/gpu_extract.sh [--products N]               (on the GPU machine)
+    python benchmarks/bench_gpu_extract.py --device cpu --products 200 --batch 16 --workers 1   (smoke test here)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -19,35 +25,80 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
 
-def model_only(batch: int, repeats: int, precision: str) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_only(batch: int, repeats: int, precision: str, device: torch.device) -> tuple[float, str]:
     from prodcat.features.backbones import create_backbone
     from prodcat.features.inference import InferenceRunner
 
     runner = InferenceRunner(
-        create_backbone("legacy_xception", random_init=True), precision=precision, device=torch.device("cuda")
+        create_backbone("legacy_xception", random_init=True), precision=precision, device=device
     )
-    x = torch.rand(batch, 3, 180, 180, device="cuda")
+    x = torch.rand(batch, 3, 180, 180, device=device)
     for _ in range(3):
         runner(x)
-    torch.cuda.synchronize()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         runner(x)
-    torch.cuda.synchronize()
+    _sync(device)
     return batch * repeats / (time.perf_counter() - start), runner.mode
 
 
-def pipeline(workdir: Path, products: int, batch: int, workers: int) -> tuple[float, int]:
-    from prodcat.config import DemoConfig, ExtractConfig, IngestConfig
-    from prodcat.data.catalog import ingest
-    from prodcat.data.demo import generate_demo
+def jpeg_decode(workdir: Path, count: int, device: torch.device) -> dict[str, float]:
+    """img/s of the extraction's own CPU decoder in this one process, and of nvJPEG batches of 256 on the card."""
+    from prodcat.data.bson_index import BsonReader
+    from prodcat.data.images import decode_image
+    from prodcat.features.extract import plan_rows
+
+    plan = plan_rows(workdir, ("train",))
+    data: list[bytes] = []
+    with BsonReader(plan.sources[0]) as reader:
+        for row in range(len(plan.offset)):
+            if len(data) >= count:
+                break
+            pictures = reader.pictures(int(plan.offset[row]), int(plan.length[row]))
+            data.append(pictures[int(plan.image_index[row])])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one DataLoader worker's view
+    try:
+        cpu = len(data) / min(_timed(lambda: [decode_image(d) for d in data]) for _ in range(3))
+    finally:
+        torch.set_num_threads(threads)
+    result = {"jpegs": len(data), "mean_jpeg_bytes": round(sum(map(len, data)) / len(data)), "cpu_one_process": cpu}
+    if device.type == "cuda":
+        import warnings
+
+        import torchvision.io
+
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+
+        def gpu() -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for i in range(0, len(tensors), 256):
+                    torchvision.io.decode_jpeg(tensors[i : i + 256], device=device)
+            _sync(device)
+
+        gpu()  # nvJPEG handle and buffers
+        result["gpu_batched"] = len(data) / min(_timed(gpu) for _ in range(3))
+    return result
+
+
+def _timed(fn) -> float:  # noqa: ANN001
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def pipeline(workdir: Path, batch: int, workers: int) -> tuple[float, int]:
+    from prodcat.config import ExtractConfig
     from prodcat.features.extract import extract
     from prodcat.features.store import FeatureStore
 
-    generate_demo(
-        workdir / "data", DemoConfig(products=products, test_products=0, categories=60, unique_images_per_leaf=64)
-    )
-    ingest(IngestConfig(data_dir=str(workdir / "data"), workdir=str(workdir), val_fraction=0.0))
 
     def config(**overrides: object) -> ExtractConfig:
         values = dict(
@@ -70,27 +121,49 @@ def pipeline(workdir: Path, products: int, batch: int, workers: int) -> tuple[fl
     return images / seconds, images
 
 
+def make_demo(workdir: Path, products: int) -> None:
+    from prodcat.config import DemoConfig, IngestConfig
+    from prodcat.data.catalog import ingest
+    from prodcat.data.demo import generate_demo
+
+    generate_demo(
+        workdir / "data", DemoConfig(products=products, test_products=0, categories=60, unique_images_per_leaf=64)
+    )
+    ingest(IngestConfig(data_dir=str(workdir / "data"), workdir=str(workdir), val_fraction=0.0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--products", type=int, default=30000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--device", default="cuda", help="cuda (the measurement) | cpu (a smoke test of this script)")
     args = parser.parse_args()
-    card = torch.cuda.get_device_name(0)
-    fp32, _ = model_only(args.batch, 20, "float32")
-    best, mode = model_only(args.batch, 40, "auto")
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    fp32, _ = model_only(args.batch, 20, "float32", device)
+    best, mode = model_only(args.batch, 40, "auto", device)
     with tempfile.TemporaryDirectory() as tmp:
-        pipe, images = pipeline(Path(tmp), args.products, args.batch, args.workers)
+        make_demo(Path(tmp), args.products)
+        decode = jpeg_decode(Path(tmp), 4096, device)
+        pipe, images = pipeline(Path(tmp), args.batch, args.workers)
+    cpu_capacity = decode["cpu_one_process"] * args.workers
     details = {
         "card": card,
         "batch": args.batch,
         "workers": args.workers,
+        "cpus": os.cpu_count(),
         "images": images,
         "mode": mode,
         "model_only_fp32_img_per_s": round(fp32, 1),
         "model_only_auto_img_per_s": round(best, 1),
+        "auto_vs_fp32": round(best / fp32, 3),
         "pipeline_img_per_s": round(pipe, 1),
         "pipeline_vs_model": round(pipe / best, 3),
+        "jpeg_decode": {key: round(value, 1) for key, value in decode.items()},
+        "cpu_decode_capacity_img_per_s": round(cpu_capacity, 1),
+        # GPU decode pays off only when the CPU workers cannot keep up with the forward and nvJPEG is faster.
+        "gpu_decode_would_help": bool(cpu_capacity < best and decode.get("gpu_batched", 0.0) > cpu_capacity),
         "torch": torch.__version__,
     }
     print(details, flush=True)

@@ -12,7 +12,7 @@ end-to-end streamed loop (loader feeding the step) against the step alone.
 The store is written just before the measurement, so its pages are in the page cache: this measures the loader's
 CPU path (gather, float16 copy, pinning, transfer), not a cold disk.
 
-    python benchmarks/bench_loader.py [--quick] [--device cpu|cuda]
+    python benchmarks/bench_loader.py [--quick] [--device cpu|cuda] [--name RESULT]
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--name", default="loader_vs_step", help="result name (the GPU script writes its own)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     torch.set_num_threads(2)
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
     return write_result(
-        "loader_vs_step",
+        args.name,
         rate["loader"] / rate["step"],
         "ratio",
         GOAL,
