@@ -34,9 +34,7 @@ def model_only(batch: int, repeats: int, precision: str, device: torch.device) -
     from prodcat.features.backbones import create_backbone
     from prodcat.features.inference import InferenceRunner
 
-    runner = InferenceRunner(
-        create_backbone("legacy_xception", random_init=True), precision=precision, device=device
-    )
+    runner = InferenceRunner(create_backbone("legacy_xception", random_init=True), precision=precision, device=device)
     x = torch.rand(batch, 3, 180, 180, device=device)
     for _ in range(3):
         runner(x)
@@ -98,7 +96,6 @@ def pipeline(workdir: Path, batch: int, workers: int) -> tuple[float, int]:
     from prodcat.config import ExtractConfig
     from prodcat.features.extract import extract
     from prodcat.features.store import FeatureStore
-
 
     def config(**overrides: object) -> ExtractConfig:
         values = dict(
