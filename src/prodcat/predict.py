@@ -148,12 +148,13 @@ class Predictor:
         spatial = self.extract_config.features == "spatial"
         chunks = []
         for start in range(0, len(images), batch_size):
-            out = runner(preprocess(list(images[start : start + batch_size])), spatial=spatial)
+            # uint8 batch, normalised on the runner's device: the same path as extraction, so features match.
+            out = runner(preprocess.pack(list(images[start : start + batch_size])), spatial=spatial)
             features = out["spatial"] if spatial else out["pooled"]
             if spatial and self.extract_config.spatial_channels:
                 features = features[..., : self.extract_config.spatial_channels]
             # Round through float16 like the store does, so served and evaluated scores match.
-            chunks.append(features.float().cpu().numpy().astype(np.float16).astype(np.float32))
+            chunks.append(features.cpu().to(torch.float16).to(torch.float32).numpy())
         return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
 
     @torch.inference_mode()

@@ -133,6 +133,30 @@ def test_preprocessor_refuses_bad_input() -> None:
         preprocess([torch.zeros(1, 8, 8, dtype=torch.uint8)])
 
 
+def test_pack_then_normalize_is_the_one_shot_call() -> None:
+    preprocess = Preprocessor(get_spec("legacy_xception"))
+    images = [torch.randint(0, 256, (3, 180, 180), dtype=torch.uint8), torch.zeros(3, 90, 120, dtype=torch.uint8)]
+    packed = preprocess.pack(images)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 3, 180, 180)
+    assert packed.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(packed[0], images[0])  # native size: the very pixels, no resampling
+    assert torch.equal(preprocess.normalize(packed), preprocess(images))
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess.normalize(packed.float())
+
+
+def test_runner_normalises_uint8_batches_like_the_preprocessor(backbone: Backbone) -> None:
+    # Extraction ships uint8 batches and the runner normalises them on its device: features must not change.
+    preprocess = Preprocessor(backbone.spec)
+    images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8) for _ in range(3)]
+    preprocess.size = (64, 64)  # the tiny test model's input size
+    runner = InferenceRunner(backbone, precision="float32", device="cpu")
+    from_uint8 = runner(preprocess.pack(images), spatial=True)
+    from_float = runner(preprocess(images), spatial=True)
+    assert torch.equal(from_uint8["pooled"], from_float["pooled"])
+    assert torch.equal(from_uint8["spatial"], from_float["spatial"])
+
+
 def test_runner_float32_matches_eager_backbone(backbone: Backbone) -> None:
     images = torch.randn(2, 3, 64, 64)
     runner = InferenceRunner(backbone, precision="float32", device="cpu")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prodcat.features.backbones import Backbone, BackboneSpec
+from prodcat.features.backbones import Backbone, BackboneSpec, Preprocessor
 
 __all__ = ["InferenceRunner", "fold_batchnorm", "bf16_is_fast", "PRECISIONS"]
 
@@ -119,6 +119,7 @@ class InferenceRunner:
         use_bf16 = precision == "bfloat16" or (precision == "auto" and bf16_is_fast(self.device))
         self.dtype = torch.bfloat16 if use_bf16 else torch.float32
         self.backbone, self.folded = self._prepare(backbone, fold)
+        self._preprocess = Preprocessor(backbone.spec)
         self.mode = "-".join(
             part
             for part in (
@@ -148,10 +149,17 @@ class InferenceRunner:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def __call__(self, batch: torch.Tensor, *, spatial: bool = False, logits: bool = False) -> dict[str, torch.Tensor]:
-        """Normalised float batch (N, 3, H, W) from the Preprocessor -> dict of float32 CPU tensors."""
+        """Batch (N, 3, H, W) -> dict of float32 CPU tensors.
+
+        The batch is either normalised float (Preprocessor's `__call__`) or uint8 (its `pack`): uint8 is moved to the
+        device as is and normalised there, a quarter of the bytes over the host-to-device link.
+        """
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected a (N, 3, H, W) batch, got {tuple(batch.shape)}")
-        images = batch.to(self.device, dtype=torch.float32, non_blocking=True)
+        if batch.dtype == torch.uint8:
+            images = self._preprocess.normalize(batch.to(self.device, non_blocking=True))
+        else:
+            images = batch.to(self.device, dtype=torch.float32, non_blocking=True)
         images = images.contiguous(memory_format=torch.channels_last)
         out: dict[str, torch.Tensor] = {}
         with torch.inference_mode(), self._autocast():
