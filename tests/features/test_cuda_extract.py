@@ -1,4 +1,4 @@
-"""Extraction on a GPU: uint8 batches normalised on the device, the whole extract loop, real photos (skipped without CUDA).
+"""Extraction on a GPU: uint8 batches normalised on the device, the extract loop, real photos (skipped without CUDA).
 
 Run on a lent GPU machine; CI has none. The CPU tests hold the same code paths on the CPU.
 """
