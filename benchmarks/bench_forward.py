@@ -2,9 +2,11 @@
 
 Batch 32 at Cdiscount's 180x180, 2 threads, random normalised images (not zeros), interleaved A B A B, medians.
 Plain is what one would write first: `with torch.no_grad(): backbone(images)` on a contiguous NCHW batch.
-Auto is `InferenceRunner(backbone, precision="auto")`: BatchNorm folded, channels_last, bf16 autocast where the CPU
-has native bf16 (it reports which in `mode`). Goals: EfficientNet-Lite0 (packaged weights) >= 4x, legacy_xception
-(random init: speed does not depend on the values) >= 3x. Also reported: cosine of pooled features between modes.
+Auto is `InferenceRunner(backbone, precision="auto")`: on the CPU the BatchNorm-folded backbone exported to ONNX and
+run by ONNX Runtime in float32 (it reports its engine in `mode`). Goals: EfficientNet-Lite0 (packaged weights) >= 4x,
+legacy_xception (random init: speed does not depend on the values) >= 3x. Also measured side by side, for the record:
+PyTorch bf16 autocast + channels_last (precision="bfloat16"), faster still but not auto because its pooled features
+leave cosine 0.999 of float32 on real photos (tests/features/test_real_photos.py). Cosines are on these inputs.
 
     python benchmarks/bench_forward.py [--quick] [--only forward_speedup_lite0|forward_speedup_xception]
 """
@@ -37,6 +39,7 @@ CASES = (
 def measure(backbone_name: str, random_init: bool, batch: int, size: int, repeats: int) -> dict:
     backbone = create_backbone(backbone_name, random_init=random_init)
     runner = InferenceRunner(backbone, precision="auto", device="cpu")
+    bf16 = InferenceRunner(backbone, precision="bfloat16", device="cpu")
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=generator)  # contiguous NCHW, like a naive pipeline
 
@@ -47,9 +50,13 @@ def measure(backbone_name: str, random_init: bool, batch: int, size: int, repeat
     def auto() -> torch.Tensor:
         return runner(images)["pooled"]
 
+    def bfloat16() -> torch.Tensor:
+        return bf16(images)["pooled"]
+
     cosine = F.cosine_similarity(plain(), auto()).min().item()
+    bf16_cosine = F.cosine_similarity(plain(), bfloat16()).min().item()
     load_before = os.getloadavg()[0]
-    times = interleaved_times({"plain": plain, "auto": auto}, repeats=repeats, warmup=1)
+    times = interleaved_times({"plain": plain, "auto": auto, "bf16": bfloat16}, repeats=repeats, warmup=1)
     # Other processes on these shared cores skew ratios (2-thread oneDNN suffers most): record how busy it was.
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return {
@@ -62,6 +69,10 @@ def measure(backbone_name: str, random_init: bool, batch: int, size: int, repeat
         "auto_s_per_batch": round(times["auto"], 4),
         "speedup": times["plain"] / times["auto"],
         "min_cosine_vs_fp32": round(cosine, 5),
+        "bf16_mode": bf16.mode,
+        "bf16_img_per_s": round(batch / times["bf16"], 1),
+        "bf16_speedup": round(times["plain"] / times["bf16"], 3),
+        "bf16_min_cosine_vs_fp32": round(bf16_cosine, 5),
         "batch": batch,
         "input_size": [3, size, size],
         "threads": THREADS,

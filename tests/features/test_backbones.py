@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from prodcat.features import inference
 from prodcat.features import weights as weights_io
 from prodcat.features.backbones import (
     Backbone,
@@ -23,7 +24,7 @@ from prodcat.features.backbones import (
     list_backbones,
     register_backbone,
 )
-from prodcat.features.inference import InferenceRunner, fold_batchnorm
+from prodcat.features.inference import InferenceRunner, bf16_is_fast, fold_batchnorm
 
 torch.set_num_threads(2)
 
@@ -183,6 +184,62 @@ def test_runner_bfloat16_is_close_and_reports_mode(backbone: Backbone) -> None:
         reference = backbone(images)
     assert out["pooled"].dtype == torch.float32 and set(out) == {"pooled"}
     assert F.cosine_similarity(out["pooled"], reference).min() > 0.99
+
+
+def test_auto_on_cpu_runs_onnxruntime_in_float32_when_bf16_would_change_features(
+    backbone: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(inference, "CALIBRATION_MIN_COSINE", 1.01)  # no bf16 result can pass
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    auto = InferenceRunner(backbone, precision="auto", device="cpu")
+    assert auto.mode.startswith("cpu-onnxruntime-fp32")
+    reference = InferenceRunner(backbone, precision="float32", device="cpu")(images, spatial=True, logits=True)
+    out = auto(images, spatial=True, logits=True)
+    assert set(out) == set(reference) == {"pooled", "spatial", "logits"}
+    for key, value in out.items():
+        assert value.shape == reference[key].shape and value.dtype == torch.float32, key
+        assert torch.allclose(value, reference[key], rtol=1e-3, atol=1e-4), key
+    assert torch.allclose(auto(images[:1])["pooled"], out["pooled"][:1], atol=1e-5)  # dynamic batch size
+
+
+def test_auto_keeps_bf16_only_where_calibration_passes(backbone: Backbone, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not bf16_is_fast(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16: auto never considers it")
+    monkeypatch.setattr(inference, "CALIBRATION_MIN_COSINE", -1.0)
+    runner = InferenceRunner(backbone, precision="auto", device="cpu")
+    assert "bf16-autocast" in runner.mode and runner.calibration_cosine is not None
+    assert 0.9 < runner.calibration_cosine <= 1.0 + 1e-6
+    monkeypatch.setattr(inference, "CALIBRATION_MIN_COSINE", runner.calibration_cosine + 1e-4)
+    assert "bf16" not in InferenceRunner(backbone, precision="auto", device="cpu").mode
+    # Explicit precisions never calibrate.
+    assert InferenceRunner(backbone, precision="float32", device="cpu").calibration_cosine is None
+
+
+def test_calibration_photos_are_deterministic_product_pictures() -> None:
+    photos = inference.calibration_images()
+    assert len(photos) == 16 and all(p.dtype == torch.uint8 and p.shape == (3, 180, 180) for p in photos)
+    assert len({p.float().mean().round().item() for p in photos}) > 8  # sixteen different pictures
+    inference.calibration_images.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(photos, inference.calibration_images(), strict=True))
+
+
+def test_auto_falls_back_to_pytorch_float32_when_export_fails(
+    backbone: Backbone, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(inference, "CALIBRATION_MIN_COSINE", 1.01)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with caplog.at_level("WARNING", logger="prodcat.features.inference"):
+        runner = InferenceRunner(backbone, precision="auto", device="cpu")
+    assert runner.mode.startswith("cpu-fp32-channels_last")
+    assert "unsupported operator" in caplog.text
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(runner(images)["pooled"], backbone(images), rtol=1e-3, atol=1e-4)
 
 
 def test_runner_refuses_bad_precision_and_shape(backbone: Backbone) -> None:
