@@ -3,7 +3,8 @@
 Work unit = one shard of the row plan. Shards are computed in batches aligned to shard boundaries, so a resumed or
 distributed run feeds the network exactly the same batches as an uninterrupted single-process run. Rank r of a
 torchrun job takes the missing shards k with k % world_size == r; rank 0 writes the plan and finalises.
-Reading + decoding + preprocessing happen in DataLoader workers while the main process runs the forward pass.
+Reading + decoding + preprocessing happen in DataLoader workers (or, with 0 workers, on one thread a batch ahead)
+while the main process runs the forward pass.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -138,10 +141,22 @@ class _BatchDataset(Dataset):
         }
 
 
+def _ahead(dataset: _BatchDataset) -> Iterator[dict[str, Any]]:
+    """In-process decoding one batch ahead, on a thread: JPEG decode and the forward both release the GIL, so the
+    next batch is read while the model runs."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prodcat-decode") as pool:
+        pending = pool.submit(dataset.__getitem__, 0) if len(dataset) else None
+        for item in range(1, len(dataset) + 1):
+            current = pending.result()
+            pending = pool.submit(dataset.__getitem__, item) if item < len(dataset) else None
+            yield current
+
+
 def auto_workers(device: torch.device) -> int:
     """Decode workers: on a CPU-only host the forward already uses every core, and a worker process only adds
-    contention and IPC (measured on 2 cores: in-process decode 1.05x the model-only rate, one worker 0.85x).
-    With a GPU doing the forward, the CPU cores are free to decode."""
+    contention and IPC (measured on 2 cores: in-process decode 1.05x the model-only rate, one worker 0.85x); 0 means
+    decoding on a thread one batch ahead. With a GPU doing the forward, the CPU cores are free to decode (14 workers
+    on a 16-core H200 host: 9,032 img/s against 6,954 with 8)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cpu":
         return 0 if cpus <= 8 else min(4, cpus // 8)
@@ -245,14 +260,18 @@ def _run_shards(
         return
     dataset = _BatchDataset(plan, batches, preprocess, max_pixels=40_000_000)
     workers = auto_workers(info.device) if config.workers is None else config.workers
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=workers,
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-        pin_memory=info.device.type == "cuda",
+    loader = (
+        DataLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            prefetch_factor=4,
+            persistent_workers=False,
+            pin_memory=info.device.type == "cuda",
+        )
+        if workers
+        else _ahead(dataset)
     )
     pending: dict[int, ShardResult] = {}
     total = sum(stop - start for _, start, stop in batches)
