@@ -87,7 +87,13 @@ def extract(
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: auto).")] = None,
     shard_size: int = ExtractConfig.shard_size,
     limit: Annotated[int | None, typer.Option(help="At most this many products per split.")] = None,
-    precision: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = ExtractConfig.precision,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto (bf16 only where it keeps features within cosine 0.9995 of float32, else float32; "
+            "ONNX Runtime on the CPU) | float32 | bfloat16"
+        ),
+    ] = ExtractConfig.precision,
     distributed: Annotated[bool, typer.Option(help="Split shards across torchrun ranks.")] = False,
     name: Annotated[str | None, typer.Option(help="Store name (default <backbone>-<features>).")] = None,
 ) -> None:
