@@ -91,6 +91,8 @@ def test_extract_writes_complete_store_with_masked_bad_image(workdir: Path) -> N
     assert len(store) == plan.rows.num_rows == sum(1 + p % 3 for p in range(14)) + 4
     assert store.feature_shape == (256,)
     assert "random" in store.manifest["weights_id"]
+    # Forced float32: no calibration ran, and the manifest says so beside the mode.
+    assert store.manifest["mode"].startswith("cpu-fp32") and store.manifest["bf16_calibration_cosine"] is None
     valid = store.column("valid")
     bad = np.flatnonzero(~valid)
     assert len(bad) == 1

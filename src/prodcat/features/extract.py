@@ -238,6 +238,8 @@ def _open_store(
         "splits": list(config.splits),
         "limit": config.limit,
         "mode": runner.mode,
+        # Why auto chose its precision: bf16 vs float32 cosine on the calibration photos (None when not measured).
+        "bf16_calibration_cosine": getattr(runner, "calibration_cosine", None),
     }
     if info.is_main:
         FeatureStore.create(path, plan.rows, shape, config.shard_size, meta)
