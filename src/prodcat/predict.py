@@ -19,6 +19,7 @@ import torch
 
 from prodcat.config import ExtractConfig, TrainConfig, config_from_dict, load_config
 from prodcat.data.taxonomy import Taxonomy
+from prodcat.features.extract import stored_features
 from prodcat.paths import WorkPaths
 from prodcat.utils import atomic_write_text, get_logger, progress, read_json
 
@@ -150,11 +151,9 @@ class Predictor:
         for start in range(0, len(images), batch_size):
             # uint8 batch, normalised on the runner's device: the same path as extraction, so features match.
             out = runner(preprocess.pack(list(images[start : start + batch_size])), spatial=spatial)
-            features = out["spatial"] if spatial else out["pooled"]
-            if spatial and self.extract_config.spatial_channels:
-                features = features[..., : self.extract_config.spatial_channels]
-            # Round through float16 like the store does, so served and evaluated scores match.
-            chunks.append(features.cpu().to(torch.float16).to(torch.float32).numpy())
+            # Exactly what the store keeps (channels, float16 rounding), so served and evaluated scores match.
+            stored = stored_features(out, self.extract_config.features, self.extract_config.spatial_channels)
+            chunks.append(torch.from_numpy(stored).to(torch.float32).numpy())
         return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
 
     @torch.inference_mode()

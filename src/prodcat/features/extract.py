@@ -30,7 +30,7 @@ from prodcat.features.store import FeatureStore, ShardResult, make_rows
 from prodcat.paths import WorkPaths
 from prodcat.utils import get_logger, progress
 
-__all__ = ["extract", "RowPlan", "auto_workers", "plan_rows"]
+__all__ = ["extract", "RowPlan", "auto_workers", "plan_rows", "stored_features"]
 
 log = get_logger("prodcat.extract")
 # Test hook: pause after each shard so a kill -9 test can land mid-run deterministically.
@@ -180,10 +180,11 @@ def _feature_shape(runner: Any, spec: Any, kind: str, channels: int | None) -> t
     return (h, w, min(c, channels) if channels else c)
 
 
-def _select(out: dict[str, torch.Tensor], kind: str, channels: int | None) -> np.ndarray:
-    """The stored features as float16. Converted by torch, not numpy: numpy's float32 -> float16 cast is scalar code
-    (measured on an H200 host: 41 ms per batch of 256 x 2048, a third of the extraction loop); the rounding is the same
-    (round to nearest even), so stores do not change."""
+def stored_features(out: dict[str, torch.Tensor], kind: str, channels: int | None) -> np.ndarray:
+    """What the store keeps of a runner output: the pooled or spatial features (first `channels`), as float16.
+    Serving uses it too, so served features equal stored ones. Converted by torch, not numpy: numpy's float32 ->
+    float16 cast is scalar code (measured on an H200 host: 41 ms per batch of 256 x 2048, a third of the extraction
+    loop); the rounding is the same (round to nearest even), so stores do not change."""
     features = out["pooled"] if kind == "pooled" else out["spatial"]
     if kind == "spatial" and channels:
         features = features[..., :channels]
@@ -239,7 +240,7 @@ def _open_store(
         "limit": config.limit,
         "mode": runner.mode,
         # Why auto chose its precision: bf16 vs float32 cosine on the calibration photos (None when not measured).
-        "bf16_calibration_cosine": getattr(runner, "calibration_cosine", None),
+        "bf16_calibration_cosine": runner.calibration_cosine,
     }
     if info.is_main:
         FeatureStore.create(path, plan.rows, shape, config.shard_size, meta)
@@ -289,7 +290,7 @@ def _run_shards(
         first, last = store.shard_rows(shard)
         result = pending.setdefault(shard, ShardResult(np.zeros((last - first, *store.feature_shape), np.float16), []))
         if item["batch"] is not None:
-            features = _select(
+            features = stored_features(
                 runner(item["batch"], spatial=config.features == "spatial"), config.features, config.spatial_channels
             )
             result.features[np.asarray(item["rows"]) - first] = features

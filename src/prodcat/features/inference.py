@@ -267,8 +267,8 @@ class _OnnxEngine:
         wanted = ["pooled"] + (["feature_map"] if spatial else []) + (["logits"] if logits else [])
         if logits and "logits" not in self.outputs:
             raise ValueError("this backbone has no ImageNet classifier")
-        # ONNX Runtime wants a plain NCHW buffer; the batch arrives channels_last.
-        feed = {"images": np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())}
+        # ONNX Runtime reads a plain NCHW buffer; the runner reorders the batch before normalising, so this is no copy.
+        feed = {"images": np.ascontiguousarray(images.numpy())}
         values = dict(zip(wanted, self.session.run(wanted, feed), strict=True))
         out = {"pooled": torch.from_numpy(values["pooled"])}
         if logits:
