@@ -545,7 +545,8 @@ class _Interval:
 def fit(run: Run) -> dict[str, Any]:
     """The training loop: steps, periodic validation and checkpoints, until the plan (or a stop) ends it."""
     session_start = time.perf_counter()
-    remaining = (run.plan.total_steps - run.step) * run.plan.batch_size
+    # the last batch of an epoch may be short: count real rows so the bar ends at 100%
+    remaining = sum(run.plan.global_rows(step) for step in range(run.step, run.plan.total_steps))
     bar = progress(
         total=remaining, desc=f"train {run.config.name}", unit="ex", disable=None if run.dist.is_main else True
     )

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -20,6 +21,8 @@ __all__ = [
     "write_parquet",
     "read_json",
     "progress",
+    "format_seconds",
+    "LogProgress",
     "get_logger",
 ]
 
@@ -87,6 +90,76 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+class LogProgress:
+    """Progress for logs (CI, nohup, `| tee`): one line every `every` seconds with count, rate and ETA, and a closing
+    line. Quacks like the tqdm calls prodcat makes (update, set_postfix, close, iteration)."""
+
+    def __init__(
+        self, iterable: Iterable[T] | None, total: int | None, desc: str, unit: str, every: float, enabled: bool = True
+    ) -> None:
+        self.iterable, self.total, self.desc, self.unit, self.every = iterable, total, desc, unit, every
+        self.enabled, self.n, self.postfix, self.closed = enabled, 0, "", False
+        self.start = self.last = time.perf_counter()
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            self.total = len(iterable)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[T]:
+        for item in self.iterable or ():
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = " ".join(f"{key}={value}" for key, value in values.items())
+
+    def update(self, count: int = 1) -> None:
+        self.n += count
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every:
+            self.last = now
+            _progress_log.info("%s", self.line(now))
+
+    def line(self, now: float, done: bool = False) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.n / elapsed
+        if done:
+            text = f"{self.desc}: done, {self.n:,} {self.unit} in {format_seconds(elapsed)} ({rate:,.1f} {self.unit}/s)"
+        elif self.total:
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            share = 100.0 * self.n / self.total
+            text = (
+                f"{self.desc}: {self.n:,}/{self.total:,} {self.unit} ({share:.0f}%), {rate:,.1f} {self.unit}/s, "
+                f"ETA {format_seconds(eta)}"
+            )
+        else:
+            text = f"{self.desc}: {self.n:,} {self.unit}, {rate:,.1f} {self.unit}/s"
+        return f"{text} {self.postfix}".rstrip()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.enabled and self.n:
+                _progress_log.info("%s", self.line(time.perf_counter(), done=True))
+
+
+def format_seconds(seconds: float) -> str:
+    """12s, 3m05s, 2h01m: short enough for a progress line."""
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def progress(
     iterable: Iterable[T] | None = None,
     *,
@@ -94,16 +167,20 @@ def progress(
     desc: str = "",
     unit: str = "it",
     disable: bool | None = None,
-) -> Iterator[T]:
-    """A tqdm bar with rate and ETA; quiet when stderr is not a terminal unless PRODCAT_PROGRESS=1."""
-    from tqdm.auto import tqdm
+) -> Any:
+    """Progress with rate and ETA: a tqdm bar in a terminal; elsewhere (CI, nohup, a pipe) a log line every ~20 s
+    (PRODCAT_PROGRESS_EVERY seconds) and a closing line. PRODCAT_PROGRESS=1 forces the bar, 0 silences both;
+    disable=True (e.g. non-zero ranks) silences both."""
+    forced = os.environ.get("PRODCAT_PROGRESS")
+    if disable or forced == "0":
+        return LogProgress(iterable, total, desc, unit, every=float("inf"), enabled=False)
+    if forced == "1" or (forced is None and sys.stderr.isatty()):
+        from tqdm.auto import tqdm
 
-    if disable is None:
-        forced = os.environ.get("PRODCAT_PROGRESS")
-        disable = (forced == "0") if forced is not None else not sys.stderr.isatty()
-    return tqdm(
-        iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, smoothing=0.1, mininterval=0.5
-    )
+        return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
+    every = float(os.environ.get("PRODCAT_PROGRESS_EVERY", "20"))
+    get_logger()  # make sure the prodcat handler exists before the first line
+    return LogProgress(iterable, total, desc, unit, every=every)
 
 
 def get_logger(name: str = "prodcat") -> logging.Logger:
@@ -115,3 +192,6 @@ def get_logger(name: str = "prodcat") -> logging.Logger:
         root.addHandler(handler)
         root.setLevel(logging.INFO)
     return logger
+
+
+_progress_log = logging.getLogger("prodcat.progress")
