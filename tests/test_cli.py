@@ -8,20 +8,9 @@ from typer.testing import CliRunner
 
 from prodcat.cli import app
 
-COMMANDS = (
-    "demo-data",
-    "ingest",
-    "explore",
-    "extract",
-    "train",
-    "compare",
-    "sweep",
-    "evaluate",
-    "predict",
-    "report",
-    "serve",
-    "demo",
-)
+# Derived from the app, so a new command cannot be forgotten here; the pipeline's core steps must be among them.
+COMMANDS = tuple(command.name or command.callback.__name__.replace("_", "-") for command in app.registered_commands)
+CORE = ("demo-data", "ingest", "explore", "extract", "train", "evaluate", "predict", "report", "serve", "demo")
 
 
 def test_help_lists_every_command():
@@ -30,9 +19,19 @@ def test_help_lists_every_command():
     # First word of each line, with or without rich's box drawing around it.
     listed = {line.strip(" │").split()[0] for line in result.output.splitlines() if line.strip(" │")}
     assert set(COMMANDS) <= listed, result.output
+    assert set(CORE) <= set(COMMANDS)
+    assert "Steps, in order" in result.output
     for command in COMMANDS:
         sub = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
         assert sub.exit_code == 0, (command, sub.output)
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"prodcat {version('prodcat')}"
 
 
 def test_ingest_command(tiny_data_dir, tmp_path):

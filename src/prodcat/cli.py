@@ -9,7 +9,33 @@ import typer
 
 from prodcat.config import ConfigError, DemoConfig, EvalConfig, ExtractConfig, IngestConfig, ServeConfig, TrainConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+HELP = """prodcat sorts e-commerce products into thousands of categories from their photos.
+
+Steps, in order (each reads what the one before wrote into the working directory W):
+demo-data (or Kaggle's files) -> ingest -> explore -> extract -> train / compare / sweep -> evaluate -> predict
+-> report -> serve.  `prodcat demo --workdir W` runs them all on synthetic demo data.
+Run `prodcat COMMAND --help` for the options of one step.
+"""
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"prodcat {version('prodcat')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """prodcat: product photos -> categories."""
+
 
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Working directory holding catalog, features, runs.")]
 
