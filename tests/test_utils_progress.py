@@ -47,3 +47,23 @@ def test_format_seconds() -> None:
     assert format_seconds(185) == "3m05s"
     assert format_seconds(7260) == "2h01m"
     assert format_seconds(float("inf")) == "?"
+
+
+def test_progress_lines_reach_the_log_file(not_a_tty: None, tmp_path) -> None:
+    from prodcat.utils import get_logger, log_to_file
+
+    path = log_to_file(tmp_path / "logs" / "prodcat.log")
+    assert log_to_file(tmp_path / "logs" / "prodcat.log") == path  # idempotent: one handler per file
+    try:
+        bar = progress(total=4, desc="train run-a", unit="ex")
+        bar.update(4)
+        bar.close()
+        text = path.read_text()
+        assert "train run-a: 4/4 ex (100%)" in text
+        assert "train run-a: done, 4 ex" in text
+        assert text.count("done, 4 ex") == 1
+    finally:
+        root = get_logger()
+        for handler in [h for h in root.handlers if getattr(h, "baseFilename", None) == str(path)]:
+            root.removeHandler(handler)
+            handler.close()

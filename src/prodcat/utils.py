@@ -24,6 +24,7 @@ __all__ = [
     "format_seconds",
     "LogProgress",
     "get_logger",
+    "log_to_file",
 ]
 
 T = TypeVar("T")
@@ -184,6 +185,7 @@ def progress(
 
 
 def get_logger(name: str = "prodcat") -> logging.Logger:
+    """The `prodcat` logger tree, with one stderr handler on its root."""
     logger = logging.getLogger(name)
     if not logging.getLogger("prodcat").handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -192,6 +194,18 @@ def get_logger(name: str = "prodcat") -> logging.Logger:
         root.addHandler(handler)
         root.setLevel(logging.INFO)
     return logger
+
+
+def log_to_file(path: str | Path) -> Path:
+    """Also write prodcat's log (progress lines included) to `path`, appending; once per path per process."""
+    path = Path(path).resolve()
+    root = get_logger()
+    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    return path
 
 
 _progress_log = logging.getLogger("prodcat.progress")
