@@ -491,3 +491,23 @@ def test_macro_accuracy_is_mean_per_leaf_recall() -> None:
     assert macro_accuracy(hit, np.ones(300), label, weights) == pytest.approx(
         np.mean([np.mean(hit[doubled][label[doubled] == leaf]) for leaf in np.unique(label)])
     )
+
+
+def test_cli_prints_protocol_and_fails_in_one_line(workdir: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from prodcat.cli import app
+    from prodcat.train import train
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--run", str(workdir["runs"]["flat"])])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("selected on val, reported on holdout, n = 64 products")
+    assert "product top-1" in lines[1] and "[" in lines[1] and "n/a" in lines[-1]
+    build_workdir(tmp_path, splits=("train", "val"))  # an old workdir: no holdout
+    old = train(TrainConfig(head="linear", run_name="old", workdir=str(tmp_path), **{**COMMON, "epochs": 1}))
+    result = runner.invoke(app, ["evaluate", "--run", str(old)])
+    assert result.exit_code == 2 and result.exception is not None and not isinstance(result.exception, ValueError)
+    error = [line for line in result.output.splitlines() if line.strip()]
+    assert len(error) == 1 and "no 'holdout' rows" in error[0] and "re-run `prodcat ingest`" in error[0]

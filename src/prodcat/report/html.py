@@ -506,7 +506,9 @@ def _frequency_table(metrics: dict[str, Any]) -> str:
         (
             _e(name),
             _num(group.get("categories")),
-            f"{_num(group.get('train_pictures_min'))}–{_num(group.get('train_pictures_max'))}",
+            f"{_num(group.get('train_pictures_min'))}–{_num(group.get('train_pictures_max'))}"
+            if group.get("categories")
+            else "–",
             _pct(group.get("train_pictures_share")),
             _num(group.get("products")),
             _with_ci(group, "product_top1"),
@@ -542,6 +544,7 @@ def _hier_vs_flat(evaluated: list[tuple[Path, dict[str, Any]]]) -> str:
     flat = _best([item for item in evaluated if item[1].get("head") != "hier"])
     if hier is None or flat is None:
         return ""
+    protocols = " / ".join(_e(text) for text in dict.fromkeys((_protocol(hier[1]), _protocol(flat[1]))))
     rows = []
     for label, getter in (
         ("image top-1", lambda m: m["image"].get("top1")),
@@ -564,8 +567,7 @@ def _hier_vs_flat(evaluated: list[tuple[Path, dict[str, Any]]]) -> str:
         rows.append((_e(label), _pct(a), _pct(b), delta))
     return (
         f"<h3>Hierarchical vs flat head</h3><p>Best hierarchical run <b>{_e(hier[0].name)}</b> against the best "
-        f"flat run <b>{_e(flat[0].name)}</b> (chosen by product top-1 on val); numbers "
-        f"{_e(_protocol(hier[1]))} and {_e(_protocol(flat[1]))}.</p>"
+        f"flat run <b>{_e(flat[0].name)}</b> (chosen by product top-1 on val); numbers {protocols}.</p>"
         + _table(("metric", hier[0].name, flat[0].name, "difference"), rows, "metrics")
     )
 
