@@ -449,8 +449,9 @@ def _intervals(data: Collected, chosen: str, resamples: int) -> dict[str, list[f
     ones, label = np.ones_like(product_hit), data.product_label
     statistics: dict[str, Callable[[np.ndarray], float]] = {
         # Images of one product are not independent draws: resample products, take the ratio of images.
-        "image_top1": lambda w: float(w @ image_top1 / (w @ images)),
-        "image_top5": lambda w: float(w @ image_top5 / (w @ images)),
+        # einsum, not `@`: a BLAS dot of 350k items can be 30x slower on a busy many-threaded host.
+        "image_top1": lambda w: float(np.einsum("i,i->", w, image_top1) / np.einsum("i,i->", w, images)),
+        "image_top5": lambda w: float(np.einsum("i,i->", w, image_top5) / np.einsum("i,i->", w, images)),
         "image_macro": lambda w: macro_accuracy(image_top1, images, label, w),
         "product_macro": lambda w: macro_accuracy(product_hit, ones, label, w),
     }
