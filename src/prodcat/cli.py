@@ -265,17 +265,26 @@ def sweep(
 @app.command()
 def evaluate(
     run: Annotated[Path, typer.Option(help="Run directory (W/runs/NAME).")],
-    split: str = "val",
-    aggregation: Annotated[str, typer.Option(help="auto | mean_prob | mean_logprob | vote")] = "auto",
-    target_accuracy: float = EvalConfig.target_accuracy,
+    split: Annotated[
+        str, typer.Option(help="Split reported on: holdout (default) or val (the selection split: optimistic).")
+    ] = EvalConfig.split,
+    aggregation: Annotated[
+        str, typer.Option(help="auto (best product top-1 on val) | mean_prob | mean_logprob | vote")
+    ] = EvalConfig.aggregation,
+    target_accuracy: Annotated[
+        float, typer.Option(help="Auto-accept threshold: the lowest reaching this product accuracy on val.")
+    ] = EvalConfig.target_accuracy,
 ) -> None:
-    """Image, product and taxonomy-level metrics -> RUN/eval/metrics.json and figures."""
+    """Choose on val, report on the holdout: metrics with n and 95% intervals -> RUN/eval/metrics.json, figures."""
+    from prodcat.evaluate import SplitError, summary_lines
     from prodcat.evaluate import evaluate as run_evaluate
 
-    metrics = run_evaluate(
-        EvalConfig(run=str(run), split=split, aggregation=aggregation, target_accuracy=target_accuracy)
-    )
-    typer.echo(f"image top-1 {metrics['image']['top1']:.4f}  product top-1 {metrics['product']['top1']:.4f}")
+    config = EvalConfig(run=str(run), split=split, aggregation=aggregation, target_accuracy=target_accuracy)
+    try:
+        metrics = run_evaluate(config)
+    except (SplitError, FileNotFoundError) as error:
+        _fail(error)
+    typer.echo("\n".join(summary_lines(metrics)))
 
 
 @app.command()

@@ -96,7 +96,7 @@ class ExtractConfig:
     random_init: bool = False
     features: str = "pooled"  # pooled | spatial
     spatial_channels: int | None = None  # keep only the first N channels of a spatial map (smaller store)
-    splits: tuple[str, ...] = ("train", "val", "test")
+    splits: tuple[str, ...] = ("train", "val", "holdout", "test")
     batch_size: int = 64
     workers: int | None = None  # DataLoader decode workers; None = auto (0 on small CPU hosts, more with a GPU)
     shard_size: int = 4096  # images per shard
@@ -115,7 +115,7 @@ class ExtractConfig:
         _check(self.workers is None or self.workers >= 0, "workers must be >= 0")
         self.splits = tuple(self.splits)
         for split in self.splits:
-            _check(split in ("train", "val", "test"), f"unknown split {split!r}")
+            _check(split in ("train", "val", "holdout", "test"), f"unknown split {split!r}")
 
     @property
     def store_name(self) -> str:
@@ -181,15 +181,20 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
+    """Evaluate a run: choices (aggregation, auto-accept threshold) are made on val, numbers reported on `split`."""
+
     run: str = ""
-    split: str = "val"
-    aggregation: str = "auto"  # auto | mean_prob | mean_logprob | vote
+    split: str = "holdout"  # holdout: nothing was tuned on it | val: the selection split itself (optimistic)
+    aggregation: str = "auto"  # auto (best product top-1 on val) | mean_prob | mean_logprob | vote
     target_accuracy: float = 0.95
     batch_size: int = 4096
+    bootstrap_resamples: int = 1000  # resamples of products for the intervals that are not a binomial proportion
 
     def __post_init__(self) -> None:
+        _check(self.split in ("train", "val", "holdout", "test"), f"unknown split {self.split!r}")
         _check(self.aggregation in ("auto", "mean_prob", "mean_logprob", "vote"), "unknown aggregation")
         _check(0.0 < self.target_accuracy <= 1.0, "target_accuracy must be in (0, 1]")
+        _check(self.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
 
 
 @dataclasses.dataclass

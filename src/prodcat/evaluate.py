@@ -1,5 +1,12 @@
 """`prodcat evaluate`: image, product and taxonomy-level metrics of a run on a split of its feature store.
 
+Select on val, report on the holdout: the checkpoint (`best`, chosen on val top-1 during training), the product
+aggregation (`--aggregation auto`) and the auto-accept threshold are all chosen on `val`; every number is then
+reported on `holdout` (by default), which nothing was tuned on. `--split val` reports on the selection split itself
+and says so ("optimistic"). Every headline accuracy carries its n and a 95% interval over products: Wilson for a
+proportion of products, a bootstrap over products otherwise (image accuracy, whose images cluster in products;
+macro accuracy).
+
 Outputs in `RUN/eval/`:
   metrics.json        every number (the Predictor reads `product.aggregation` and `confidence.threshold` from it)
   predictions.parquet one row per product: product_id, num_images, true label, top-3 labels and probabilities
@@ -13,7 +20,7 @@ split (about 600k images x 5,270 categories) fits in a few hundred MB.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,7 @@ import pyarrow as pa
 import torch
 
 from prodcat.config import EvalConfig, TrainConfig, config_from_dict, load_config, save_config
+from prodcat.data.catalog import load_catalog
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import FeatureStore
 from prodcat.paths import WorkPaths
@@ -30,6 +38,14 @@ from prodcat.utils import get_logger, progress, write_json, write_parquet
 
 __all__ = [
     "evaluate",
+    "SplitError",
+    "proportion_ci",
+    "bootstrap_ci",
+    "macro_accuracy",
+    "train_pictures_per_leaf",
+    "frequency_thresholds",
+    "protocol_label",
+    "summary_lines",
     "Collected",
     "collect",
     "top_k",
@@ -39,6 +55,8 @@ __all__ = [
     "confusions",
     "confidence_curve",
     "choose_threshold",
+    "select",
+    "compute_metrics",
     "FIGURES",
     "TOP_K",
     "GALLERY_TOP",
@@ -46,7 +64,13 @@ __all__ = [
 
 TOP_K = 5  # top-k kept per image and product (top-5 accuracy)
 GALLERY_TOP = 3  # predictions.parquet keeps the top 3
-FREQUENCY_GROUPS = ("head", "torso", "tail")
+FREQUENCY_GROUPS = ("head", "medium", "tail")
+SELECTION_SPLIT = "val"  # every choice evaluation makes (aggregation, threshold) is made here
+# Cdiscount's full train.bson: 12,371,293 pictures over 5,270 leaves. There, > 1,000 / 100-1,000 / < 100 pictures
+# per leaf gives 1,532 head / 2,686 medium / 1,052 tail leaves (images_per_category.json).
+FULL_SCALE_PICTURES_PER_LEAF = 12_371_293 / 5_270
+FULL_SCALE_THRESHOLDS = (100.0, 1000.0)  # (tail below, head above), pictures per leaf
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
 COVERAGE_POINTS = (0.5, 0.8, 0.9, 1.0)
 FIGURES = {
     "confidence": "confidence.png",
@@ -54,6 +78,10 @@ FIGURES = {
     "taxonomy": "taxonomy.png",
 }
 log = get_logger("prodcat.evaluate")
+
+
+class SplitError(ValueError):
+    """The feature store lacks a split evaluation needs, or its rows cannot be evaluated."""
 
 
 @dataclasses.dataclass
@@ -117,19 +145,92 @@ def taxonomy_block(pred: np.ndarray, label: np.ndarray, taxonomy: Taxonomy) -> d
     }
 
 
-def frequency_groups(taxonomy: Taxonomy) -> np.ndarray:
-    """Per leaf: 0 head, 1 torso, 2 tail (terciles of the leaves with training products, by train count); -1 unseen.
+def proportion_ci(successes: int, n: int, z: float = Z95) -> list[float]:
+    """Wilson score interval of a binomial proportion (95% by default); [0, 1] when n is 0.
 
-    Leaves are ranked by decreasing train count (ties by label), then cut into three groups of equal numbers of
-    leaves, so the head holds a third of the categories and most of the products.
+    Wilson rather than the normal approximation: it stays inside [0, 1] and keeps its coverage near 0 % and 100 %,
+    where small splits and auto-accepted subsets live.
     """
-    counts = np.asarray(taxonomy.train_counts)
-    present = np.flatnonzero(counts > 0)
-    ranked = present[np.lexsort((present, -counts[present]))]
-    group = np.full(taxonomy.num_classes, -1, dtype=np.int64)
-    for index, part in enumerate(np.array_split(ranked, 3)):
-        group[part] = index
-    return group
+    if n <= 0:
+        return [0.0, 1.0]
+    share = successes / n
+    denominator = 1.0 + z * z / n
+    centre = (share + z * z / (2 * n)) / denominator
+    half = z / denominator * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def bootstrap_ci(
+    statistics: dict[str, Callable[[np.ndarray], float]],
+    num_products: int,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Percentile 95% intervals of statistics of products, by resampling products with replacement.
+
+    Each statistic takes `weights` (P,), how many times each product was drawn, so one draw serves every statistic
+    and no resampled copy of the data is built.
+    """
+    if num_products == 0 or resamples == 0:
+        return {name: [0.0, 1.0] for name in statistics}
+    rng = np.random.default_rng(seed)
+    values = {name: np.empty(resamples) for name in statistics}
+    for index in range(resamples):
+        weights = np.bincount(rng.integers(0, num_products, num_products), minlength=num_products)
+        for name, statistic in statistics.items():
+            values[name][index] = statistic(weights)
+    return {name: [float(v) for v in np.quantile(value, [0.025, 0.975])] for name, value in values.items()}
+
+
+def macro_accuracy(hits: np.ndarray, totals: np.ndarray, label: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Mean per-leaf recall over the leaves present: leaf recall = sum(hits) / sum(totals) over its items.
+
+    For products `hits` is 0/1 and `totals` 1; for images per product, hits = correct images, totals = images.
+    `weights` (bootstrap draw counts) multiplies both.
+    """
+    if weights is not None:
+        hits, totals = hits * weights, totals * weights
+    leaf_hits = np.bincount(label, weights=hits)
+    leaf_totals = np.bincount(label, weights=totals)
+    present = leaf_totals > 0
+    return float((leaf_hits[present] / leaf_totals[present]).mean()) if present.any() else 0.0
+
+
+def train_pictures_per_leaf(store: FeatureStore, num_classes: int) -> np.ndarray:
+    """Pictures per leaf in the store's train split (every row, valid or not: a picture of a train product)."""
+    rows = store.split_indices("train", valid_only=False)
+    labels = store.column("label")[rows].astype(np.int64)
+    return np.bincount(labels[labels >= 0], minlength=num_classes)[:num_classes]
+
+
+def frequency_thresholds(train_pictures: np.ndarray) -> dict[str, Any]:
+    """Head / medium / tail thresholds in train pictures per leaf: Cdiscount's, scaled to this data's size.
+
+    At full scale a leaf with > 1,000 pictures is head, < 100 tail. Smaller sets scale both by their mean train
+    pictures per leaf over the full set's (2,347): a subsample of every leaf scales with its total pictures, a demo
+    with fewer leaves drawn from the real tail keeps the real shares of head, medium and tail leaves.
+    """
+    counts = np.asarray(train_pictures)
+    present = counts > 0
+    mean = float(counts[present].mean()) if present.any() else 0.0
+    scale = mean / FULL_SCALE_PICTURES_PER_LEAF
+    tail_below, head_above = (value * scale for value in FULL_SCALE_THRESHOLDS)
+    return {
+        "head_above": head_above,
+        "tail_below": tail_below,
+        "scale": scale,
+        "unit": "train-split pictures per leaf",
+        "rule": f"head > {head_above:,.1f}, medium {tail_below:,.1f}-{head_above:,.1f}, tail < {tail_below:,.1f} "
+        f"train pictures per leaf (Cdiscount's 1,000 / 100 at full scale, times {scale:.4g})",
+    }
+
+
+def frequency_groups(train_pictures: np.ndarray, thresholds: dict[str, Any] | None = None) -> np.ndarray:
+    """Per leaf: 0 head, 1 medium, 2 tail by train pictures (see `frequency_thresholds`); -1 no train picture."""
+    counts = np.asarray(train_pictures)
+    thresholds = thresholds or frequency_thresholds(counts)
+    group = np.where(counts > thresholds["head_above"], 0, np.where(counts < thresholds["tail_below"], 2, 1))
+    return np.where(counts > 0, group, -1).astype(np.int64)
 
 
 def confusions(pred: np.ndarray, label: np.ndarray, taxonomy: Taxonomy, top: int = 10) -> list[dict[str, Any]]:
@@ -200,14 +301,14 @@ def _product_rows(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarr
     """(store rows sorted by product then image, product ids, start of each product in rows, product labels)."""
     rows = store.split_indices(split)
     if not len(rows):
-        raise ValueError(f"{store.path}: no valid {split!r} images in this feature store")
+        raise SplitError(f"{store.path}: no valid {split!r} images in this feature store")
     product_id = store.column("product_id")[rows]
     order = np.lexsort((store.column("image_index")[rows], product_id))
     rows, product_id = rows[order], product_id[order]
     starts = np.flatnonzero(np.r_[True, product_id[1:] != product_id[:-1]])
     labels = store.column("label")[rows].astype(np.int64)
     if (labels < 0).any():
-        raise ValueError(f"{store.path}: split {split!r} has unlabelled rows (label -1); evaluate needs labels")
+        raise SplitError(f"{store.path}: split {split!r} has unlabelled rows (label -1); evaluate needs labels")
     product_label = labels[starts]
     counts = np.diff(np.r_[starts, len(rows)])
     mixed = np.flatnonzero(np.repeat(product_label, counts) != labels)
@@ -303,43 +404,115 @@ def collect(
     )
 
 
-# -- metrics from the collected results ------------------------------------------------------------------------------
-def _product_metrics(data: Collected, choice: str) -> dict[str, Any]:
+# -- selection on val ------------------------------------------------------------------------------------------------
+def _product_hits(data: Collected, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """(top-1 hit, top-5 hit) per product for one aggregation."""
+    hit = data.product_top[method] == data.product_label[:, None]
+    return hit[:, 0], hit[:, :TOP_K].any(axis=1)
+
+
+def select(data: Collected, config: EvalConfig) -> dict[str, Any]:
+    """The choices evaluation makes, from the selection split only: product aggregation, then the threshold."""
+    hits = {method: _product_hits(data, method) for method in AGGREGATIONS}
+    top1 = {method: float(hit[0].mean()) for method, hit in hits.items()}
+    if config.aggregation == "auto":
+        # Best top-1; top-5 breaks ties, then the order of AGGREGATIONS (mean_prob first).
+        key = {method: (top1[method], float(hits[method][1].mean()), -AGGREGATIONS.index(method)) for method in hits}
+        chosen = max(AGGREGATIONS, key=key.__getitem__)
+        chosen_by = f"auto: best product top-1 on {SELECTION_SPLIT}"
+    else:
+        chosen, chosen_by = config.aggregation, "config"
+    curve = confidence_curve(data.product_top_prob[chosen][:, 0], hits[chosen][0])
+    return {
+        "split": SELECTION_SPLIT,
+        "n": int(len(data.product_label)),
+        "images": int(len(data.image_label)),
+        "aggregation": chosen,
+        "aggregation_chosen_by": chosen_by,
+        "aggregation_top1": top1,
+        "threshold": choose_threshold(curve, config.target_accuracy),
+    }
+
+
+# -- metrics on the reported split -----------------------------------------------------------------------------------
+def _image_hits_per_product(data: Collected, rank: int) -> np.ndarray:
+    """Correct images per product (within the top `rank`); images are contiguous per product."""
+    hit = (data.image_top[:, :rank] == data.image_label[:, None]).any(axis=1)
+    return np.add.reduceat(hit.astype(np.float64), np.r_[0, np.cumsum(data.num_images)[:-1]])
+
+
+def _intervals(data: Collected, chosen: str, resamples: int) -> dict[str, list[float]]:
+    """Bootstrap intervals over products of what is not a proportion of products."""
+    images = data.num_images.astype(np.float64)
+    image_top1, image_top5 = _image_hits_per_product(data, 1), _image_hits_per_product(data, TOP_K)
+    product_hit = _product_hits(data, chosen)[0].astype(np.float64)
+    ones, label = np.ones_like(product_hit), data.product_label
+    statistics: dict[str, Callable[[np.ndarray], float]] = {
+        # Images of one product are not independent draws: resample products, take the ratio of images.
+        # einsum, not `@`: a BLAS dot of 350k items can be 30x slower on a busy many-threaded host.
+        "image_top1": lambda w: float(np.einsum("i,i->", w, image_top1) / np.einsum("i,i->", w, images)),
+        "image_top5": lambda w: float(np.einsum("i,i->", w, image_top5) / np.einsum("i,i->", w, images)),
+        "image_macro": lambda w: macro_accuracy(image_top1, images, label, w),
+        "product_macro": lambda w: macro_accuracy(product_hit, ones, label, w),
+    }
+    return bootstrap_ci(statistics, len(label), resamples)
+
+
+def _image_metrics(data: Collected, intervals: dict[str, list[float]]) -> dict[str, Any]:
+    block = accuracy_block(data.image_top, data.image_label, data.image_true_logprob)
+    hits = _image_hits_per_product(data, 1)
+    return {
+        **block,
+        "n": int(len(data.image_label)),
+        "products": int(len(data.product_label)),
+        "top1_ci95": intervals["image_top1"],
+        "top5_ci95": intervals["image_top5"],
+        "macro": macro_accuracy(hits, data.num_images.astype(np.float64), data.product_label),
+        "macro_ci95": intervals["image_macro"],
+        "ci95_method": "bootstrap over products (images of a product are resampled together)",
+    }
+
+
+def _product_metrics(data: Collected, selection: dict[str, Any], intervals: dict[str, list[float]]) -> dict[str, Any]:
     methods = {}
     for method in AGGREGATIONS:
         # vote's scores are vote shares with a tiny tie-break, not a probability model: its NLL means nothing.
         true_logprob = None if method == "vote" else data.product_true_logprob[method]
         methods[method] = accuracy_block(data.product_top[method], data.product_label, true_logprob)
-    if choice == "auto":
-        # Best top-1 on this split; top-5 breaks ties, then the order of AGGREGATIONS (mean_prob first).
-        chosen = max(AGGREGATIONS, key=lambda m: (methods[m]["top1"], methods[m]["top5"], -AGGREGATIONS.index(m)))
-        chosen_by = "auto: best product top-1 on this split"
-    else:
-        chosen, chosen_by = choice, "config"
+    chosen = selection["aggregation"]
+    top1_hit, top5_hit = _product_hits(data, chosen)
+    n = int(len(data.product_label))
     by_num_images = {}
     for method in AGGREGATIONS:
-        correct = data.product_top[method][:, 0] == data.product_label
+        correct = _product_hits(data, method)[0]
         by_num_images[method] = {
             str(k): {"products": int((data.num_images == k).sum()), "top1": float(correct[data.num_images == k].mean())}
             for k in np.unique(data.num_images).tolist()
         }
     return {
         "aggregation": chosen,
-        "chosen_by": chosen_by,
+        "chosen_by": selection["aggregation_chosen_by"],
+        "chosen_on": selection["split"],
         **{k: methods[chosen][k] for k in ("top1", "top5", "loss")},
-        "count": int(len(data.product_label)),
+        "n": n,
+        "count": n,
+        "top1_ci95": proportion_ci(int(top1_hit.sum()), n),
+        "top5_ci95": proportion_ci(int(top5_hit.sum()), n),
+        "macro": macro_accuracy(top1_hit.astype(np.float64), np.ones(n), data.product_label),
+        "macro_ci95": intervals["product_macro"],
+        "ci95_method": "Wilson for top-1 / top-5; bootstrap over products for macro",
         "methods": methods,
         "by_num_images": by_num_images,
         "notes": {"vote": "loss is None: vote scores are vote shares, not probabilities"},
     }
 
 
-def _frequency_metrics(data: Collected, chosen: str, taxonomy: Taxonomy) -> dict[str, Any]:
-    group = frequency_groups(taxonomy)
-    counts = np.asarray(taxonomy.train_counts)
-    product_correct = data.product_top[chosen][:, 0] == data.product_label
+def _frequency_metrics(data: Collected, chosen: str, train_pictures: np.ndarray) -> dict[str, Any]:
+    thresholds = frequency_thresholds(train_pictures)
+    group = frequency_groups(train_pictures, thresholds)
+    product_correct = _product_hits(data, chosen)[0]
     image_correct = data.image_top[:, 0] == data.image_label
-    result = {}
+    result: dict[str, Any] = {"thresholds": thresholds}
     names = dict(enumerate(FREQUENCY_GROUPS)) | {-1: "unseen"}
     for index, name in names.items():
         leaves = np.flatnonzero(group == index)
@@ -347,23 +520,35 @@ def _frequency_metrics(data: Collected, chosen: str, taxonomy: Taxonomy) -> dict
         if index == -1 and not products.any():
             continue
         images = group[data.image_label] == index
+        hits = product_correct[products]
         result[name] = {
             "categories": int(len(leaves)),
-            "train_count_min": int(counts[leaves].min()) if len(leaves) else 0,
-            "train_count_max": int(counts[leaves].max()) if len(leaves) else 0,
+            "categories_evaluated": int(len(np.unique(data.product_label[products]))),
+            "train_pictures_min": int(train_pictures[leaves].min()) if len(leaves) else 0,
+            "train_pictures_max": int(train_pictures[leaves].max()) if len(leaves) else 0,
+            "train_pictures_share": float(train_pictures[leaves].sum() / max(int(train_pictures.sum()), 1)),
             "products": int(products.sum()),
-            "product_top1": float(product_correct[products].mean()) if products.any() else None,
+            "product_top1": float(hits.mean()) if products.any() else None,
+            "product_top1_ci95": proportion_ci(int(hits.sum()), int(products.sum())) if products.any() else None,
+            "product_macro": macro_accuracy(hits.astype(np.float64), np.ones(len(hits)), data.product_label[products])
+            if products.any()
+            else None,
             "images": int(images.sum()),
             "image_top1": float(image_correct[images].mean()) if images.any() else None,
         }
     return result
 
 
-def _confidence_metrics(data: Collected, chosen: str, target: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _confidence_metrics(
+    data: Collected, chosen: str, target: float, picked: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The threshold picked on the selection split, applied to this split: what it really accepts."""
     score = data.product_top_prob[chosen][:, 0]
-    correct = data.product_top[chosen][:, 0] == data.product_label
+    correct = _product_hits(data, chosen)[0]
     curve = confidence_curve(score, correct)
-    picked = choose_threshold(curve, target)
+    threshold = picked["threshold"]
+    accepted = np.zeros(len(score), bool) if threshold is None else score >= threshold
+    count, hits = int(accepted.sum()), int(correct[accepted].sum())
     at_coverage = {}
     for share in COVERAGE_POINTS:
         point = min(int(np.searchsorted(curve["coverage"], share - 1e-12)), len(curve["coverage"]) - 1)
@@ -374,7 +559,14 @@ def _confidence_metrics(data: Collected, chosen: str, target: float) -> tuple[di
         }
     return {
         "target_accuracy": target,
-        **picked,
+        "threshold": threshold,
+        "chosen_on": SELECTION_SPLIT,
+        "coverage": float(accepted.mean()) if len(score) else 0.0,
+        "accuracy": hits / count if count else None,
+        "accepted": count,
+        "accuracy_ci95": proportion_ci(hits, count) if count else None,
+        "selection": {key: picked[key] for key in ("coverage", "accuracy")},
+        "note": picked["note"],
         "score": f"top probability of the {chosen} product distribution",
         "rule": "auto-accept a product when its score >= threshold; send the rest to a person",
         "at_coverage": at_coverage,
@@ -400,29 +592,81 @@ def _head_metrics(data: Collected, chosen: str, taxonomy: Taxonomy) -> dict[str,
     return result
 
 
-def compute_metrics(data: Collected, taxonomy: Taxonomy, config: EvalConfig) -> tuple[dict[str, Any], dict]:
-    """Every metric of the evaluation from the collected results; also returns the confidence curve."""
-    product = _product_metrics(data, config.aggregation)
-    chosen = product["aggregation"]
+def protocol_label(split: str, products: int, images: int) -> str:
+    """How a number was obtained, e.g. "selected on val, reported on holdout, n = 312 products (540 images)"."""
+    caveat = {"holdout": "", SELECTION_SPLIT: ": optimistic", "train": ": optimistic (the head was trained on it)"}
+    return (
+        f"selected on {SELECTION_SPLIT}, reported on {split}{caveat.get(split, '')}, "
+        f"n = {products:,} products ({images:,} images)"
+    )
+
+
+def compute_metrics(
+    data: Collected,
+    taxonomy: Taxonomy,
+    config: EvalConfig,
+    selection: dict[str, Any],
+    train_pictures: np.ndarray,
+) -> tuple[dict[str, Any], dict]:
+    """Every metric of `data` (the reported split) for the choices in `selection`; also the confidence curve."""
+    chosen = selection["aggregation"]
+    intervals = _intervals(data, chosen, config.bootstrap_resamples)
     image_pred, product_pred = data.image_top[:, 0], data.product_top[chosen][:, 0]
-    confidence, curve = _confidence_metrics(data, chosen, config.target_accuracy)
+    confidence, curve = _confidence_metrics(data, chosen, config.target_accuracy, selection["threshold"])
+    products, images = int(len(data.product_label)), int(len(data.image_label))
     metrics = {
         "split": config.split,
-        "images": int(len(data.image_label)),
-        "products": int(len(data.product_label)),
-        "image": accuracy_block(data.image_top, data.image_label, data.image_true_logprob),
-        "product": product,
+        "selection_split": SELECTION_SPLIT,
+        "protocol": protocol_label(config.split, products, images),
+        "optimistic": config.split != "holdout",
+        "images": images,
+        "products": products,
+        "interval": f"95% over products: Wilson for proportions of products, bootstrap "
+        f"({config.bootstrap_resamples:,} resamples of products) for image and macro accuracy",
+        "seed_spread": "n/a (one training seed per run: compare / sweep give the spread over seeds)",
+        "image": _image_metrics(data, intervals),
+        "product": _product_metrics(data, selection, intervals),
         "taxonomy": {
             "image": taxonomy_block(image_pred, data.image_label, taxonomy),
             "product": taxonomy_block(product_pred, data.product_label, taxonomy),
-            "frequency": _frequency_metrics(data, chosen, taxonomy),
+            "frequency": _frequency_metrics(data, chosen, train_pictures),
             "confusions": confusions(product_pred, data.product_label, taxonomy),
         },
         "confidence": confidence,
+        "selection": selection,
     }
     if data.heads:
         metrics["hier"] = _head_metrics(data, chosen, taxonomy)
     return metrics, curve
+
+
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """The headline numbers as the CLI prints them: protocol, then each accuracy with its interval."""
+
+    def number(block: dict[str, Any], key: str) -> str:
+        lo, hi = block[f"{key}_ci95"]
+        return f"{block[key]:.4f} [{lo:.4f}, {hi:.4f}]"
+
+    image, product, confidence = metrics["image"], metrics["product"], metrics["confidence"]
+    lines = [
+        metrics["protocol"],
+        f"product top-1 {number(product, 'top1')}  macro {number(product, 'macro')}  "
+        f"(aggregation {product['aggregation']}, chosen on {product['chosen_on']})",
+        f"image   top-1 {number(image, 'top1')}  macro {number(image, 'macro')}",
+    ]
+    if confidence["threshold"] is None:
+        lines.append(f"auto-accept: {confidence['note']}")
+    else:
+        accuracy = "n/a (nothing accepted)"
+        if confidence["accuracy"] is not None:
+            lo, hi = confidence["accuracy_ci95"]
+            accuracy = f"{confidence['accuracy']:.4f} [{lo:.4f}, {hi:.4f}] over {confidence['accepted']:,} products"
+        lines.append(
+            f"auto-accept at {confidence['threshold']:.4f} (chosen on {confidence['chosen_on']}): "
+            f"coverage {confidence['coverage']:.3f}, accuracy {accuracy}"
+        )
+    lines.append(f"95% intervals over products; seed spread {metrics['seed_spread']}")
+    return lines
 
 
 # -- entry point ------------------------------------------------------------------------------------------------------
@@ -432,16 +676,39 @@ def _train_config(predictor: Predictor) -> TrainConfig:
     return load_config(TrainConfig, predictor.run_dir / "config.json")
 
 
+def _require_split(store: FeatureStore, workdir: str, split: str) -> None:
+    """A one-line error, saying what to re-run, when the store has no rows of a split evaluation needs."""
+    if len(store.split_indices(split, valid_only=False)) or split == "test":
+        return  # "test" has no labels: _product_rows says so
+    try:
+        in_catalog = load_catalog(workdir, "train", split=split).num_rows > 0
+    except FileNotFoundError:
+        in_catalog = False
+    if in_catalog:
+        fix = f"the catalog has it: re-run `prodcat extract --workdir {workdir}` (its default splits include it)"
+    else:
+        fix = "W/catalog/train.parquet has none (an old catalog): re-run `prodcat ingest` then `prodcat extract`"
+    fallback = " or pass --split val (selected and reported on val: optimistic)" if split == "holdout" else ""
+    raise SplitError(f"{store.path}: no {split!r} rows in this feature store; {fix}{fallback}")
+
+
 def evaluate(config: EvalConfig) -> dict:
-    """Evaluate `config.run` on `config.split`; returns the metrics, also written to RUN/eval/metrics.json."""
+    """Choose on val, evaluate `config.run` on `config.split`; returns the metrics, also in RUN/eval/metrics.json."""
     run_dir = Path(config.run)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     predictor = Predictor.load(run_dir, device=device)
     train_config = _train_config(predictor)
     store = FeatureStore.open(WorkPaths(train_config.workdir).feature_store(train_config.features))
+    for split in dict.fromkeys((SELECTION_SPLIT, config.split)):
+        _require_split(store, train_config.workdir, split)
     hierarchical = train_config.head == "hier" and hasattr(predictor.model, "level_log_probs")
     data = collect(predictor, store, config.split, config.batch_size, heads=hierarchical)
-    metrics, curve = compute_metrics(data, predictor.taxonomy, config)
+    chosen_on = (
+        data if config.split == SELECTION_SPLIT else collect(predictor, store, SELECTION_SPLIT, config.batch_size)
+    )
+    selection = {"checkpoint": _checkpoint_choice(predictor), **select(chosen_on, config)}
+    train_pictures = train_pictures_per_leaf(store, predictor.taxonomy.num_classes)
+    metrics, curve = compute_metrics(data, predictor.taxonomy, config, selection, train_pictures)
     out = run_dir / "eval"
     metrics = {
         "run": run_dir.name,
@@ -457,17 +724,18 @@ def evaluate(config: EvalConfig) -> dict:
     _draw_figures(out, metrics, curve)
     save_config(config, out / "config.json")
     write_json(out / "metrics.json", metrics)
-    log.info(
-        "evaluate %s on %s: image top-1 %.4f, product top-1 %.4f (%s), threshold %s at coverage %.3f",
-        run_dir.name,
-        config.split,
-        metrics["image"]["top1"],
-        metrics["product"]["top1"],
-        metrics["product"]["aggregation"],
-        metrics["confidence"]["threshold"],
-        metrics["confidence"]["coverage"],
-    )
+    log.info("evaluate %s: %s", run_dir.name, " | ".join(summary_lines(metrics)))
     return metrics
+
+
+def _checkpoint_choice(predictor: Predictor) -> dict[str, Any]:
+    best = predictor.meta.get("best") or {}
+    return {
+        "which": "best",
+        "step": predictor.meta.get("step"),
+        "chosen_by": f"best {best.get('metric', 'val_top1')} on {SELECTION_SPLIT} during training",
+        "value": best.get("value"),
+    }
 
 
 def _write_predictions(path: Path, data: Collected, chosen: str, split: str) -> None:
@@ -494,32 +762,34 @@ def _write_predictions(path: Path, data: Collected, chosen: str, split: str) -> 
 
 # -- figures -----------------------------------------------------------------------------------------------------------
 def _draw_figures(out: Path, metrics: dict[str, Any], curve: dict[str, np.ndarray]) -> None:
-    _plot_confidence(out / FIGURES["confidence"], metrics["confidence"], curve)
+    _plot_confidence(out / FIGURES["confidence"], metrics["confidence"], curve, metrics["split"])
     _plot_by_num_images(out / FIGURES["by_num_images"], metrics["product"])
     _plot_taxonomy(out / FIGURES["taxonomy"], metrics["taxonomy"])
 
 
-def _plot_confidence(path: Path, confidence: dict[str, Any], curve: dict[str, np.ndarray]) -> None:
+def _plot_confidence(path: Path, confidence: dict[str, Any], curve: dict[str, np.ndarray], split: str) -> None:
     from prodcat.report import figures
 
     target = confidence["target_accuracy"]
+    chosen_on = confidence.get("chosen_on", SELECTION_SPLIT)
     with figures.png_figure(path, 1, 2, figsize=(10.5, 4.0)) as (figure, axes):
         left, right = axes
         left.plot(curve["coverage"], curve["accuracy"], color=figures.PALETTE[0], linewidth=1.6)
         left.axhline(target, color=figures.PALETTE[3], linestyle="--", linewidth=1, label=f"target {target:.0%}")
-        if confidence["threshold"] is not None:
+        if confidence["threshold"] is not None and confidence["accuracy"] is not None:
             left.plot(
                 [confidence["coverage"]],
                 [confidence["accuracy"]],
                 "o",
                 color=figures.PALETTE[3],
-                label=f"threshold {confidence['threshold']:.3f}: {confidence['coverage']:.1%} auto-accepted",
+                label=f"threshold {confidence['threshold']:.3f} (chosen on {chosen_on}): "
+                f"{confidence['coverage']:.1%} auto-accepted",
             )
         left.set_xlim(0, 1.0)
         left.set_ylim(0, 1.02)
         left.set_xlabel("coverage (share of products auto-accepted)")
         left.set_ylabel("accuracy of the auto-accepted products")
-        left.set_title("Coverage vs accuracy")
+        left.set_title(f"Coverage vs accuracy on {split}")
         left.legend(loc="lower left")
         right.plot(curve["threshold"], curve["accuracy"], color=figures.PALETTE[0], label="accuracy of accepted")
         right.plot(curve["threshold"], curve["coverage"], color=figures.PALETTE[1], label="coverage")
@@ -530,7 +800,7 @@ def _plot_confidence(path: Path, confidence: dict[str, Any], curve: dict[str, np
         right.set_title("Accept when top probability >= threshold")
         right.legend(loc="lower left")
         if confidence["threshold"] is None:
-            figure.suptitle(f"No threshold reaches {target:.0%} accuracy")
+            figure.suptitle(f"No threshold reaches {target:.0%} accuracy on {chosen_on}")
 
 
 def _plot_by_num_images(path: Path, product: dict[str, Any]) -> None:
@@ -573,15 +843,25 @@ def _plot_taxonomy(path: Path, taxonomy: dict[str, Any]) -> None:
         axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2)
         frequency = taxonomy["frequency"]
         names = [name for name in (*FREQUENCY_GROUPS, "unseen") if name in frequency]
+        thresholds = frequency.get("thresholds", {})
+        bounds = {
+            "head": f"> {thresholds.get('head_above', 0):,.0f} pict.",
+            "medium": f"{thresholds.get('tail_below', 0):,.0f}-{thresholds.get('head_above', 0):,.0f} pict.",
+            "tail": f"< {thresholds.get('tail_below', 0):,.0f} pict.",
+            "unseen": "0 pict.",
+        }
         heights = [frequency[name]["product_top1"] or 0.0 for name in names]
         bars = axes[1].bar(np.arange(len(names)), heights, color=figures.PALETTE[2], width=0.6)
         figures.label_bars(axes[1], bars, [f"{h:.2f}" for h in heights], fontsize=7)
         axes[1].set_xticks(
             np.arange(len(names)),
-            [f"{name}\n{frequency[name]['categories']} cat., {frequency[name]['products']:,} prod." for name in names],
+            [
+                f"{name} ({bounds[name]})\n{frequency[name]['categories']} cat., {frequency[name]['products']:,} prod."
+                for name in names
+            ],
         )
         axes[1].set_ylim(0, 1.12)
-        axes[1].set_title("Product top-1 by category frequency")
+        axes[1].set_title("Product top-1 by train pictures per leaf")
         _plot_severity(axes[2], taxonomy, figures)
 
 

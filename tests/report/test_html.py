@@ -62,6 +62,10 @@ def _write_store(root: Path, rng: np.random.Generator) -> None:
     catalog = load_catalog(root, "train").to_pandas()
     centres = rng.normal(size=(taxonomy.num_classes, 8)) * 1.2
     repeat = catalog["num_images"].to_numpy().astype(int)
+    split = catalog["split"].astype(str).to_numpy()
+    if "holdout" not in split:  # a catalog from before ingest wrote a holdout: carve one out of val
+        val = np.flatnonzero(split == "val")
+        split[val[::2]] = "holdout"
     label = np.repeat(catalog["label"].to_numpy(), repeat)
     features = centres[label] + rng.normal(size=(len(label), 8)) * 1.4
     write_store(
@@ -72,7 +76,7 @@ def _write_store(root: Path, rng: np.random.Generator) -> None:
         label=label,
         level1=taxonomy.leaf_level1[label],
         level2=taxonomy.leaf_level2[label],
-        split=np.repeat(catalog["split"].astype(str).to_numpy(), repeat),
+        split=np.repeat(split, repeat),
         shard_size=64,
     )
     save_config(
@@ -150,6 +154,17 @@ def test_full_report(full_workdir: Path) -> None:
     assert 'src="sweep/sweep.png"' in sections["sweep"] and "full softmax" in sections["sweep"]
     assert ">sampled<" in sections["compare"] and ">softmax<" in sections["compare"]
     assert "Hierarchical vs flat head" in sections["evaluation"]
+    # Headline numbers say where they come from, their n and interval; a one-seed spread is n/a, never ± 0.
+    evaluation = sections["evaluation"]
+    assert (
+        "selected on val, reported on holdout, n = " in evaluation
+        and "Best run (by product top-1 on val)" in evaluation
+    )
+    assert re.search(r"\d+\.\d% \[\d+\.\d, \d+\.\d\]", evaluation)
+    assert "Head, medium and tail categories" in evaluation and "train pictures per leaf" in evaluation
+    assert "± n/a" in sections["compare"] and "± n/a" in sections["sweep"]
+    assert not re.search(r"± 0\.0\b", page)
+    assert "Gallery of holdout products" in page
     gallery = sections["gallery"]
     best = max(
         ("linear-run", "hier-run"),
@@ -195,3 +210,14 @@ def test_report_with_some_sections(full_workdir: Path, tmp_path: Path) -> None:
     assert "assets/runs/hier-run/curves.png" not in page
     assert "no thumbnail" in sections["gallery"] and "data:image" not in page
     _assert_links_exist(page, target.reports)
+
+
+def test_one_seed_spread_is_na() -> None:
+    from prodcat.report.html import _spread
+
+    assert _spread({"seeds": 1, "top1_mean": 0.5, "top1_std": 0.0}, "top1") == "50.0% ± n/a"
+    assert _spread({"seeds": 3, "top1_mean": 0.5, "top1_std": 0.012}, "top1") == "50.0% ± 1.2"
+    assert _spread({"seeds": 3, "top1_mean": 0.5, "top1_std": 0.0}, "top1") == "50.0% ± 0.0"  # measured, not unknown
+    assert _spread({"top1_mean": 0.5, "top1_std": None}, "top1") == "50.0% ± n/a"
+    with_ci = {"seeds": 3, "top1_mean": 0.5, "top1_std": 0.01, "top1_ci95": [0.45, 0.55]}
+    assert _spread(with_ci, "top1") == "50.0% ± 1.0 [45.0, 55.0]"

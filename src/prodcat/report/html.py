@@ -287,8 +287,26 @@ def _settings_text(settings: dict[str, Any]) -> str:
 
 
 def _spread(block: dict[str, Any], key: str) -> str:
-    mean, std = block.get(f"{key}_mean"), block.get(f"{key}_std")
-    return _pct(mean) + (f" ± {100 * std:.1f}" if std else "")
+    """Mean ± seed std; one seed (or no std) shows "± n/a": a spread of 0 would read as no spread at all."""
+    mean, std, seeds = block.get(f"{key}_mean"), block.get(f"{key}_std"), block.get("seeds")
+    one_seed = std is None or (seeds is not None and int(seeds) < 2)
+    text = _pct(mean) + (" ± n/a" if one_seed else f" ± {100 * std:.1f}")
+    interval = block.get(f"{key}_ci95")
+    return text + (f" {_interval(interval)}" if interval else "")
+
+
+def _interval(interval: Sequence[float] | None) -> str:
+    """A 95% interval as "[lo, hi]" in percent; "–" when absent."""
+    if not interval:
+        return "–"
+    lo, hi = interval
+    return f"[{100 * float(lo):.1f}, {100 * float(hi):.1f}]"
+
+
+def _with_ci(block: dict[str, Any], key: str) -> str:
+    """value [lo, hi] of a metrics.json block ("value" alone for files from before intervals were written)."""
+    interval = block.get(f"{key}_ci95")
+    return _pct(block.get(key)) + (f" {_interval(interval)}" if interval else "")
 
 
 def _ms(seconds: Any) -> str:
@@ -363,8 +381,25 @@ def _evaluated(paths: WorkPaths) -> list[tuple[Path, dict[str, Any]]]:
     return result
 
 
+def _selection_score(metrics: dict[str, Any]) -> float:
+    """Product top-1 on val of the kept aggregation: runs are ranked where they were selected, never on the holdout.
+
+    Files from before the holdout split carry only the evaluated split's number.
+    """
+    product = metrics["product"]
+    on_val = metrics.get("selection", {}).get("aggregation_top1", {}).get(product.get("aggregation"))
+    return float(on_val if on_val is not None else product.get("top1", 0.0))
+
+
 def _best(evaluated: list[tuple[Path, dict[str, Any]]]) -> tuple[Path, dict[str, Any]] | None:
-    return max(evaluated, key=lambda item: item[1]["product"].get("top1", 0.0), default=None)
+    return max(evaluated, key=lambda item: _selection_score(item[1]), default=None)
+
+
+def _protocol(metrics: dict[str, Any]) -> str:
+    """ "selected on val, reported on holdout, n = ..." (older files: the split they were evaluated on)."""
+    if metrics.get("protocol"):
+        return str(metrics["protocol"])
+    return f"evaluated on {metrics.get('split', '?')}, n = {metrics.get('products', '?')} products (no holdout)"
 
 
 def _evaluation(paths: WorkPaths) -> Section:
@@ -378,13 +413,19 @@ def _evaluation(paths: WorkPaths) -> Section:
         )
     best_run, best_metrics = _best(evaluated)  # type: ignore[misc]
     parts = [
-        "<p>Validation metrics of every evaluated run. Product predictions combine a product's images; "
-        "<b>bold</b> marks the aggregation each run keeps. Levels and severity are at product level: "
+        "<p>Every choice (checkpoint, product aggregation, auto-accept threshold, best run) is made on "
+        "<b>val</b>; the numbers are reported on the split each row names (the <b>holdout</b> unless marked "
+        "<i>optimistic</i>), each with its n and a 95% interval over products [lo, hi]. "
+        "Seed spread: n/a (one seed per run; compare and sweep show spreads). "
+        "Product predictions combine a product's images; <b>bold</b> marks the aggregation each run keeps. "
+        "Macro = mean per-leaf recall over the leaves in the split. Levels and severity are at product level: "
         "<i>near miss</i> = wrong leaf but right level-2 group, <i>right dept.</i> = right level 1.</p>",
         _evaluation_table(evaluated),
         _hier_vs_flat(evaluated),
-        f"<h3>Best run: {_e(best_run.name)}</h3>",
+        f"<h3>Best run (by product top-1 on val): {_e(best_run.name)}</h3>",
+        _headline(best_metrics),
         _confidence_text(best_metrics),
+        _frequency_table(best_metrics),
         _confusion_table(best_metrics),
     ]
     for run, _metrics in evaluated:
@@ -409,12 +450,16 @@ def _evaluation_table(evaluated: list[tuple[Path, dict[str, Any]]]) -> str:
             value = _pct(methods.get(method, {}).get("top1"))
             per_method.append(f"<b>{value}</b>" if method == product.get("aggregation") else value)
         confidence = m.get("confidence", {})
+        split = _e(m.get("split", "?")) + (" <i>optimistic</i>" if m.get("optimistic", True) else "")
         rows.append(
             (
                 _e(run.name),
                 _e(f"{m.get('head', '?')} / {m.get('loss', '?')}"),
-                _pct(m["image"].get("top1")),
-                _pct(m["image"].get("top5")),
+                f"{split}, n = {_num(product.get('n', m.get('products')))}",
+                _with_ci(product, "top1"),
+                _with_ci(product, "macro"),
+                _with_ci(m["image"], "top1"),
+                _with_ci(m["image"], "macro"),
                 *per_method,
                 _pct(taxonomy.get("level1")),
                 _pct(taxonomy.get("level2")),
@@ -426,8 +471,11 @@ def _evaluation_table(evaluated: list[tuple[Path, dict[str, Any]]]) -> str:
     headers = (
         "run",
         "head / loss",
-        "image top-1",
-        "image top-5",
+        "reported on (products)",
+        "product top-1 [95% CI]",
+        "product macro [95% CI]",
+        "image top-1 [95% CI]",
+        "image macro [95% CI]",
         "product mean_prob",
         "product mean_logprob",
         "product vote",
@@ -435,9 +483,60 @@ def _evaluation_table(evaluated: list[tuple[Path, dict[str, Any]]]) -> str:
         "level-2 acc.",
         "errors: near miss",
         "errors: right dept.",
-        "threshold → coverage",
+        "threshold (val) → coverage",
     )
     return _table(headers, rows, "numbers")
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    """The best run's headline numbers, each labelled with its split, n and interval."""
+    product, image = metrics["product"], metrics["image"]
+    return (
+        f"<p><b>{_e(_protocol(metrics))}</b>: product top-1 <b>{_with_ci(product, 'top1')}</b>, "
+        f"product macro {_with_ci(product, 'macro')}, image top-1 {_with_ci(image, 'top1')} "
+        f"(n = {_num(image.get('n', metrics.get('images')))} images), image macro {_with_ci(image, 'macro')}; "
+        f"seed spread n/a (one seed). Intervals: {_e(metrics.get('interval', 'none recorded'))}.</p>"
+    )
+
+
+def _frequency_table(metrics: dict[str, Any]) -> str:
+    frequency = metrics.get("taxonomy", {}).get("frequency", {})
+    thresholds = frequency.get("thresholds")
+    rows = [
+        (
+            _e(name),
+            _num(group.get("categories")),
+            f"{_num(group.get('train_pictures_min'))}–{_num(group.get('train_pictures_max'))}"
+            if group.get("categories")
+            else "–",
+            _pct(group.get("train_pictures_share")),
+            _num(group.get("products")),
+            _with_ci(group, "product_top1"),
+            _pct(group.get("product_macro")),
+        )
+        for name, group in frequency.items()
+        if name != "thresholds" and isinstance(group, dict)
+    ]
+    if not rows:
+        return ""
+    rule = f" Groups: {_e(thresholds['rule'])}." if thresholds else ""
+    return (
+        f"<h3>Head, medium and tail categories</h3><p>Leaves grouped by their train-split pictures.{rule} "
+        f"Accuracy on {_e(metrics.get('split', '?'))}.</p>"
+        + _table(
+            (
+                "group",
+                "leaves",
+                "train pictures per leaf",
+                "share of train pictures",
+                "products",
+                "product top-1 [95% CI]",
+                "product macro",
+            ),
+            rows,
+            "numbers",
+        )
+    )
 
 
 def _hier_vs_flat(evaluated: list[tuple[Path, dict[str, Any]]]) -> str:
@@ -445,6 +544,7 @@ def _hier_vs_flat(evaluated: list[tuple[Path, dict[str, Any]]]) -> str:
     flat = _best([item for item in evaluated if item[1].get("head") != "hier"])
     if hier is None or flat is None:
         return ""
+    protocols = " / ".join(_e(text) for text in dict.fromkeys((_protocol(hier[1]), _protocol(flat[1]))))
     rows = []
     for label, getter in (
         ("image top-1", lambda m: m["image"].get("top1")),
@@ -467,7 +567,7 @@ def _hier_vs_flat(evaluated: list[tuple[Path, dict[str, Any]]]) -> str:
         rows.append((_e(label), _pct(a), _pct(b), delta))
     return (
         f"<h3>Hierarchical vs flat head</h3><p>Best hierarchical run <b>{_e(hier[0].name)}</b> against the best "
-        f"flat run <b>{_e(flat[0].name)}</b> (by product top-1).</p>"
+        f"flat run <b>{_e(flat[0].name)}</b> (chosen by product top-1 on val); numbers {protocols}.</p>"
         + _table(("metric", hier[0].name, flat[0].name, "difference"), rows, "metrics")
     )
 
@@ -477,10 +577,19 @@ def _confidence_text(metrics: dict[str, Any]) -> str:
     target = _pct(confidence.get("target_accuracy"), 0)
     if confidence.get("threshold") is None:
         return f"<p>Auto-accept: {_e(confidence.get('note') or 'no threshold reaches the target accuracy')}.</p>"
+    if "chosen_on" not in confidence:  # a file from before the holdout split
+        return (
+            f"<p>Auto-accept: products whose top probability is at least <b>{_num(confidence['threshold'])}</b> "
+            f"are {target} correct and make up <b>{_pct(confidence.get('coverage'))}</b> of the products; "
+            "the rest go to a person.</p>"
+        )
+    split = _e(metrics.get("split", "?"))
     return (
-        f"<p>Auto-accept: products whose top probability is at least <b>{_num(confidence['threshold'])}</b> "
-        f"are {target} correct and make up <b>{_pct(confidence.get('coverage'))}</b> of the products; "
-        "the rest go to a person.</p>"
+        f"<p>Auto-accept: the threshold <b>{_num(confidence['threshold'])}</b> on the top product probability "
+        f"is the lowest that reaches {target} accuracy on {_e(confidence['chosen_on'])}. On {split} it accepts "
+        f"<b>{_pct(confidence.get('coverage'))}</b> of the products (n = {_num(confidence.get('accepted'))}), "
+        f"<b>{_pct(confidence.get('accuracy'))}</b> {_interval(confidence.get('accuracy_ci95'))} of them "
+        "correct; the rest go to a person.</p>"
     )
 
 
@@ -523,11 +632,13 @@ def _eval_figures(paths: WorkPaths, run: Path) -> str:
 # -- gallery -----------------------------------------------------------------------------------------------------------
 def _gallery(paths: WorkPaths) -> Section:
     best = _best(_evaluated(paths))
+    split = str(best[1].get("split", "val")) if best else "evaluated"
+    title = f"Gallery of {split} products"
     table_path = best[0] / "eval" / "predictions.parquet" if best else None
     if table_path is None or not table_path.is_file():
         return Section(
             "gallery",
-            "Gallery of validation products",
+            title,
             _missing("No predictions.parquet in any evaluated run yet."),
             False,
         )
@@ -545,11 +656,11 @@ def _gallery(paths: WorkPaths) -> Section:
         _product_card(row, taxonomy, thumbnails.get(int(row.product_id), [])) for row in picked.itertuples(index=False)
     )
     intro = (
-        f"<p>{GALLERY_RIGHT} right and {GALLERY_WRONG} wrong validation products of <b>{_e(run.name)}</b> "
+        f"<p>{GALLERY_RIGHT} right and {GALLERY_WRONG} wrong {_e(split)} products of <b>{_e(run.name)}</b> "
         "(chosen at random, wrong ones shown first), with the true category and the top-3 predictions."
         f"{' ' + _e(note) if note else ''}</p>"
     )
-    return Section("gallery", "Gallery of validation products", intro + f'<div class="gallery">{cards}</div>')
+    return Section("gallery", title, intro + f'<div class="gallery">{cards}</div>')
 
 
 def _pick(table: Any) -> Any:
