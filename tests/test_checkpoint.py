@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -91,7 +92,7 @@ def test_best_and_last_and_a_loader_that_needs_only_the_run_dir(tmp_path: Path) 
     assert last["best"] == best["best"]
     files = sorted(p.name for p in checkpoint_dir(run_dir).iterdir())
     assert len(files) == 6, files  # two sidecars, two weights, two optimizer states: nothing stale
-    assert best["store"]["name"] == "toy" and best["taxonomy"] == "taxonomy.parquet" and best["num_classes"] == 12
+    assert best["config"]["features"] == "toy" and best["taxonomy"] == "taxonomy.parquet" and best["num_classes"] == 12
     moved = shutil.copytree(run_dir, tmp_path / "elsewhere" / "run")
     shutil.rmtree(tmp_path / "runs")  # the loader must not need the work dir's taxonomy or runs folder
     rows = store.split_indices("val")
@@ -118,6 +119,11 @@ def test_a_crash_before_the_sidecar_keeps_the_previous_checkpoint(tmp_path: Path
     shutil.move(directory / "last.000006.safetensors", directory / meta["files"]["weights"])
     torch_state = safetensors.torch.load_file(directory / meta["files"]["weights"])
     safetensors.torch.save_file(torch_state, directory / meta["files"]["weights"], metadata={"step": "6"})
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        load_checkpoint(run_dir, "last")
+    # Even with its checksum made to fit, the step stamp inside the file still has to match.
+    digest = hashlib.sha256((directory / meta["files"]["weights"]).read_bytes()).hexdigest()
+    (directory / "last.json").write_text(json.dumps(dict(meta, checksums=dict(meta["checksums"], weights=digest))))
     with pytest.raises(CheckpointError, match="holds step 6"):
         load_checkpoint(run_dir, "last")
     (directory / meta["files"]["weights"]).unlink()

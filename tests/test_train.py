@@ -23,7 +23,7 @@ def _val_accuracy(run_dir: Path, which: str = "best") -> float:
     model, meta = load_checkpoint(run_dir, which)
     from prodcat.features.store import FeatureStore
 
-    store = FeatureStore.open(meta["store"]["path"])
+    store = FeatureStore.open(WorkPaths(meta["config"]["workdir"]).feature_store(meta["config"]["features"]))
     rows = store.split_indices("val")
     with torch.no_grad():
         predicted = model(torch.from_numpy(store.read(rows))).argmax(1).numpy()
