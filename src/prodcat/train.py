@@ -469,13 +469,16 @@ def _restore_or_start(run: Run, paths: WorkPaths) -> None:
 
 def _resume(run: Run) -> dict[str, Any] | None:
     """Load `last` into the run (None: the run has no checkpoint yet). An unusable one raises, deleting nothing."""
-    meta = resolve_resume(run.run_dir)
-    if meta is None:
-        log.info("no checkpoint in %s; starting fresh", run.run_dir)
-        return None
-    _check_resumable(run.config, meta["config"])
-    _check_same_plan(run, meta)
-    load_training_state(run.run_dir, run.model, run.optimizer, "last", run.device)
+    try:
+        meta = resolve_resume(run.run_dir)
+        if meta is None:
+            log.info("no checkpoint in %s; starting fresh", run.run_dir)
+            return None
+        _check_resumable(run.config, meta["config"])
+        _check_same_plan(run, meta)
+        load_training_state(run.run_dir, run.model, run.optimizer, "last", run.device)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; nothing was deleted: restore it, or start over with --overwrite") from None
     run.step, run.elapsed, run.train_seconds = int(meta["step"]), meta["elapsed_seconds"], meta["train_seconds"]
     run.best, run.last_eval = meta.get("best"), meta.get("metrics")
     log.info("resuming %s from step %d", run.run_dir, run.step)
