@@ -198,6 +198,10 @@ def _damage(case: str, directory: Path) -> str:
     if case == "missing weights":
         weights.unlink()
         return weights.name
+    if case == "sidecars lost":
+        (directory / "last.json").unlink()
+        (directory / "best.json").unlink()
+        return ".safetensors"
     if case == "wrong version":
         return _edit_sidecar(directory, "last", format=1)
     if case == "sidecar without checksums":
@@ -226,6 +230,7 @@ DAMAGE = (
     "missing weights",
     "wrong version",
     "sidecar without checksums",
+    "sidecars lost",
 )
 
 
@@ -247,7 +252,7 @@ def test_a_damaged_checkpoint_stops_resume_naming_the_file_and_deletes_nothing(
         train(tiny_config(root, **settings))
     assert _snapshot(run_dir) == before
     which = "best" if "best" in case else "last"
-    if case != "flipped optimizer bytes":  # the optimizer file is not needed to load a model
+    if case not in ("flipped optimizer bytes", "sidecars lost"):  # loading a model reads neither
         with pytest.raises(CheckpointError, match=named.replace(".", r"\.")):
             load_checkpoint(run_dir, which)
     assert _snapshot(run_dir) == before

@@ -239,7 +239,9 @@ def read_meta(run_dir: str | Path, which: str = "last") -> dict[str, Any]:
         raise CheckpointError(f"{sidecar}: unreadable checkpoint sidecar ({_one_line(error)})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{sidecar}: checkpoint format {found!r}, this prodcat reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{sidecar}: checkpoint format {found!r}, this prodcat reads {FORMAT_VERSION} (retrain the run)"
+        )
     missing = [key for key in _REQUIRED if key not in meta]
     if missing:
         raise CheckpointError(f"{sidecar}: checkpoint sidecar lacks {', '.join(missing)}")
@@ -284,11 +286,16 @@ def verify_checkpoint(run_dir: str | Path, which: str = "last") -> dict[str, Any
 
 
 def resolve_resume(run_dir: str | Path) -> dict[str, Any] | None:
-    """The `last` checkpoint's sidecar to resume from; None when the run has none at all (no sidecar: start fresh).
-    A checkpoint that exists but cannot be used (damaged, missing files, other format; `best` included, whose files
+    """The `last` checkpoint's sidecar to resume from; None when the run has no checkpoint files at all (start
+    fresh). One that exists but cannot be used (damaged, missing files, other format; `best` included, whose files
     a resumed run would otherwise replace) raises CheckpointError naming the file: resuming never starts over."""
     directory = checkpoint_dir(run_dir)
-    if not directory.is_dir() or not any(directory.glob("*.json")):
+    if not directory.is_dir():
+        return None
+    if not any(directory.glob("*.json")):
+        tensors = sorted(directory.glob("*.safetensors"))
+        if tensors:  # uncommitted (a kill during the first save) or sidecars lost: not ours to delete unasked
+            raise CheckpointError(f"{tensors[0]}: tensor file without a checkpoint sidecar in {directory}")
         return None
     meta = verify_checkpoint(run_dir, "last")
     if (directory / "best.json").exists():
@@ -301,7 +308,9 @@ def non_finite_tensor(module: nn.Module) -> str | None:
     state = {k: v for k, v in module.state_dict().items() if v.is_floating_point() and v.numel()}
     if not state:
         return None
-    finite = torch.stack([torch.isfinite(v).all() for v in state.values()]).cpu()  # one device sync
+    # A float64 sum is finite exactly when every element is (NaN and inf propagate; float32 values cannot overflow
+    # it), without the tensor-sized boolean temporary isfinite would make; one device sync for all tensors.
+    finite = torch.stack([torch.isfinite(v.sum(dtype=torch.float64)) for v in state.values()]).cpu()
     return None if bool(finite.all()) else list(state)[int((~finite).nonzero()[0])]
 
 

@@ -536,7 +536,7 @@ def _clear_earlier_run(run_dir: Path) -> None:
             (run_dir / name).unlink()
             removed.append(name)
     if removed:
-        log.warning("%s: --overwrite removed the earlier run's %s", run_dir, ", ".join(removed))
+        log.warning("%s: overwrite: removed the earlier run's %s", run_dir, ", ".join(removed))
 
 
 # -- fit and validate -----------------------------------------------------------------------------------------------
