@@ -316,3 +316,8 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(finished_run: Path, tmp
         load_checkpoint(run_dir, "best")
     with pytest.raises(CheckpointError, match="NaN or infinity"):  # what evaluate, predict and serve load
         Predictor.load(run_dir)
+    from prodcat.config import ServeConfig
+    from prodcat.serve.app import serve
+
+    with pytest.raises(CheckpointError, match="NaN or infinity"):  # refused before the server binds a port
+        serve(ServeConfig(run=str(run_dir), port=0))
