@@ -23,7 +23,7 @@ def _val_accuracy(run_dir: Path, which: str = "best") -> float:
     model, meta = load_checkpoint(run_dir, which)
     from prodcat.features.store import FeatureStore
 
-    store = FeatureStore.open(meta["store"]["path"])
+    store = FeatureStore.open(WorkPaths(meta["config"]["workdir"]).feature_store(meta["config"]["features"]))
     rows = store.split_indices("val")
     with torch.no_grad():
         predicted = model(torch.from_numpy(store.read(rows))).argmax(1).numpy()
@@ -173,3 +173,51 @@ def test_labels_outside_the_taxonomy_are_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(StoreError, match="outside the taxonomy"):
         train(tiny_config(tmp_path, features="bad"))
+
+
+def test_divergence_stops_with_an_error_and_never_saves_a_non_finite_model(tmp_path: Path) -> None:
+    from prodcat.checkpoint import checkpoint_dir
+    from prodcat.train import TrainingDiverged
+
+    make_workdir(tmp_path, rows=120)
+    # Evaluated only at the end: the diverged weights are the only ones there would be to save.
+    with pytest.raises(TrainingDiverged, match=r"diverged by step 20 .*nothing of it was saved \(no checkpoint"):
+        train(tiny_config(tmp_path, run_name="once", lr=1e10, max_steps=20, eval_every=100))
+    run_dir = WorkPaths(tmp_path).run("once")
+    assert not checkpoint_dir(run_dir).exists() and not (run_dir / "summary.json").exists()
+    # Evaluated every step: the finite (if useless) steps before the NaN are kept, the NaN one never is.
+    with pytest.raises(TrainingDiverged, match="checkpoints keep step") as error:
+        train(tiny_config(tmp_path, run_name="often", lr=1e10, max_steps=20, eval_every=1))
+    run_dir = WorkPaths(tmp_path).run("often")
+    for which in ("best", "last"):
+        model, meta = load_checkpoint(run_dir, which)  # refuses non-finite weights, so these are finite
+        assert meta["step"] < 20 and f"keep step {read_meta(run_dir, 'last')['step']})" in str(error.value)
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_the_cli_ends_divergence_and_bad_flags_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    from typer.testing import CliRunner
+
+    from prodcat.cli import app, main
+
+    make_workdir(tmp_path, rows=120)
+    common = ["train", "-w", str(tmp_path), "--features", "toy", "--batch-size", "32", "--max-steps", "20"]
+    result = CliRunner().invoke(app, [*common, "--lr", "1e10", "--eval-every", "100"])
+    assert result.exit_code == 2 and "training diverged by step 20" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = CliRunner().invoke(app, [*common, "--eval-every", "10"])
+    assert result.exit_code == 2 and "already holds a run" in result.stderr and "--overwrite" in result.stderr
+    result = CliRunner().invoke(app, [*common, "--eval-every", "10", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    for flags, field in (
+        (["--max-steps", "-3"], "max_steps"),
+        (["--warmup-steps", "-10"], "warmup_steps"),
+        (["--run-name", "../.."], "run_name"),
+        (["--lr", "0"], "lr"),
+    ):
+        monkeypatch.setattr("sys.argv", ["prodcat", *common, *flags])
+        with pytest.raises(SystemExit) as stop:
+            main()
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith(f"error: {field} must be") and err.count("\n") == 1, err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["linear-softmax-s0"]  # nothing written elsewhere

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -173,10 +174,15 @@ def train(
     warmup_steps: int = TrainConfig.warmup_steps,
     eval_every: int = TrainConfig.eval_every,
     seed: int = TrainConfig.seed,
-    resume: bool = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Delete the run's earlier checkpoints, metrics and evaluation, and start over.")
+    ] = False,
     distributed: Annotated[bool, typer.Option(help="DistributedDataParallel under torchrun.")] = False,
 ) -> None:
     """Train a head on cached features with full, sampled or adaptive softmax."""
+    from prodcat.checkpoint import CheckpointError
+    from prodcat.train import TrainingDiverged
     from prodcat.train import train as run_train
 
     config = TrainConfig(
@@ -201,9 +207,14 @@ def train(
         eval_every=eval_every,
         seed=seed,
         resume=resume,
+        overwrite=overwrite,
         distributed=distributed,
     )
-    run_dir = run_train(config)
+    try:
+        run_dir = run_train(config)
+    except (ConfigError, CheckpointError, TrainingDiverged) as error:
+        _fail(error)
+        return
     typer.echo(f"run -> {run_dir}")
 
 
@@ -335,12 +346,21 @@ def demo(
 
 
 def main() -> None:
-    """Console entry point: bad option values end with one clear line, not a traceback."""
+    """Console entry point: bad option values and unusable checkpoints end with one clear line, not a traceback."""
     try:
         app()
-    except ConfigError as error:
+    except Exception as error:
+        if not _is_user_error(error):
+            raise
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None
+
+
+def _is_user_error(error: Exception) -> bool:
+    # CheckpointError's module loads torch, which `--help` should not wait for; it is looked up only if loaded,
+    # which it must have been for one to be raised (evaluate, predict, serve load checkpoints).
+    checkpoint = sys.modules.get("prodcat.checkpoint")
+    return isinstance(error, ConfigError) or (checkpoint is not None and isinstance(error, checkpoint.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +32,27 @@ class ConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _check_name(value: str | None, field: str) -> None:
+    """Run and store names become one folder under W/runs or W/features: no separators, no '.' or '..'."""
+    if value is None:
+        return
+    _check(
+        bool(_PLAIN_NAME.fullmatch(value)) and value not in (".", ".."),
+        f"{field} must be a plain name of letters, digits, '.', '_' or '-' (not '.' or '..'), got {value!r}",
+    )
+
+
+def _check_number(value: float | None, field: str, low: float, *, strict: bool = False, optional: bool = False) -> None:
+    """A finite number >= low (> low when strict); None allowed when optional."""
+    if value is None and optional:
+        return
+    ok = value is not None and math.isfinite(value) and (value > low if strict else value >= low)
+    _check(ok, f"{field} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -78,12 +101,16 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
 
 
 @dataclasses.dataclass
 class ExploreConfig:
     workdir: str = ""
     top_k: int = 5
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
 
 
 @dataclasses.dataclass
@@ -113,6 +140,9 @@ class ExtractConfig:
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.shard_size >= 1, "shard_size must be >= 1")
         _check(self.workers is None or self.workers >= 0, "workers must be >= 0")
+        _check(self.spatial_channels is None or self.spatial_channels >= 1, "spatial_channels must be >= 1")
+        _check(self.limit is None or self.limit >= 1, f"limit must be >= 1 (or unset), got {self.limit}")
+        _check_name(self.name, "name")
         self.splits = tuple(self.splits)
         for split in self.splits:
             _check(split in ("train", "val", "holdout", "test"), f"unknown split {split!r}")
@@ -152,6 +182,7 @@ class TrainConfig:
     eval_every: int = 100
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # start over a run that already has checkpoints or metrics (deletes them)
     distributed: bool = False
     max_seconds: float | None = None
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
@@ -170,9 +201,36 @@ class TrainConfig:
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
         _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
-        _check(self.epochs > 0 or (self.max_steps or 0) > 0, "need epochs > 0 or max_steps > 0")
         self.hier_weights = tuple(float(w) for w in self.hier_weights)  # type: ignore[assignment]
         _check(len(self.hier_weights) == 3, "hier_weights needs three values (level1, level2, leaf)")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Counts, rates and names that would otherwise be accepted silently (a negative step count trains 0 steps,
+        a run name with '..' writes outside W/runs)."""
+        _check_name(self.run_name, "run_name")
+        _check_name(self.features, "features")
+        _check_number(self.lr, "lr", 0.0, strict=True)
+        _check_number(self.epochs, "epochs", 0.0, strict=True)
+        _check_number(self.weight_decay, "weight_decay", 0.0)
+        _check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
+        _check_number(self.unigram_alpha, "unigram_alpha", 0.0)
+        _check(self.hidden_dim >= 1, f"hidden_dim must be >= 1, got {self.hidden_dim}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 or unset, got {self.max_steps}")
+        _check(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check_number(self.max_seconds, "max_seconds", 0.0, strict=True, optional=True)
+        _check_number(self.memory_limit_gb, "memory_limit_gb", 0.0)
+        _check(
+            all(math.isfinite(w) and w >= 0 for w in self.hier_weights) and sum(self.hier_weights) > 0,
+            f"hier_weights must be finite, >= 0 and not all 0, got {list(self.hier_weights)}",
+        )
+        _check(
+            bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)),
+            f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        _check(not (self.resume and self.overwrite), "pass resume or overwrite, not both")
 
     @property
     def name(self) -> str:
@@ -195,6 +253,7 @@ class EvalConfig:
         _check(self.aggregation in ("auto", "mean_prob", "mean_logprob", "vote"), "unknown aggregation")
         _check(0.0 < self.target_accuracy <= 1.0, "target_accuracy must be in (0, 1]")
         _check(self.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclasses.dataclass

@@ -62,7 +62,8 @@ def _train_isolated(config: TrainConfig) -> None:
 
 def _run(config: TrainConfig, isolate: bool) -> dict[str, Any]:
     """Train one run (validating about EVALS_PER_RUN times) and read back its summary and metrics."""
-    config = dataclasses.replace(config, eval_every=_eval_every(config))
+    # compare/sweep own their run names: re-running them retrains each run from scratch (explicitly)
+    config = dataclasses.replace(config, eval_every=_eval_every(config), overwrite=True)
     log.info("run %s", config.name)
     if isolate:
         _train_isolated(config)

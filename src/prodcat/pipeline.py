@@ -131,6 +131,7 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict:
                             epochs=plan.epochs,
                             batch_size=plan.batch_size,
                             eval_every=50,
+                            overwrite=True,  # the demo owns this run: a re-run retrains it
                         )
                     )
                 )

@@ -37,10 +37,12 @@ from torch import nn
 
 from prodcat.checkpoint import (
     TAXONOMY_FILE,
+    CheckpointError,
     build_model,
     checkpoint_dir,
     link_checkpoint,
     load_training_state,
+    non_finite_tensor,
     resolve_resume,
     save_checkpoint,
 )
@@ -52,6 +54,7 @@ from prodcat.paths import WorkPaths
 from prodcat.utils import atomic_write_bytes, atomic_write_text, get_logger, progress, read_json, write_json
 
 __all__ = [
+    "TrainingDiverged",
     "train",
     "setup",
     "fit",
@@ -67,9 +70,15 @@ __all__ = [
 
 log = get_logger("prodcat.train")
 
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite; that state was not saved."""
+
+
 # Fields that may change between a run and its resumption without changing what is computed.
 SESSION_FIELDS = (
     "resume",
+    "overwrite",
     "stop_after",
     "max_seconds",
     "eval_every",
@@ -394,8 +403,6 @@ def _config_dict(config: TrainConfig) -> dict[str, Any]:
 
 def setup(config: TrainConfig) -> Run:
     """Process group, seeds, store and taxonomy, classifier, optimizer, data, and the resumed state if asked."""
-    if config.eval_every < 1:
-        raise ConfigError("eval_every must be >= 1")
     owns_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(config.distributed)
     device = _device(config, info)
@@ -439,25 +446,97 @@ def _build_optimizer(model: nn.Module, config: TrainConfig, sparse: bool) -> tor
 
 
 def _restore_or_start(run: Run, paths: WorkPaths) -> None:
-    meta = resolve_resume(run.run_dir) if run.config.resume else None
-    if meta is not None:
-        _check_resumable(run.config, meta["config"])
-        load_training_state(run.run_dir, run.model, run.optimizer, "last", run.device)
-        run.step, run.elapsed, run.train_seconds = int(meta["step"]), meta["elapsed_seconds"], meta["train_seconds"]
-        run.best, run.last_eval = meta.get("best"), meta.get("metrics")
-        log.info("resuming %s from step %d", run.run_dir, run.step)
-    elif run.config.resume:
-        log.info("no checkpoint in %s; starting fresh", run.run_dir)
+    """Resume from `last` (--resume), or start fresh where no earlier run would be lost (or --overwrite says so).
+    Every check runs before anything in the run folder is written or deleted."""
+    meta = _resume(run) if run.config.resume else None
+    if meta is None and not run.config.resume:
+        earlier = _earlier_outputs(run.run_dir)
+        if earlier and not run.config.overwrite:
+            raise ConfigError(
+                f"{run.run_dir} already holds a run ({', '.join(earlier)}): pass --resume to continue it, "
+                "--overwrite to delete it and start over, or choose another --run-name"
+            )
     if run.dist.is_main:
-        if meta is None and checkpoint_dir(run.run_dir).is_dir():
-            log.warning("%s: starting fresh over an earlier run's checkpoints (resume continues one)", run.run_dir)
-            shutil.rmtree(checkpoint_dir(run.run_dir))
+        if meta is None and run.config.overwrite:
+            _clear_earlier_run(run.run_dir)
         run.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(run.config, run.run_dir / "config.json")
         atomic_write_bytes(run.run_dir / TAXONOMY_FILE, paths.taxonomy.read_bytes())
         _truncate_metrics(run.run_dir, run.step if meta is not None else None)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
+
+
+def _resume(run: Run) -> dict[str, Any] | None:
+    """Load `last` into the run (None: the run has no checkpoint yet). An unusable one raises, deleting nothing."""
+    try:
+        meta = resolve_resume(run.run_dir)
+        if meta is None:
+            log.info("no checkpoint in %s; starting fresh", run.run_dir)
+            return None
+        _check_resumable(run.config, meta["config"])
+        _check_same_plan(run, meta)
+        load_training_state(run.run_dir, run.model, run.optimizer, "last", run.device)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; nothing was deleted: restore it, or start over with --overwrite") from None
+    run.step, run.elapsed, run.train_seconds = int(meta["step"]), meta["elapsed_seconds"], meta["train_seconds"]
+    run.best, run.last_eval = meta.get("best"), meta.get("metrics")
+    log.info("resuming %s from step %d", run.run_dir, run.step)
+    return meta
+
+
+def _check_same_plan(run: Run, meta: dict[str, Any]) -> None:
+    """The step plan is a function of the config and the train split's size: a different one means the store
+    changed under the run (re-extracted), and the resumed batches would not be the ones the run started with."""
+    sidecar = checkpoint_dir(run.run_dir) / "last.json"
+    plan = run.plan
+    now = {"steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps}
+    now.update(batch_size=plan.batch_size, sparse_output=run.sparse_output)
+    differing = {key: (meta.get(key), value) for key, value in now.items() if meta.get(key) != value}
+    if differing:
+        saved_now = ", ".join(f"{key} {saved} -> {value}" for key, (saved, value) in differing.items())
+        raise CheckpointError(
+            f"{sidecar}: cannot resume, the run's plan changed ({saved_now}): was the feature store rebuilt, "
+            "or the world size changed?"
+        )
+    if meta.get("world_size") != run.dist.world_size or meta.get("torch") != torch.__version__:
+        log.warning(
+            "resuming a run saved on %s rank(s) with torch %s on %d with torch %s: not bit-identical to an "
+            "uninterrupted run",
+            meta.get("world_size"),
+            meta.get("torch"),
+            run.dist.world_size,
+            torch.__version__,
+        )
+
+
+def _earlier_outputs(run_dir: Path) -> list[str]:
+    """What an earlier session left in `run_dir` that starting over would delete or overwrite."""
+    found = []
+    directory = checkpoint_dir(run_dir)
+    if directory.is_dir() and any(directory.iterdir()):
+        found.append(f"{directory.name}/")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(metrics.name)
+    found += [name for name in ("summary.json", "eval") if (run_dir / name).exists()]
+    return found
+
+
+def _clear_earlier_run(run_dir: Path) -> None:
+    """--overwrite: remove what an earlier run made (checkpoints, summary, curves, evaluation); names only, so a
+    folder the user put beside them stays."""
+    removed = []
+    for name in ("checkpoints", "eval"):
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)
+            removed.append(name)
+    for name in ("summary.json", "curves.png", "metrics.jsonl"):
+        if (run_dir / name).is_file():
+            (run_dir / name).unlink()
+            removed.append(name)
+    if removed:
+        log.warning("%s: overwrite: removed the earlier run's %s", run_dir, ", ".join(removed))
 
 
 # -- fit and validate -----------------------------------------------------------------------------------------------
@@ -585,6 +664,7 @@ def _evaluate_and_save(run: Run, interval: _Interval, session_start: float) -> d
             dist.all_reduce(total)
         train_loss = float(total.item()) / interval.rows
     metrics = validate(run)
+    _check_finite(run, train_loss, metrics["val_loss"])
     line = {
         "step": run.step,
         "epoch": run.plan.epoch(run.step),
@@ -608,10 +688,31 @@ def _evaluate_and_save(run: Run, interval: _Interval, session_start: float) -> d
     return line
 
 
+def _check_finite(run: Run, train_loss: float | None, val_loss: float) -> None:
+    """Stop before a diverged state is saved. Checked at each evaluation only (the loss sum stays on the device in
+    between), so a NaN is caught at most `eval_every` steps late, and always before a checkpoint. The losses are
+    all-reduced and the weights are the same on every rank, so under DDP all ranks stop together."""
+    problems = [
+        f"{name} {value}"
+        for name, value in (("train loss", train_loss), ("val loss", val_loss))
+        if value is not None and not math.isfinite(value)
+    ]
+    tensor = non_finite_tensor(run.model)
+    if tensor is not None:
+        problems.append(f"non-finite weights in {tensor!r}")
+    if not problems:
+        return
+    saved = run.last_eval["step"] if run.last_eval and run.last_eval["step"] > 0 else None
+    kept = f"checkpoints keep step {saved}" if saved is not None else "no checkpoint was written"
+    raise TrainingDiverged(
+        f"{run.run_dir}: training diverged by step {run.step} ({'; '.join(problems)}) with lr {run.config.lr:g}; "
+        f"nothing of it was saved ({kept}). Lower --lr (or raise --warmup-steps) and start over with --overwrite"
+    )
+
+
 def _meta(run: Run, line: dict[str, Any]) -> dict[str, Any]:
     return {
         "step": run.step,
-        "epoch": run.plan.epoch(run.step),
         "elapsed_seconds": line["seconds"],
         "train_seconds": run.train_seconds,
         "best": run.best,
@@ -619,9 +720,8 @@ def _meta(run: Run, line: dict[str, Any]) -> dict[str, Any]:
         "in_shape": list(run.store.feature_shape),
         "num_classes": run.taxonomy.num_classes,
         "config": _config_dict(run.config),
-        "store": {"name": run.config.features, "path": str(run.store.path)},
         "taxonomy": TAXONOMY_FILE,
-        "taxonomy_source": str(WorkPaths(run.config.workdir).taxonomy),
+        # read back on resume: a different plan means the store changed under the run
         "steps_per_epoch": run.plan.steps_per_epoch,
         "total_steps": run.plan.total_steps,
         "warmup_steps": run.plan.warmup_steps,

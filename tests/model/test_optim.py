@@ -10,13 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from prodcat.model import (
-    RowWiseAdamW,
-    build_classifier,
-    build_optimizer,
-    optimizer_state_from_tensors,
-    optimizer_state_tensors,
-)
+from prodcat.checkpoint import _join_tensors, _split_tensors
+from prodcat.model import RowWiseAdamW, build_classifier, build_optimizer
 
 torch.set_num_threads(2)
 
@@ -162,19 +157,22 @@ def test_state_dict_round_trip_through_safetensors_resumes_exactly(name: str, tm
     for batch in batches[:3]:
         _step(model, optimizer, *batch)
 
-    tensors, meta = optimizer_state_tensors(optimizer.state_dict())
+    # The checkpoint format's serializer: tensors to safetensors, the rest to a JSON skeleton.
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split_tensors(optimizer.state_dict(), "optim", tensors)
     save_file(tensors, tmp_path / "optimizer.safetensors")
-    (tmp_path / "optimizer.json").write_text(json.dumps(meta))
+    (tmp_path / "optimizer.json").write_text(json.dumps(skeleton))
     save_file(model.state_dict(), tmp_path / "model.safetensors")
 
     resumed = _sampled_model()
     resumed.load_state_dict(load_file(tmp_path / "model.safetensors"))
     resumed_optimizer = build_optimizer(resumed, name, lr=0.05, sparse_output=True)
-    state = optimizer_state_from_tensors(
-        load_file(tmp_path / "optimizer.safetensors"), json.loads((tmp_path / "optimizer.json").read_text())
+    state = _join_tensors(
+        json.loads((tmp_path / "optimizer.json").read_text()), load_file(tmp_path / "optimizer.safetensors")
     )
     resumed_optimizer.load_state_dict(state)
-    again, _ = optimizer_state_tensors(resumed_optimizer.state_dict())
+    again: dict[str, torch.Tensor] = {}
+    _split_tensors(resumed_optimizer.state_dict(), "optim", again)
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
     if name == "adamw":
         assert any(key.endswith("row_sq") for key in tensors)

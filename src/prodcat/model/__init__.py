@@ -7,13 +7,7 @@ sampler (`uniform`, `log_uniform`, `unigram`).
 from prodcat.model.classifier import HIER_HEAD, Classifier, HierarchicalClassifier, build_classifier
 from prodcat.model.heads import Head, create_head, list_heads, register_head
 from prodcat.model.losses import OutputLoss, create_loss, list_losses, register_loss
-from prodcat.model.optim import (
-    RowWiseAdamW,
-    RowWiseSGD,
-    build_optimizer,
-    optimizer_state_from_tensors,
-    optimizer_state_tensors,
-)
+from prodcat.model.optim import RowWiseAdamW, RowWiseSGD, build_optimizer
 from prodcat.model.sampled import SampledSoftmaxLoss
 from prodcat.model.samplers import create_sampler, list_samplers, register_sampler
 
@@ -37,6 +31,4 @@ __all__ = [
     "RowWiseAdamW",
     "RowWiseSGD",
     "build_optimizer",
-    "optimizer_state_tensors",
-    "optimizer_state_from_tensors",
 ]

@@ -15,8 +15,9 @@ gradients holding just those rows, and the output layer is updated lazily, row b
 
 Weight decay on the output rows is lazy too: a row decays only on steps that touch it. Everything else in the model
 (heads, dense outputs) gets ordinary AdamW / SGD through the same optimizer object, so LR schedulers, `zero_grad`
-and `state_dict()` / `load_state_dict()` work as usual; every state value is a plain tensor (safetensors-ready,
-see `optimizer_state_tensors`). Note: gradient clipping utilities do not accept sparse gradients.
+and `state_dict()` / `load_state_dict()` work as usual; every state value is a plain tensor (safetensors-ready: the
+checkpoint format in `prodcat.checkpoint` stores them). Note: gradient clipping utilities do not accept sparse
+gradients.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ __all__ = [
     "RowWiseAdamW",
     "RowWiseSGD",
     "build_optimizer",
-    "optimizer_state_tensors",
-    "optimizer_state_from_tensors",
 ]
 
 
@@ -171,36 +170,3 @@ def build_optimizer(
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
         return RowWiseAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
     return RowWiseSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def optimizer_state_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer `state_dict()` into flat tensors (for safetensors) and JSON-able metadata."""
-    tensors: dict[str, torch.Tensor] = {}
-    values: dict[str, Any] = {}
-    for index, param_state in state_dict["state"].items():
-        for key, value in param_state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().contiguous()
-            else:
-                values[f"{index}.{key}"] = value
-    groups = [
-        {key: list(value) if isinstance(value, tuple) else value for key, value in group.items()}
-        for group in state_dict["param_groups"]
-    ]
-    return tensors, {"param_groups": groups, "values": values}
-
-
-def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of `optimizer_state_tensors`: a dict that `optimizer.load_state_dict` takes."""
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = tensor
-    for name, value in meta.get("values", {}).items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    groups = [
-        {key: tuple(value) if key == "betas" else value for key, value in group.items()}
-        for group in meta["param_groups"]
-    ]
-    return {"state": state, "param_groups": groups}
