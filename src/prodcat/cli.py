@@ -96,6 +96,9 @@ def extract(
     ] = ExtractConfig.precision,
     distributed: Annotated[bool, typer.Option(help="Split shards across torchrun ranks.")] = False,
     name: Annotated[str | None, typer.Option(help="Store name (default <backbone>-<features>).")] = None,
+    dedupe: Annotated[
+        bool, typer.Option(help="Run each distinct picture once (catalog/pictures.parquet); copies share it.")
+    ] = ExtractConfig.dedupe,
 ) -> None:
     """Run a frozen pretrained backbone over the catalog into a resumable feature store."""
     from prodcat.features.backbones import WeightsError
@@ -116,6 +119,7 @@ def extract(
         precision=precision,
         distributed=distributed,
         name=name,
+        dedupe=dedupe,
     )
     try:
         store = run_extract(config)

@@ -106,6 +106,8 @@ class ExtractConfig:
     precision: str = "auto"
     distributed: bool = False
     name: str | None = None  # store name; default "<backbone>-<features>"
+    # Decode and run each distinct picture once (by catalog/pictures.parquet hash); duplicates share its vector.
+    dedupe: bool = True
 
     def __post_init__(self) -> None:
         _check(self.features in ("pooled", "spatial"), "features must be 'pooled' or 'spatial'")
@@ -115,7 +117,7 @@ class ExtractConfig:
         _check(self.workers is None or self.workers >= 0, "workers must be >= 0")
         self.splits = tuple(self.splits)
         for split in self.splits:
-            _check(split in ("train", "val", "test"), f"unknown split {split!r}")
+            _check(split in ("train", "val", "holdout", "test"), f"unknown split {split!r}")
 
     @property
     def store_name(self) -> str:
