@@ -176,6 +176,7 @@ def test_predictor_reports_matches_and_applies_the_choice(tmp_path: Path) -> Non
 
 
 def test_predict_bson_looks_up_training_twins(tmp_path: Path) -> None:
+    """Both submission paths: test.bson from the feature store, and any other BSON through the backbone."""
     import bson
 
     from picture_table import write_picture_table
@@ -188,22 +189,33 @@ def test_predict_bson_looks_up_training_twins(tmp_path: Path) -> None:
 
     torch.set_num_threads(2)
     data, workdir = tmp_path / "data", tmp_path / "W"
-    generate_demo(data, DemoConfig(products=40, test_products=0, categories=4, seed=1, image_size=64))
-    ingest(IngestConfig(data_dir=str(data), workdir=str(workdir), val_fraction=0.2))
-    write_picture_table(workdir)
-    extract(ExtractConfig(workdir=str(workdir), backbone="test_efficientnet", random_init=True,
-                          splits=("train", "val"), batch_size=32, workers=0))  # fmt: skip
-    run = train(TrainConfig(workdir=str(workdir), features="test_efficientnet-pooled", max_steps=3, batch_size=16,
-                            eval_every=3, warmup_steps=1, run_name="tiny"))  # fmt: skip
-    catalog = load_catalog(workdir, "train", split="train")
+    generate_demo(data, DemoConfig(products=40, test_products=6, categories=4, seed=1, image_size=64))
     with open(data / "train.bson", "rb") as source:
         documents = {int(doc["_id"]): doc for doc in bson.decode_file_iter(source)}
-    twin = documents[int(catalog["product_id"][0].as_py())]
+    with open(data / "test.bson", "rb") as source:
+        tests = list(bson.decode_file_iter(source))
+    reused = list(documents)[:3]  # test products 0-2 show the first picture of train.bson products 0-2
+    with open(data / "test.bson", "wb") as handle:
+        for k, doc in enumerate(tests):
+            imgs = documents[reused[k]]["imgs"][:1] if k < len(reused) else doc["imgs"]
+            handle.write(bson.encode({"_id": doc["_id"], "imgs": imgs}))
+    ingest(IngestConfig(data_dir=str(data), workdir=str(workdir), val_fraction=0.2))
+    write_picture_table(workdir)
+    extract(ExtractConfig(workdir=str(workdir), backbone="test_efficientnet", random_init=True, batch_size=32,
+                          workers=0))  # fmt: skip
+    run = train(TrainConfig(workdir=str(workdir), features="test_efficientnet-pooled", max_steps=3, batch_size=16,
+                            eval_every=3, warmup_steps=1, run_name="tiny"))  # fmt: skip
+    in_train = set(load_catalog(workdir, "train", split="train")["product_id"].to_pylist())
+    summary = predict_bson(run, data / "test.bson", tmp_path / "sub.csv")
+    assert summary["source"] == "store" and summary["products"] == 6
+    expected = sum(pid in in_train for pid in reused)
+    assert summary["twin_matched_products"] == expected >= 1  # val twins never count
+    chosen = json.loads((Path(run) / "eval" / "twins.json").read_text())  # made on val, since evaluate had not
+    assert chosen["selected_on"] == "val" and summary["twins"] == chosen["name"]
+    twin = documents[next(pid for pid in documents if pid in in_train)]
     query = tmp_path / "query.bson"
     with open(query, "wb") as handle:
         handle.write(bson.encode({"_id": 7, "imgs": twin["imgs"][:1]}))  # a training picture, byte for byte
         handle.write(bson.encode({"_id": 8, "imgs": []}))  # no picture: fallback, no twin
-    summary = predict_bson(run, query, tmp_path / "sub.csv")
-    assert summary["twin_matched_products"] == 1 and summary["products"] == 2
-    chosen = json.loads((Path(run) / "eval" / "twins.json").read_text())  # made on val, since evaluate had not
-    assert chosen["selected_on"] == "val" and summary["twins"] == chosen["name"]
+    summary = predict_bson(run, query, tmp_path / "sub2.csv")
+    assert summary["source"] == "backbone" and summary["twin_matched_products"] == 1 and summary["products"] == 2
