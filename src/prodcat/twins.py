@@ -156,7 +156,10 @@ class TwinIndex:
         first = np.searchsorted(self.keys[:, 0], words[:, 0], side="left")
         last = np.searchsorted(self.keys[:, 0], words[:, 0], side="right")
         found = np.full(len(words), -1, dtype=np.int64)
-        for i in np.flatnonzero(last > first):  # the first word alone nearly always decides
+        single = np.flatnonzero(last - first == 1)  # the first word alone nearly always decides
+        hit = self.keys[first[single], 1] == words[single, 1]
+        found[single[hit]] = first[single[hit]]
+        for i in np.flatnonzero(last - first > 1):  # shared first word: compare the second
             hits = first[i] + np.flatnonzero(self.keys[first[i] : last[i], 1] == words[i, 1])
             found[i] = hits[0] if len(hits) else -1
         return found

@@ -149,6 +149,22 @@ def join_pictures(
     return joined.sort_by("row")
 
 
+def _first_rows(hashes: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """For each of the n rows, the first row with the same hash (itself when unique or not in `rows`). Two-word
+    lexsort, stable, so the first of each run is the earliest row (np.unique on 16-byte voids is several times
+    slower at 12 M rows)."""
+    owner = np.arange(n, dtype=np.int64)
+    if not len(rows):
+        return owner
+    words = hashes[rows]
+    order = np.lexsort((words[:, 1], words[:, 0]))
+    ordered = words[order]
+    starts = np.flatnonzero(np.r_[True, (ordered[1:] != ordered[:-1]).any(axis=1)])
+    sizes = np.diff(np.r_[starts, len(order)])
+    owner[rows[order]] = rows[np.repeat(order[starts], sizes)]
+    return owner
+
+
 def _plan_dedupe(plan: RowPlan, workdir: str | Path, enabled: bool) -> None:
     """Attach hashes and picture offsets, and point every repeated picture at its first row (its owner)."""
     n = plan.rows.num_rows
@@ -166,12 +182,8 @@ def _plan_dedupe(plan: RowPlan, workdir: str | Path, enabled: bool) -> None:
     plan.picture_offset = joined["offset"].fill_null(-1).to_numpy().astype(np.int64)
     plan.picture_length = joined["length"].fill_null(-1).to_numpy().astype(np.int64)
     rows = np.flatnonzero(found)
-    keys = np.ascontiguousarray(plan.hashes[rows]).view(np.dtype((np.void, 16))).ravel()
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)  # first: earliest row of each hash
-    owner = np.arange(n, dtype=np.int64)
-    owner[rows] = rows[first[inverse.reshape(-1)]]
-    plan.owner = owner
-    computed = int(np.sum(owner == np.arange(n)))
+    plan.owner = _first_rows(plan.hashes, rows, n)
+    computed = int(np.sum(plan.owner == np.arange(n)))
     info.update(enabled=True, reason=None, computed=computed, copied=n - computed, rows_without_hash=int(n - len(rows)))
     log.info("dedupe on: %d rows, %d distinct pictures computed, %d rows copied", n, computed, n - computed)
     plan.dedupe = info
