@@ -131,12 +131,14 @@ def main() -> None:
     config = ExtractConfig(workdir=str(workdir), backbone=args.backbone, batch_size=32, shard_size=256, workers=0)
     splits = ("train", "val")
     load = {"start": os.getloadavg()[0]}
+    plans: dict[bool, dict] = {}
 
     def extract_once(dedupe: bool) -> float:
         path = workdir / "features" / ("dedupe" if dedupe else "plain")
         shutil.rmtree(path, ignore_errors=True)
         start = time.perf_counter()
         plan = plan_rows(workdir, splits, dedupe=dedupe)
+        plans[dedupe] = plan.dedupe
         meta = {"backbone": args.backbone, "weights_id": backbone.weights_id, "kind": "pooled", "preprocessing": None}
         store = FeatureStore.create(path, plan.rows, (backbone.spec.num_features,), config.shard_size, meta)
         _run_shards(store, store.missing_shards(), plan, preprocess, runner, config, DistInfo())
@@ -164,7 +166,7 @@ def main() -> None:
         "products": products,
         "rows": rows,
         **share,
-        "computed_with_dedupe": dedupe_store.manifest["dedupe"]["computed"],
+        "computed_with_dedupe": plans[True]["computed"],
         "plain_pictures_per_s": round(plain, 1),
         "dedupe_pictures_per_s": round(dedupe, 1),
         "plain_s": [round(t, 3) for t in times["plain"]],
