@@ -208,3 +208,17 @@ def test_kill_and_resume_with_dedupe_equals_uninterrupted_run(workdir: Path) -> 
     assert _store_bytes(shards.parent) == _store_bytes(reference)
     assert FeatureStore.open(shards.parent).rows.equals(FeatureStore.open(reference).rows)
     assert FeatureStore.open(reference).manifest["dedupe"]["copied"] > 0
+
+
+def test_two_torchrun_ranks_with_dedupe_match_single_process(workdir: Path) -> None:
+    reference = FeatureStore.open(extract(_config(workdir, batch_size=2, shard_size=4, name="single")))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(29600 + os.getpid() % 1000)]  # fmt: skip
+    result = subprocess.run([*torchrun, *_cli(workdir, "ranks")[1:], "--distributed"], capture_output=True, text=True,
+                            timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = FeatureStore.open(workdir / "features" / "ranks")
+    assert ranks.rows.equals(reference.rows) and ranks.manifest["dedupe"] == reference.manifest["dedupe"]
+    assert not list((ranks.path / "shards").glob("*.part.json"))
+    # Ranks run with fewer threads, which may reorder float sums; float16 storage absorbs nearly all of it.
+    np.testing.assert_allclose(ranks.read_all(), reference.read_all(), rtol=2e-3, atol=2e-3)
