@@ -268,6 +268,9 @@ def predict(
 
     summary = predict_bson(run, bson, out, batch_size=batch_size)
     typer.echo(f"{summary['products']} products -> {out} ({summary['fallback_products']} without decodable images)")
+    if summary.get("twin_matched_products"):
+        typer.echo(f"{summary['twin_matched_products']} products share a picture with training products (twins: "
+                   f"{summary['twins']}, chosen on val)")  # fmt: skip
 
 
 @app.command()
