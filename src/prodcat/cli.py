@@ -123,6 +123,9 @@ def extract(
     ] = ExtractConfig.precision,
     distributed: Annotated[bool, typer.Option(help="Split shards across torchrun ranks.")] = False,
     name: Annotated[str | None, typer.Option(help="Store name (default <backbone>-<features>).")] = None,
+    dedupe: Annotated[
+        bool, typer.Option(help="Run each distinct picture once (catalog/pictures.parquet); copies share it.")
+    ] = ExtractConfig.dedupe,
 ) -> None:
     """Run a frozen pretrained backbone over the catalog into a resumable feature store."""
     from prodcat.features.backbones import WeightsError
@@ -143,6 +146,7 @@ def extract(
         precision=precision,
         distributed=distributed,
         name=name,
+        dedupe=dedupe,
     )
     try:
         store = run_extract(config)
@@ -310,6 +314,9 @@ def predict(
 
     summary = predict_bson(run, bson, out, batch_size=batch_size)
     typer.echo(f"{summary['products']} products -> {out} ({summary['fallback_products']} without decodable images)")
+    if summary.get("twin_matched_products"):
+        typer.echo(f"{summary['twin_matched_products']} products share a picture with training products (twins: "
+                   f"{summary['twins']}, chosen on val)")  # fmt: skip
 
 
 @app.command()

@@ -133,6 +133,8 @@ class ExtractConfig:
     precision: str = "auto"
     distributed: bool = False
     name: str | None = None  # store name; default "<backbone>-<features>"
+    # Decode and run each distinct picture once (by catalog/pictures.parquet hash); duplicates share its vector.
+    dedupe: bool = True
 
     def __post_init__(self) -> None:
         _check(self.features in ("pooled", "spatial"), "features must be 'pooled' or 'spatial'")

@@ -12,7 +12,7 @@ import dataclasses
 import io
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.extract import stored_features
 from prodcat.paths import WorkPaths
 from prodcat.utils import atomic_write_text, get_logger, progress, read_json
+
+if TYPE_CHECKING:
+    from prodcat.twins import TwinChoice, TwinIndex, TwinMatch
 
 __all__ = ["CategoryScore", "ProductPrediction", "Predictor", "aggregate_products", "predict_bson", "AGGREGATIONS"]
 
@@ -46,6 +49,7 @@ class ProductPrediction:
     accepted: bool
     threshold: float | None
     aggregation: str
+    training_matches: TwinMatch | None = None  # photos byte-identical to training pictures (None: no match)
 
 
 def aggregate_products(log_probs: np.ndarray, product_index: np.ndarray, num_products: int, method: str) -> np.ndarray:
@@ -111,6 +115,10 @@ class Predictor:
         self.aggregation: str = metrics.get("product", {}).get("aggregation", "mean_prob")
         self.store_name = store_name or extract_config.store_name  # the feature store the head was trained on
         self.accept_threshold: float | None = metrics.get("confidence", {}).get("threshold")
+        from prodcat.twins import load_twin_choice
+
+        self.twin_choice: TwinChoice | None = load_twin_choice(self.run_dir)  # None: not chosen on val yet
+        self._twins: TwinIndex | None | bool = False  # False: not built yet
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None, which: str = "best") -> Predictor:
@@ -168,6 +176,41 @@ class Predictor:
     def image_log_probs(self, images: Sequence[torch.Tensor]) -> np.ndarray:
         return self.log_probs_from_features(self.image_features(images))
 
+    # -- training twins --------------------------------------------------------------------------------------------
+    @property
+    def twins(self) -> TwinIndex | None:
+        """Hashes of the train split's pictures -> their products' labels (None without catalog/pictures.parquet);
+        built on first use."""
+        if self._twins is False:
+            from prodcat.twins import TwinIndex
+
+            try:
+                self._twins = TwinIndex.from_workdir(self.extract_config.workdir, ("train",))
+            except FileNotFoundError as error:  # no train catalog beside the run: no twins, say why once
+                log.info("no training twins: %s", error)
+                self._twins = None
+        return self._twins  # type: ignore[return-value]
+
+    @property
+    def has_twins(self) -> bool:
+        return self.twins is not None
+
+    def _with_twins(
+        self, product_log_probs: np.ndarray, hashes: Sequence[Sequence[bytes] | None]
+    ) -> tuple[np.ndarray, list[TwinMatch | None]]:
+        """Fold the twins' labels into product log-probabilities as chosen on val; the matches of each product."""
+        from prodcat.twins import TwinChoice, apply_twins, digest_words
+
+        index = self.twins
+        if index is None:
+            return product_log_probs, [None] * len(hashes)
+        choice = self.twin_choice or TwinChoice()
+        digests = [list(product or []) for product in hashes]
+        product_index = np.repeat(np.arange(len(digests)), [len(d) for d in digests])
+        votes = index.votes(product_index, digest_words([d for product in digests for d in product]))
+        matches = [index.match(digest_words(d), choice.name) if d else None for d in digests]
+        return apply_twins(product_log_probs, votes, choice), matches
+
     # -- products ------------------------------------------------------------------------------------------------
     def scores(self, log_probs: np.ndarray, top_k: int) -> list[list[CategoryScore]]:
         top_k = min(top_k, log_probs.shape[1])
@@ -181,36 +224,54 @@ class Predictor:
         level1, level2, level3 = self.taxonomy.names(label)
         return CategoryScore(label, int(self.taxonomy.category_ids[label]), probability, level1, level2, level3)
 
-    def predict_products(self, products: Sequence[Sequence[torch.Tensor]], top_k: int = 5) -> list[ProductPrediction]:
-        """One batched forward for all images of all products; then per-product aggregation."""
+    def predict_products(
+        self,
+        products: Sequence[Sequence[torch.Tensor]],
+        top_k: int = 5,
+        hashes: Sequence[Sequence[bytes] | None] | None = None,
+    ) -> list[ProductPrediction]:
+        """One batched forward for all images of all products; then per-product aggregation. `hashes`: the
+        xxh3_128 digests of each product's raw photo bytes, to look up training twins."""
         images = [image for product in products for image in product]
         product_index = np.repeat(np.arange(len(products)), [len(product) for product in products])
         image_log_probs = self.image_log_probs(images)
         product_log_probs = aggregate_products(image_log_probs, product_index, len(products), self.aggregation)
+        matches: list[TwinMatch | None] = [None] * len(products)
+        if hashes is not None:
+            product_log_probs, matches = self._with_twins(product_log_probs, hashes)
         image_scores = self.scores(image_log_probs, top_k)
         predictions = []
         for index, top in enumerate(self.scores(product_log_probs, top_k)):
             accepted = self.accept_threshold is not None and top[0].probability >= self.accept_threshold
             per_image = [image_scores[i] for i in np.flatnonzero(product_index == index)]
             predictions.append(
-                ProductPrediction(top, per_image, bool(accepted), self.accept_threshold, self.aggregation)
+                ProductPrediction(
+                    top, per_image, bool(accepted), self.accept_threshold, self.aggregation, matches[index]
+                )
             )
         return predictions
 
-    def predict_product(self, images: Sequence[torch.Tensor], top_k: int = 5) -> ProductPrediction:
-        return self.predict_products([images], top_k)[0]
+    def predict_product(
+        self, images: Sequence[torch.Tensor], top_k: int = 5, hashes: Sequence[bytes] | None = None
+    ) -> ProductPrediction:
+        return self.predict_products([images], top_k, None if hashes is None else [hashes])[0]
 
 
-def _iter_product_batches(bson_path: Path, batch_size: int) -> Iterator[tuple[np.ndarray, list[list[Any]], int]]:
-    """(product ids, decoded images per product, failed images) in file order, about batch_size images at a time."""
+_Batch = tuple[np.ndarray, list[list[Any]], list[list[bytes]], int]
+
+
+def _iter_product_batches(bson_path: Path, batch_size: int) -> Iterator[_Batch]:
+    """(product ids, decoded images per product, picture digests per product, failed images) in file order, about
+    batch_size images at a time."""
     from prodcat.data.bson_index import BsonReader, index_bson
     from prodcat.data.images import decode_image
+    from prodcat.features.extract import picture_digest
 
     index = index_bson(bson_path)
     for problem in index.problems:
         log.warning("%s (no row can be written without a readable _id)", problem)
     with BsonReader(bson_path) as reader:
-        ids, products, count, failed = [], [], 0, 0
+        ids, products, digests, count, failed = [], [], [], 0, 0
         for product_id, offset, length in zip(index.product_id, index.offset, index.length, strict=True):
             decoded = []
             try:
@@ -225,12 +286,13 @@ def _iter_product_batches(bson_path: Path, batch_size: int) -> Iterator[tuple[np
                     failed += 1
             ids.append(int(product_id))
             products.append(decoded)
+            digests.append([picture_digest(picture) for picture in pictures])
             count += len(decoded)
             if count >= batch_size:
-                yield np.asarray(ids), products, failed
-                ids, products, count, failed = [], [], 0, 0
+                yield np.asarray(ids), products, digests, failed
+                ids, products, digests, count, failed = [], [], [], 0, 0
         if ids:
-            yield np.asarray(ids), products, failed
+            yield np.asarray(ids), products, digests, failed
 
 
 def predict_bson(run_dir: str | Path, bson_path: str | Path, out: str | Path, batch_size: int = 64) -> dict:
@@ -241,27 +303,39 @@ def predict_bson(run_dir: str | Path, bson_path: str | Path, out: str | Path, ba
     from prodcat.data.bson_index import index_bson
 
     predictor = Predictor.load(run_dir)
+    _ensure_twin_choice(predictor)
     fallback_category = int(predictor.taxonomy.category_ids[0])
     index = index_bson(bson_path)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["_id", "category_id"])
-    cached = _from_store(predictor, Path(bson_path), index.product_id)
-    if cached is not None:
+    from_store = _from_store(predictor, Path(bson_path), index.product_id)
+    if from_store is not None:
+        cached, twin_products = from_store
         for product_id, category in zip(index.product_id, cached, strict=True):
             writer.writerow([int(product_id), int(category) if category >= 0 else fallback_category])
         atomic_write_text(out, buffer.getvalue())
         fallback = int(np.sum(cached < 0))
         _warn_fallback(fallback, fallback_category)
-        return {"products": len(cached), "fallback_products": fallback, "failed_images": None, "source": "store"}
+        return {
+            "products": len(cached),
+            "fallback_products": fallback,
+            "failed_images": None,
+            "source": "store",
+            **_twin_summary(predictor, twin_products),
+        }
     summary = {"products": 0, "fallback_products": 0, "failed_images": 0, "source": "backbone"}
+    twin_products = 0
     bar = progress(total=len(index), desc="predict", unit="product")
-    for ids, products, failed in _iter_product_batches(Path(bson_path), batch_size):
+    for ids, products, digests, failed in _iter_product_batches(Path(bson_path), batch_size):
         with_images = [i for i, product in enumerate(products) if product]
         categories = np.full(len(ids), fallback_category, dtype=np.int64)
         if with_images:
-            predictions = predictor.predict_products([products[i] for i in with_images], top_k=1)
+            predictions = predictor.predict_products(
+                [products[i] for i in with_images], top_k=1, hashes=[digests[i] for i in with_images]
+            )
             categories[with_images] = [p.top[0].category_id for p in predictions]
+            twin_products += sum(p.training_matches is not None for p in predictions)
         for product_id, category in zip(ids, categories, strict=True):
             writer.writerow([int(product_id), int(category)])
         summary["products"] += len(ids)
@@ -271,7 +345,28 @@ def predict_bson(run_dir: str | Path, bson_path: str | Path, out: str | Path, ba
     bar.close()
     atomic_write_text(out, buffer.getvalue())
     _warn_fallback(summary["fallback_products"], fallback_category)
-    return summary
+    return {**summary, **_twin_summary(predictor, twin_products)}
+
+
+def _ensure_twin_choice(predictor: Predictor) -> None:
+    """With twins but no choice yet (evaluate has not run), make it on val now, as evaluate would."""
+    if predictor.twin_choice is not None or not predictor.has_twins:
+        return
+    from prodcat.twins import TwinChoice, choose_twins, load_twin_choice
+
+    try:
+        chosen = choose_twins(predictor, "val")
+        predictor.twin_choice = load_twin_choice(predictor.run_dir)
+        log.info("twins: chose %s on val (%d of %d products matched)", chosen["name"], chosen["matched_products"],
+                 chosen["products"])  # fmt: skip
+    except (ValueError, FileNotFoundError) as error:  # no val split in the store: report twins, change nothing
+        log.info("twins: no val choice possible (%s); predictions ignore them", error)
+        predictor.twin_choice = TwinChoice()
+
+
+def _twin_summary(predictor: Predictor, matched_products: int) -> dict[str, Any]:
+    choice = predictor.twin_choice
+    return {"twin_matched_products": int(matched_products), "twins": choice.name if choice else "none"}
 
 
 def _warn_fallback(count: int, category: int) -> None:
@@ -279,8 +374,9 @@ def _warn_fallback(count: int, category: int) -> None:
         log.warning("%d products had no decodable image and got the most frequent category %d", count, category)
 
 
-def _from_store(predictor: Predictor, bson_path: Path, product_ids: np.ndarray) -> np.ndarray | None:
-    """Category per product from the run's feature store when it already holds every product of this file.
+def _from_store(predictor: Predictor, bson_path: Path, product_ids: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """Category per product from the run's feature store when it already holds every product of this file, and
+    how many products had training twins.
 
     Returns -1 for products whose images were all masked as undecodable; None when the store cannot serve.
     """
@@ -302,7 +398,23 @@ def _from_store(predictor: Predictor, bson_path: Path, product_ids: np.ndarray) 
     log_probs = predictor.log_probs_from_features(store.read(valid))
     ids, product_index = np.unique(store.column("product_id")[valid], return_inverse=True)
     product_log_probs = aggregate_products(log_probs, product_index, len(ids), predictor.aggregation)
+    product_log_probs, twin_products = _store_twins(predictor, store, valid, product_index, product_log_probs)
     best = dict(
         zip(ids.tolist(), predictor.taxonomy.category_ids[product_log_probs.argmax(axis=1)].tolist(), strict=True)
     )
-    return np.array([best.get(int(pid), -1) for pid in product_ids], dtype=np.int64)
+    return np.array([best.get(int(pid), -1) for pid in product_ids], dtype=np.int64), twin_products
+
+
+def _store_twins(
+    predictor: Predictor, store: Any, rows: np.ndarray, product_index: np.ndarray, product_log_probs: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Twin evidence for stored test rows, their hashes read from catalog/pictures.parquet."""
+    from prodcat.twins import TwinChoice, apply_twins, row_words
+
+    index = predictor.twins
+    if index is None:
+        return product_log_probs, 0
+    words, found = row_words(predictor.extract_config.workdir, store, rows)
+    votes = index.votes(product_index[found], words[found])
+    choice = predictor.twin_choice or TwinChoice()
+    return apply_twins(product_log_probs, votes, choice), int(len(np.unique(votes.product)))

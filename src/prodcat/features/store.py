@@ -5,6 +5,8 @@ Layout of `W/features/<name>/`:
   rows.parquet         one row per image: row, product_id, image_index, label, level1, level2, split, valid
   shards/00000.npy     float16 array (rows_in_shard, *feature_shape), rows [k*S, (k+1)*S) of rows.parquet
   shards/00000.json    written after the .npy: its presence marks the shard complete; lists undecodable images
+  shards/00000.part.json  (dedupe, torchrun) the .npy holds the shard's own pictures, copies from other shards
+                       are still pending; replaced by 00000.json once they are filled
   errors.json          (product_id, image_index, reason) of every masked image, written by `finalize`
 
 The row plan is fixed before any shard is computed, so a killed run restarts by computing only the shards whose
@@ -102,6 +104,21 @@ class FeatureStore:
     def marker_path(self, shard: int) -> Path:
         return self.path / "shards" / f"{shard:05d}.json"
 
+    def partial_path(self, shard: int) -> Path:
+        return self.path / "shards" / f"{shard:05d}.part.json"
+
+    def is_partial(self, shard: int) -> bool:
+        return not self.marker_path(shard).is_file() and self.partial_path(shard).is_file()
+
+    def has_own_pictures(self, shard: int) -> bool:
+        """Whether the .npy holds the vectors this shard computes itself (complete or partial)."""
+        return self.marker_path(shard).is_file() or self.partial_path(shard).is_file()
+
+    def shard_invalid(self, shard: int) -> list[tuple[int, str]]:
+        """(row within shard, reason) of the masked images recorded so far (complete or partial marker)."""
+        path = self.marker_path(shard) if self.marker_path(shard).is_file() else self.partial_path(shard)
+        return [(int(row), str(reason)) for row, reason in read_json(path)["invalid"]]
+
     @property
     def manifest(self) -> dict[str, Any]:
         if self._manifest is None:
@@ -133,15 +150,19 @@ class FeatureStore:
         return [k for k in range(self.num_shards) if not self.marker_path(k).is_file()]
 
     # -- writing ----------------------------------------------------------------------------------------------------
-    def write_shard(self, shard: int, result: ShardResult) -> None:
-        """Features first, marker second: a marker always means the features beside it are whole."""
+    def write_shard(self, shard: int, result: ShardResult, partial: bool = False) -> None:
+        """Features first, marker second: a marker always means the features beside it are whole (a partial
+        marker: whole except the copies still to fill)."""
         start, stop = self.shard_rows(shard)
         expected = (stop - start, *self.feature_shape)
         if result.features.shape != expected:
             raise StoreError(f"shard {shard}: features {result.features.shape}, expected {expected}")
         with atomic_open(self.shard_path(shard)) as handle:
             np.save(handle, np.ascontiguousarray(result.features, dtype=np.float16))
-        write_json(self.marker_path(shard), {"rows": stop - start, "invalid": result.invalid})
+        marker = {"rows": stop - start, "invalid": sorted(result.invalid)}
+        write_json(self.partial_path(shard) if partial else self.marker_path(shard), marker)
+        if not partial:
+            self.partial_path(shard).unlink(missing_ok=True)
 
     def finalize(self) -> None:
         """Fold the per-shard invalid lists into rows.parquet and mark the store complete (idempotent)."""

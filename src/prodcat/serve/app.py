@@ -191,6 +191,17 @@ def _decode_all(uploads: Sequence[UploadFile], max_pixels: int) -> list[torch.Te
     return images
 
 
+def _upload_digests(uploads: Sequence[UploadFile]) -> list[bytes]:
+    """xxh3_128 of each upload's bytes, as ingest hashes pictures: the key of the training-twin lookup."""
+    from prodcat.features.extract import picture_digest
+
+    digests = []
+    for upload in uploads:
+        upload.file.seek(0)
+        digests.append(picture_digest(upload.file.read()))
+    return digests
+
+
 def _where(index: int, upload: UploadFile) -> str:
     return f"images[{index}] {upload.filename!r}" if upload.filename else f"images[{index}]"
 
@@ -220,6 +231,7 @@ def _classify_json(
     decode_ms: float,
     started: float,
 ) -> dict[str, Any]:
+    matches = getattr(prediction, "training_matches", None)
     per_image = [
         {
             "index": index,
@@ -235,6 +247,8 @@ def _classify_json(
         "accepted": bool(prediction.accepted),
         "threshold": None if prediction.threshold is None else float(prediction.threshold),
         "aggregation": prediction.aggregation,
+        # Photos byte-identical to training pictures, and how many training products hold them (null: none).
+        "training_matches": None if matches is None else matches.as_json(),
         "images": per_image,
         "batch": {"products": info.products, "images": info.images},
         "timing_ms": {
@@ -317,7 +331,8 @@ async def classify(
             decode_start = time.perf_counter()
             images = await asyncio.to_thread(_decode_all, uploads, config.max_pixels)
             decode_ms = (time.perf_counter() - decode_start) * 1e3
-            prediction, info = await runner.predict(images, k)
+            hashes = await asyncio.to_thread(_upload_digests, uploads) if state.hash_uploads else None
+            prediction, info = await runner.predict(images, k, hashes)
     finally:
         await form.close()
     return JSONResponse(_classify_json(prediction, uploads, images, info, decode_ms, started))
@@ -481,6 +496,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
     app.state.predictor, app.state.config, app.state.runner = predictor, config, runner
     app.state.model_info = _model_info(predictor, config)
     app.state.categories = _category_items(predictor)
+    app.state.hash_uploads = bool(getattr(predictor, "has_twins", False))  # builds the twin index before serving
     _install_error_handlers(app)
     app.add_middleware(_InternalErrorMiddleware)
     app.include_router(router)

@@ -57,6 +57,7 @@ class _Pending:
     top_k: int
     future: asyncio.Future[tuple[ProductPrediction, BatchInfo]]
     submitted: float
+    hashes: list[bytes] | None = None  # digests of the photos' bytes, for training-twin lookup
 
 
 def _truncate(prediction: ProductPrediction, top_k: int) -> ProductPrediction:
@@ -106,15 +107,17 @@ class Runner:
         return self._in_flight - self._submitted
 
     async def _forward(
-        self, products: list[list[torch.Tensor]], top_k: int
+        self, products: list[list[torch.Tensor]], top_k: int, hashes: list[list[bytes] | None] | None = None
     ) -> tuple[list[ProductPrediction], float, float]:
         """One predict_products call on the model thread; returns predictions, start and end times."""
         if self._executor is None:
             raise RuntimeError("runner is not started (the app's lifespan did not run)")
+        # Only predictors with a twin index get hashes (a predictor without one need not accept the argument).
+        extra = {"hashes": hashes} if hashes is not None and any(h is not None for h in hashes) else {}
 
         def timed() -> tuple[list[ProductPrediction], float, float]:
             started = time.perf_counter()
-            predictions = self.predictor.predict_products(products, top_k=top_k)
+            predictions = self.predictor.predict_products(products, top_k=top_k, **extra)
             return predictions, started, time.perf_counter()
 
         predictions, started, finished = await asyncio.get_running_loop().run_in_executor(self._executor, timed)
@@ -122,18 +125,22 @@ class Runner:
             raise RuntimeError(f"predict_products returned {len(predictions)} predictions for {len(products)} products")
         return predictions, started, finished
 
-    async def predict(self, images: list[torch.Tensor], top_k: int) -> tuple[ProductPrediction, BatchInfo]:
+    async def predict(
+        self, images: list[torch.Tensor], top_k: int, hashes: list[bytes] | None = None
+    ) -> tuple[ProductPrediction, BatchInfo]:
         raise NotImplementedError
 
 
 class DirectRunner(Runner):
     """One forward per request, still on the model thread (the benchmark's baseline)."""
 
-    async def predict(self, images: list[torch.Tensor], top_k: int) -> tuple[ProductPrediction, BatchInfo]:
+    async def predict(
+        self, images: list[torch.Tensor], top_k: int, hashes: list[bytes] | None = None
+    ) -> tuple[ProductPrediction, BatchInfo]:
         self._submitted += 1
         submitted = time.perf_counter()
         try:
-            predictions, started, finished = await self._forward([images], top_k)
+            predictions, started, finished = await self._forward([images], top_k, [hashes])
         except Exception as error:
             log.exception("predictor failed on a request of %d images", len(images))
             raise ModelError("the model failed on this request") from error
@@ -170,11 +177,13 @@ class MicroBatcher(Runner):
                 pending.future.set_exception(ModelError("server is shutting down"))
         await super().stop()
 
-    async def predict(self, images: list[torch.Tensor], top_k: int) -> tuple[ProductPrediction, BatchInfo]:
+    async def predict(
+        self, images: list[torch.Tensor], top_k: int, hashes: list[bytes] | None = None
+    ) -> tuple[ProductPrediction, BatchInfo]:
         if self._task is None or self._wakeup is None:
             raise RuntimeError("micro-batcher is not started (the app's lifespan did not run)")
         future: asyncio.Future[tuple[ProductPrediction, BatchInfo]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(images, top_k, future, time.perf_counter()))
+        self._queue.append(_Pending(images, top_k, future, time.perf_counter(), hashes))
         self._submitted += 1
         self._wakeup.set()
         try:
@@ -234,7 +243,9 @@ class MicroBatcher(Runner):
         if not batch:
             return
         top_k = max(pending.top_k for pending in batch)
-        predictions, started, finished = await self._forward([pending.images for pending in batch], top_k)
+        predictions, started, finished = await self._forward(
+            [pending.images for pending in batch], top_k, [pending.hashes for pending in batch]
+        )
         self.batches += 1
         images = sum(len(pending.images) for pending in batch)
         for pending, prediction in zip(batch, predictions, strict=True):

@@ -174,9 +174,22 @@ function renderVerdict(result) {
     : `top answer ${percent(top.probability)} ${result.accepted ? "≥" : "<"} threshold ${percent(result.threshold)}`;
 }
 
+// Photos byte-identical to training pictures: their training products' labels are evidence (chosen on val).
+function renderMatches(result) {
+  const box = $("#training-matches");
+  const matches = result.training_matches;
+  box.hidden = !matches;
+  if (!matches) return;
+  const photos = matches.pictures_matched === 1 ? "1 photo is" : `${matches.pictures_matched} photos are`;
+  const products = matches.products === 1 ? "1 training product" : `${matches.products} training products`;
+  const used = matches.applied === "none" ? "" : ` · their categories were used (${matches.applied})`;
+  box.textContent = `${photos} identical to pictures of ${products}${used}`;
+}
+
 function renderResults(result) {
   $("#error").hidden = true;
   renderVerdict(result);
+  renderMatches(result);
   $("#predictions").replaceChildren(...result.top.map((score, index) => predictionItem(score, index + 1)));
   result.images.forEach((image, index) => {
     const caption = document.querySelector(`#thumbnails .thumb[data-index="${index}"] .thumb-top`);
