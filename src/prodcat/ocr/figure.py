@@ -23,8 +23,10 @@ def _chosen(pictures: pa.Table, count: int) -> list[int]:
     return [int(row) for row in np.concatenate([with_text, others])[:count]]
 
 
-def draw_examples(path: Path, plan: Any, pictures: pa.Table, words: pa.Table, count: int = 6) -> Path:
-    """Draw up to `count` pictures with their word boxes and words; returns the PNG path."""
+def draw_examples(
+    path: Path, plan: Any, pictures: pa.Table, words: pa.Table, count: int = 6, min_confidence: float = 0.5
+) -> Path:
+    """Draw up to `count` pictures with their word boxes and words (titles: the confident ones); returns the PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,14 +51,16 @@ def draw_examples(path: Path, plan: Any, pictures: pa.Table, words: pa.Table, co
         except Exception:  # noqa: BLE001 - an unreadable picture still gets its panel and status
             ax.text(0.5, 0.5, "unreadable", ha="center", transform=ax.transAxes)
         mine = words.filter(pa.array((products == product) & (indices == index)))
-        for left, top, right, bottom, text in zip(
-            *(mine[k].to_pylist() for k in ("left", "top", "right", "bottom", "word")), strict=True
-        ):
-            ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, color="red", linewidth=1))
-            ax.text(left, top - 1, text, color="red", fontsize=6, va="bottom")
-        read = " ".join(mine["word"].to_pylist())
-        ax.set_title(f"{product}/{index} {status}\n{read[:60]}", fontsize=7)
-    figure.suptitle("What OCR read (red: word boxes)", fontsize=10)
+        sure = []
+        fields = ("left", "top", "right", "bottom", "word", "confidence")
+        rows_read = zip(*(mine[k].to_pylist() for k in fields), strict=True)
+        for left, top, right, bottom, text, confidence in rows_read:
+            colour = "red" if confidence >= min_confidence else "grey"
+            ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, color=colour, linewidth=1))
+            ax.text(left, top - 1, text, color=colour, fontsize=6, va="bottom")
+            sure += [text] if confidence >= min_confidence else []
+        ax.set_title(f"{product}/{index} {status}\n{' '.join(sure)[:60]}", fontsize=7)
+    figure.suptitle(f"What OCR read (red: confidence >= {min_confidence}, grey: below)", fontsize=10)
     figure.tight_layout()
     with atomic_open(path) as handle:
         figure.savefig(handle, format="png", dpi=110)

@@ -14,7 +14,7 @@ import re
 import unicodedata
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 __all__ = ["COVER_WORDS", "RenderedCover", "render_cover", "find_fonts", "ground_truth_words", "words_right"]
 
@@ -41,8 +41,11 @@ class RenderedCover:
     sizes: tuple[int, ...]
 
 
-def render_cover(seed: int, size: int = 180, angle: float = 3.0, noise: float = 6.0) -> RenderedCover:
-    """A cover with 2-4 lines of 1-2 words; font sizes 14-26 px, rotation within +-angle degrees."""
+def render_cover(
+    seed: int, size: int = 180, angle: float = 3.0, noise: float = 6.0, blur: float = 0.0, quality: int = 80
+) -> RenderedCover:
+    """A cover with 2-4 lines of 1-2 words; font sizes 14-26 px, rotation within +-angle degrees, Gaussian noise of
+    `noise` grey levels, a Gaussian blur of `blur` pixels, JPEG at `quality`."""
     rng = np.random.default_rng(seed)
     fonts = [f for f in find_fonts() if "ExtraLight" not in f]
     if not fonts:
@@ -70,9 +73,11 @@ def render_cover(seed: int, size: int = 180, angle: float = 3.0, noise: float = 
         sizes.append(font_size)
         y += int(font_size * 1.3)
     turned = image.rotate(float(rng.uniform(-angle, angle)), resample=Image.Resampling.BICUBIC, fillcolor=ground)
+    if blur > 0:
+        turned = turned.filter(ImageFilter.GaussianBlur(blur))
     pixels = np.asarray(turned, dtype=np.float32) + rng.normal(0, noise, (size, size, 3))
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=80)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=quality)
     return RenderedCover(
         Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), tuple(words), font_path, tuple(sizes)
     )

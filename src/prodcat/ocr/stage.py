@@ -32,9 +32,19 @@ from prodcat.data.bson_index import BsonReader
 from prodcat.data.catalog import catalog_source, load_catalog
 from prodcat.ocr.engine import DEFAULT_ENGINE, OcrEngine, create_engine, list_engines
 from prodcat.ocr.select import create_selector, list_selectors, text_score
+from prodcat.ocr.text_features import TextFeatureConfig, normalise
 from prodcat.utils import get_logger, progress, read_json, write_json, write_parquet
 
-__all__ = ["OcrConfig", "OcrError", "PicturePlan", "plan_pictures", "run_ocr", "ocr_dir", "CDISCOUNT_PICTURES"]
+__all__ = [
+    "OcrConfig",
+    "OcrError",
+    "PicturePlan",
+    "plan_pictures",
+    "run_ocr",
+    "ocr_dir",
+    "has_text",
+    "CDISCOUNT_PICTURES",
+]
 
 CDISCOUNT_PICTURES = 12_371_293  # Kaggle train.bson: 12.4 M pictures
 log = get_logger("prodcat.ocr")
@@ -169,9 +179,19 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(engine: str | OcrEngine, select: str) -> None:
     # One thread per worker: the cores are shared out by processes (set before tesserocr loads OpenMP).
     os.environ.setdefault("OMP_THREAD_LIMIT", "1")
+    import prodcat.data.images  # noqa: F401 - loaded (with torch) now, so the first picture's time is its own
+
     _WORKER["engine"] = create_engine(engine) if isinstance(engine, str) else engine
     _WORKER["select"] = create_selector(select)
     _WORKER["readers"] = {}
+
+
+def has_text(words: list[Any]) -> bool:
+    """A picture has text when one word is a word to the text features too (sure enough, 2+ letters or digits):
+    engines read stray marks (")", "4") off photos, which should not count as text."""
+    config = TextFeatureConfig()
+    sure = [word.text for word in words if word.confidence >= config.min_confidence]
+    return any(len(token) >= config.min_length for text in sure for token in normalise(text))
 
 
 def _read_picture(plan: PicturePlan, row: int, cache: dict) -> Any:
@@ -202,7 +222,7 @@ def _ocr_picture(plan: PicturePlan, row: int, cache: dict) -> tuple[dict[str, An
             status["status"] = "skipped"
             return status, []
         words = _WORKER["engine"].read(image)
-        status.update(status="ok" if words else "no_text", words=len(words))
+        status.update(status="ok" if has_text(words) else "no_text", words=len(words))
         return status, words
     except Exception as error:  # noqa: BLE001 - one bad picture is reported, the run goes on
         status["reason"] = f"{where}: {type(error).__name__}: {error}"
@@ -386,6 +406,6 @@ def _summary_line(summary: dict[str, Any]) -> str:
     return (
         f"{summary['pictures']} pictures: {summary['ok']} with text, {summary['no_text']} without, "
         f"{summary['failed']} failed, {summary['skipped']} skipped by --select {summary['select']}; "
-        f"{rate or 0:.1f} pictures/s on {summary['workers']} workers; Cdiscount's 12.4 M pictures: "
+        f"{rate or 0:.1f} pictures/s on {summary['workers']} worker(s); Cdiscount's 12.4 M pictures: "
         f"{hours or 0:.1f} h here"
     )
