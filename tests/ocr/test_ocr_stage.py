@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -107,10 +113,36 @@ def test_tesseract_end_to_end_with_two_worker_processes(cover_workdir) -> None:
 
 
 def test_cli_without_tesseract_says_how_to_install(cover_workdir, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-
     workdir, _ = cover_workdir
     monkeypatch.setitem(sys.modules, "tesserocr", None)
     result = CliRunner().invoke(app, ["ocr", "--workdir", str(workdir), "--split", "train"])
     assert result.exit_code == 2
     assert "apt-get install tesseract-ocr tesseract-ocr-fra" in result.output
+
+
+def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(cover_workdir, tmp_path: Path) -> None:
+    try:
+        create_engine("tesseract")
+    except EngineUnavailable as error:
+        pytest.skip(f"Tesseract not installed: {error}")
+    workdir, _ = cover_workdir
+    args = ["--split", "train", "--workers", "0", "--shard-size", "2"]
+    command = [sys.executable, "-m", "prodcat", "ocr", "--workdir", str(workdir), *args]
+    env = dict(os.environ, PRODCAT_OCR_SLOW_SHARDS="5", PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = workdir / "ocr" / "shards"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(shards.glob("*.done")) and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(list(shards.glob("*.done"))) == 1, "the kill should land after the first of 4 shards"
+    assert not (workdir / "ocr" / "words.parquet").exists()
+    env.pop("PRODCAT_OCR_SLOW_SHARDS")
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    resumed = [pq.read_table(workdir / "ocr" / f"{kind}.parquet") for kind in ("words", "pictures")]
+    reference = tmp_path / "reference"
+    shutil.copytree(workdir, reference, ignore=shutil.ignore_patterns("ocr"))
+    run_ocr(OcrConfig(workdir=str(reference), splits=("train",), workers=0, shard_size=2, examples=0))
+    assert resumed[0].equals(pq.read_table(reference / "ocr" / "words.parquet"))
+    assert resumed[1].drop(["seconds"]).equals(pq.read_table(reference / "ocr" / "pictures.parquet").drop(["seconds"]))

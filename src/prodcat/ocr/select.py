@@ -75,9 +75,10 @@ def text_likely(image: Image.Image, threshold: float = TEXT_THRESHOLD) -> bool:
     return text_score(image) >= threshold
 
 
-# Selectors decide, per picture, whether to OCR it. `all` and `text_likely` look at the picture alone; a selector
-# that uses the picture head's top-k departments (OCR only when a text-heavy department is likely) can register
-# here and receive the product's predicted departments through `context`.
+# Selectors decide, per picture, whether to OCR it; `context` holds product_id, image_index, split and the
+# text_score. `all` and `text_likely` look at the picture alone. The hook for later: a selector that looks up the
+# picture head's top-k departments for context["product_id"] (OCR only when a text-heavy department is likely)
+# registers here under its own name and becomes a `--select` choice.
 Selector = Callable[[Image.Image, dict], bool]
 _SELECTORS: dict[str, Selector] = {}
 

@@ -48,6 +48,8 @@ __all__ = [
 
 CDISCOUNT_PICTURES = 12_371_293  # Kaggle train.bson: 12.4 M pictures
 log = get_logger("prodcat.ocr")
+# Test hook: pause after each shard so a kill -9 test can land mid-run deterministically.
+_SLOW_SHARDS = float(os.environ.get("PRODCAT_OCR_SLOW_SHARDS", "0"))
 _WORDS_SCHEMA = pa.schema(
     [
         ("product_id", pa.int64()),
@@ -218,7 +220,13 @@ def _ocr_picture(plan: PicturePlan, row: int, cache: dict) -> tuple[dict[str, An
     try:
         image = _read_picture(plan, row, cache)
         status["text_score"] = text_score(image)
-        if not _WORKER["select"](image, {"text_score": status["text_score"]}):
+        context = {
+            "product_id": int(plan.product_id[row]),
+            "image_index": int(plan.image_index[row]),
+            "split": str(plan.split[row]),
+            "text_score": status["text_score"],
+        }
+        if not _WORKER["select"](image, context):
             status["status"] = "skipped"
             return status, []
         words = _WORKER["engine"].read(image)
@@ -320,6 +328,8 @@ def _run_missing(
         for shard, part in parts.items():
             done.append(_run_shard(shard, part, str(folder)))
             bar.update(len(part))
+            if _SLOW_SHARDS:
+                time.sleep(_SLOW_SHARDS)
     else:
         # spawn: a clean interpreter per worker, whatever threads the parent runs.
         context = multiprocessing.get_context("spawn")
