@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from prodcat.utils import atomic_open
 
@@ -15,11 +16,11 @@ __all__ = ["draw_examples"]
 
 def _chosen(pictures: pa.Table, count: int) -> list[int]:
     """Rows to draw: pictures with words first (most words first), then others, so the figure shows reading."""
-    status = np.asarray(pictures["status"].to_pylist(), dtype=object)
+    ok = pc.equal(pictures["status"], "ok").to_numpy(zero_copy_only=False)
     found = pictures["words"].to_numpy()
-    with_text = np.flatnonzero(status == "ok")
+    with_text = np.flatnonzero(ok)
     with_text = with_text[np.argsort(-found[with_text], kind="stable")]
-    others = np.flatnonzero(status != "ok")
+    others = np.flatnonzero(~ok)[:count]
     return [int(row) for row in np.concatenate([with_text, others])[:count]]
 
 

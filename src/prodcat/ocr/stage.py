@@ -14,11 +14,12 @@ gains little on small pictures, processes scale with the cores).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -336,10 +337,16 @@ def _run_missing(
         with ProcessPoolExecutor(
             workers, mp_context=context, initializer=_init_worker, initargs=(config.engine, config.select)
         ) as pool:
-            futures = [pool.submit(_run_shard, shard, part, str(folder)) for shard, part in parts.items()]
-            for future in as_completed(futures):
-                done.append(future.result())
-                bar.update(done[-1]["pictures"])
+            # A few shards in flight per worker, not all 48,000 of Cdiscount's: the plan parts stay in the parent.
+            queue, running = collections.deque(parts.items()), set()
+            while queue or running:
+                while queue and len(running) < 4 * workers:
+                    shard, part = queue.popleft()
+                    running.add(pool.submit(_run_shard, shard, part, str(folder)))
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done.append(future.result())
+                    bar.update(done[-1]["pictures"])
     bar.close()
     return done
 
@@ -385,7 +392,7 @@ def _summary(
     # Per-picture seconds include reading, decoding and the selection test, so a selective run's cost per picture
     # (skipped ones cost a few ms) extrapolates correctly; one worker per core.
     per_picture = float(seconds.sum() / total) if total else float("nan")
-    failures = pictures.filter(pc.equal(pictures["status"], "failed"))["reason"].to_pylist()[:10]
+    failures = pictures.filter(pc.equal(pictures["status"], "failed"))["reason"].slice(0, 10).to_pylist()
     return {
         "engine": version,
         "select": config.select,
