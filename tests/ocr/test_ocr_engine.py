@@ -80,3 +80,15 @@ def test_rest_of_prodcat_never_imports_the_ocr_package() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(not find_fonts(), reason="DejaVu fonts missing: apt-get install fonts-dejavu-core")
+def test_rapidocr_reads_words_with_boxes_when_installed() -> None:
+    try:
+        engine = create_engine("rapidocr")
+    except EngineUnavailable as error:
+        pytest.skip(f"rapidocr not installed: {error}")
+    cover = render_cover(1)
+    words = engine.read(cover.image)
+    assert all(0 <= w.box[0] <= w.box[2] <= 180 for w in words)
+    assert words_right(list(cover.words), [w.text for w in words])[0] >= 1
