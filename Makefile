@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 WORKDIR ?= demo_work
 
-.PHONY: demo demo-quick test bench lint browser clean
+.PHONY: demo demo-quick test bench lint browser ocr-engine clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,20 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
 	  || echo "warning: could not install chromium; the browser test will skip"; }
 
-demo: $(STAMP)
+# Debian's Tesseract language data (French + English) for `prodcat ocr` (tesserocr from PyPI brings the library) and
+# the DejaVu fonts of the rendered covers; without them the OCR tests skip with a reason and the rest of prodcat works.
+ocr-engine:
+	@{ ls /usr/share/tesseract-ocr/*/tessdata/fra.traineddata && ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf; } >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr tesseract-ocr-fra tesseract-ocr-eng fonts-dejavu-core) >/dev/null 2>&1 \
+	  || echo "warning: could not install tesseract-ocr/fonts-dejavu-core; prodcat ocr and its tests will say how (apt-get install tesseract-ocr tesseract-ocr-fra)"; }
+
+demo: $(STAMP) ocr-engine
 	$(VENV)/bin/prodcat demo --workdir $(WORKDIR)
 
 demo-quick: $(STAMP)
 	$(VENV)/bin/prodcat demo --workdir $(WORKDIR)-quick --quick
 
-test: $(STAMP) browser
+test: $(STAMP) browser ocr-engine
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -372,3 +372,34 @@ def _is_user_error(error: Exception) -> bool:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command()
+def ocr(
+    workdir: Workdir,
+    split: Annotated[str, typer.Option(help="Comma-separated splits: train,val,test.")] = "train,val,test",
+    workers: Annotated[int | None, typer.Option(help="OCR worker processes (default: one per core).")] = None,
+    select: Annotated[str, typer.Option(help="all | text_likely (a cheap text-presence test first).")] = "all",
+    engine: Annotated[str, typer.Option(help="tesseract | rapidocr")] = "tesseract",
+    limit: Annotated[int | None, typer.Option(help="At most this many products per split.")] = None,
+    shard_size: Annotated[int, typer.Option(help="Pictures per shard (the resume unit).")] = 256,
+) -> None:
+    """Read the words on the pictures (covers) into W/ocr/words.parquet; resumable."""
+    from prodcat.ocr.engine import EngineUnavailable
+    from prodcat.ocr.stage import OcrConfig, OcrError, run_ocr
+
+    config = OcrConfig(
+        workdir=str(workdir),
+        splits=_csv(split) or (),
+        workers=workers,
+        select=select,
+        engine=engine,
+        limit=limit,
+        shard_size=shard_size,
+    )
+    try:
+        summary = run_ocr(config)
+    except (EngineUnavailable, OcrError, FileNotFoundError) as error:
+        _fail(error)
+        return
+    typer.echo(f"ocr -> {workdir / 'ocr'}: {summary['ok']} of {summary['pictures']} pictures with text")
