@@ -1,7 +1,7 @@
 """Heads and losses trained on cached features, with their registries.
 
-Importing the package registers every head (`linear`, `mlp`, `conv`), loss (`softmax`, `sampled`, `adaptive`) and
-sampler (`uniform`, `log_uniform`, `unigram`).
+Importing the package registers every head (`linear`, `mlp`, `conv`), loss (`softmax`, `sampled`, `adaptive`),
+sampler (`uniform`, `log_uniform`, `unigram`) and optimizer (`adamw`, `sgd`, `rowwise_adamw`, `rowwise_sgd`).
 """
 
 from prodcat.model.classifier import HIER_HEAD, Classifier, HierarchicalClassifier, build_classifier
@@ -11,8 +11,11 @@ from prodcat.model.optim import (
     RowWiseAdamW,
     RowWiseSGD,
     build_optimizer,
+    list_optimizers,
     optimizer_state_from_tensors,
     optimizer_state_tensors,
+    register_optimizer,
+    rowwise_output,
 )
 from prodcat.model.sampled import SampledSoftmaxLoss
 from prodcat.model.samplers import create_sampler, list_samplers, register_sampler
@@ -37,6 +40,9 @@ __all__ = [
     "RowWiseAdamW",
     "RowWiseSGD",
     "build_optimizer",
+    "register_optimizer",
+    "list_optimizers",
+    "rowwise_output",
     "optimizer_state_tensors",
     "optimizer_state_from_tensors",
 ]
