@@ -164,3 +164,18 @@ def test_clip_negatives() -> None:
     )
     with pytest.raises(ValueError):
         _clip_negatives([0], 10)
+
+
+def test_compare_cli_takes_the_optimizer_factor(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from prodcat.cli import app
+
+    make_workdir(tmp_path, rows=80)
+    args = ["compare", "--workdir", str(tmp_path), "--features", "toy", "--losses", "sampled", "--seeds", "1"]
+    args += ["--epochs", "1", "--num-sampled", "4", "--batch-size", "32", "--optimizers", "adamw,rowwise_adamw"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "comparison of 2 runs" in result.output
+    for name in ("adamw", "rowwise_adamw"):
+        assert (WorkPaths(tmp_path).run(f"compare-sampled-{name}-s0") / "summary.json").is_file()

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from prodcat.config import TrainConfig
+from prodcat.config import ConfigError, TrainConfig
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import FeatureStore
 from prodcat.paths import WorkPaths
@@ -95,7 +95,6 @@ def _run(config: TrainConfig, isolate: bool) -> dict[str, Any]:
 def _resolve_optimizers(optimizer: str | None, optimizers: Sequence[str] | None) -> tuple[str, ...]:
     """One optimizer for every arm (default: TrainConfig's), or several as a second factor; names checked now,
     before any run trains."""
-    from prodcat.config import ConfigError
     from prodcat.model.optim import list_optimizers
 
     if optimizer is not None and optimizers:
