@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         resident = FeatureLoader(store, rows, device, memory_limit_bytes=1e12)  # type: ignore[arg-type]
         torch.manual_seed(0)
         model = build_classifier("linear", "softmax", (sizes["dim"],), sizes["classes"], dropout=0.0).to(device)
-        optimizer = build_optimizer(model, "adamw", 1e-3, 1e-4, 0.9, False)
+        optimizer = build_optimizer(model, "adamw", 1e-3, 1e-4, 0.9)
         features = torch.randn(batch, sizes["dim"], device=device).half()
         targets = {"leaf": torch.randint(0, sizes["classes"], (batch,), device=device)}
         cursor = {"step": 0}

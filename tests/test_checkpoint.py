@@ -46,9 +46,9 @@ def _tensors(run_dir: Path, which: str = "last") -> tuple[dict[str, torch.Tensor
     [
         dict(head="linear", loss="softmax", optimizer="adamw"),
         # dropout + sampled negatives (RNG inside the step) + the row-wise sparse optimizer
-        dict(head="mlp", loss="sampled", optimizer="sgd", dropout=0.3, sampler="unigram"),
+        dict(head="mlp", loss="sampled", optimizer="rowwise_sgd", dropout=0.3, sampler="unigram"),
     ],
-    ids=["linear-softmax-adamw", "mlp-sampled-sgd"],
+    ids=["linear-softmax-adamw", "mlp-sampled-rowwise_sgd"],
 )
 def test_resume_continues_exactly(tmp_path: Path, overrides: dict) -> None:
     make_workdir(tmp_path, rows=200)
@@ -135,7 +135,7 @@ def test_a_crash_before_the_sidecar_keeps_the_previous_checkpoint(tmp_path: Path
 
 def test_optimizer_state_round_trips_through_tensors_and_json() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    optimizer = build_optimizer(model, "adamw", 0.1, 0.01, 0.9, False)
+    optimizer = build_optimizer(model, "adamw", 0.1, 0.01, 0.9)
     model(torch.randn(5, 3)).sum().backward()
     optimizer.step()
     state = optimizer.state_dict()

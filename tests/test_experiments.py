@@ -1,4 +1,5 @@
-"""compare and sweep on a tiny store: every run trained, every report file written with consistent numbers."""
+"""compare and sweep on a tiny store: every run trained, every report file written with consistent numbers, the
+optimizer held fixed (or a named factor), one seed shown as n/a."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prodcat.config import ConfigError
 from prodcat.experiments import _clip_negatives, compare, sweep
 from prodcat.paths import WorkPaths
 from prodcat.train import read_metrics
@@ -18,7 +20,7 @@ torch.set_num_threads(1)
 
 def test_compare_writes_the_report(tmp_path: Path) -> None:
     make_workdir(tmp_path, rows=120)
-    out = compare(
+    result = compare(
         tmp_path,
         features="toy",
         head="linear",
@@ -29,27 +31,82 @@ def test_compare_writes_the_report(tmp_path: Path) -> None:
         batch_size=32,
         isolate=False,
     )
+    out = result.report
     assert out == WorkPaths(tmp_path).report("compare")
+    assert sorted(result.runs) == sorted(
+        (loss, "adamw", s) for loss in ("softmax", "sampled", "adaptive") for s in (0, 1)
+    )
     report = json.loads((out / "compare.json").read_text())
-    assert list(report["losses"]) == ["softmax", "sampled", "adaptive"]
-    for loss, agg in report["losses"].items():
-        run_dirs = [WorkPaths(tmp_path).run(f"compare-{loss}-s{seed}") for seed in (0, 1)]
-        assert agg["runs"] == [run_dir.name for run_dir in run_dirs]
+    assert list(report["losses"]) == ["softmax, adamw", "sampled, adamw", "adaptive, adamw"]
+    assert report["settings"]["optimizers"] == ["adamw"]
+    for agg in report["losses"].values():
+        loss = agg["loss"]
+        run_dirs = [result.runs[(loss, "adamw", seed)] for seed in (0, 1)]
+        assert run_dirs == [WorkPaths(tmp_path).run(f"compare-{loss}-adamw-s{seed}") for seed in (0, 1)]
+        assert agg["runs"] == [run_dir.name for run_dir in run_dirs] and agg["optimizer"] == "adamw"
+        assert all(json.loads((d / "config.json").read_text())["optimizer"] == "adamw" for d in run_dirs)
         finals = [read_metrics(run_dir)[-1]["val_top1"] for run_dir in run_dirs]
         assert agg["val_top1_mean"] == pytest.approx(sum(finals) / 2)
         assert agg["val_top1_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
         assert agg["seconds_per_epoch_mean"] > 0 and agg["peak_rss_mb_max"] > 0
-        steps, mean, std = report["curves"][loss]["step"]
+        assert agg["val_rows"] == read_metrics(run_dirs[0])[-1]["val_rows"]
+        steps, mean, std = report["curves"][f"{loss}, adamw"]["step"]
         assert steps[0] == 0 and len(steps) == len(mean) == len(std) >= 3
+        seconds, _, _ = report["curves"][f"{loss}, adamw"]["train_seconds"]
+        assert seconds[0] == 0 and seconds == sorted(seconds)
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     page = (out / "compare.html").read_text()
     assert page.count("<tr>") == 4 and "compare.png" in page
-    assert "| sampled | 2 |" in (out / "compare.md").read_text()
+    table = (out / "compare.md").read_text()
+    assert "| sampled | adamw | " in table and "(2 seeds)" in table and "± n/a" not in table
+    assert "same optimizer for every loss: adamw" in table
+
+
+def test_compare_with_optimizers_trains_every_loss_optimizer_cell(tmp_path: Path) -> None:
+    make_workdir(tmp_path, rows=80)
+    result = compare(
+        tmp_path,
+        features="toy",
+        head="linear",
+        losses=("softmax", "sampled"),
+        seeds=1,
+        epochs=1,
+        num_sampled=4,
+        batch_size=32,
+        optimizers=("adamw", "rowwise_adamw"),
+        note="toy data is synthetic",
+        isolate=False,
+    )
+    cells = {(loss, name) for loss in ("softmax", "sampled") for name in ("adamw", "rowwise_adamw")}
+    assert set(result.runs) == {(loss, name, 0) for loss, name in cells}
+    for (loss, name, _), run_dir in result.runs.items():
+        assert run_dir.name == f"compare-{loss}-{name}-s0"
+        config = json.loads((run_dir / "config.json").read_text())
+        assert (config["loss"], config["optimizer"]) == (loss, name)
+    report = json.loads((result.report / "compare.json").read_text())
+    assert {(a["loss"], a["optimizer"]) for a in report["losses"].values()} == cells
+    assert all(a["val_top1_std"] is None and a["seeds"] == 1 for a in report["losses"].values())
+    table = (result.report / "compare.md").read_text()
+    assert "± n/a (1 seed)" in table and "± 0" not in table
+    assert "| sampled | rowwise_adamw |" in table and "toy data is synthetic" in table
+    assert "Loss x optimizer" in table
+
+
+def test_compare_arms_pick_cells_and_bad_optimizers_fail_before_training(tmp_path: Path) -> None:
+    make_workdir(tmp_path, rows=80)
+    common = dict(features="toy", head="linear", seeds=1, epochs=1, num_sampled=4, batch_size=32, isolate=False)
+    with pytest.raises(ConfigError, match="rowwise_adamw"):
+        compare(tmp_path, losses=("softmax",), optimizer="adam", **common)
+    with pytest.raises(ConfigError, match="not both"):
+        compare(tmp_path, losses=("softmax",), optimizer="sgd", optimizers=("adamw",), **common)
+    assert not WorkPaths(tmp_path).runs.exists() or not any(WorkPaths(tmp_path).runs.iterdir())
+    result = compare(tmp_path, losses=(), arms=[("softmax", "adamw"), ("sampled", "rowwise_sgd")], **common)
+    assert set(result.runs) == {("softmax", "adamw", 0), ("sampled", "rowwise_sgd", 0)}
 
 
 def test_compare_trains_in_a_subprocess(tmp_path: Path) -> None:
     make_workdir(tmp_path, rows=80)
-    out = compare(
+    result = compare(
         tmp_path,
         features="toy",
         head="linear",
@@ -58,17 +115,19 @@ def test_compare_trains_in_a_subprocess(tmp_path: Path) -> None:
         epochs=1,
         num_sampled=4,
         batch_size=32,
+        optimizer="rowwise_adamw",
         isolate=True,
     )
-    agg = json.loads((out / "compare.json").read_text())["losses"]["sampled"]
-    run_dir = WorkPaths(tmp_path).run("compare-sampled-s0")
+    agg = json.loads((result.report / "compare.json").read_text())["losses"]["sampled, rowwise_adamw"]
+    run_dir = result.runs[("sampled", "rowwise_adamw", 0)]
+    assert run_dir == WorkPaths(tmp_path).run("compare-sampled-rowwise_adamw-s0")
     assert agg["val_top1_mean"] == read_metrics(run_dir)[-1]["val_top1"]
     assert agg["peak_rss_mb_max"] == json.loads((run_dir / "summary.json").read_text())["peak_rss_mb"]
 
 
 def test_sweep_clips_k_and_writes_the_report(tmp_path: Path) -> None:
     make_workdir(tmp_path, rows=120)  # 12 classes
-    out = sweep(
+    result = sweep(
         tmp_path,
         features="toy",
         head="linear",
@@ -77,11 +136,22 @@ def test_sweep_clips_k_and_writes_the_report(tmp_path: Path) -> None:
         epochs=1,
         seeds=1,
         batch_size=32,
+        optimizer="rowwise_adamw",
     )
+    out = result.report
     report = json.loads((out / "sweep.json").read_text())
     assert [p["num_sampled"] for p in report["points"]] == [2, 11]
     assert any("clipped to K=11" in note for note in report["notes"])
-    assert report["reference"]["runs"] == ["sweep-softmax-s0"]
+    assert report["reference"]["runs"] == ["sweep-softmax-rowwise_adamw-s0"]
+    assert set(result.runs) == {
+        ("sampled-k2", "rowwise_adamw", 0),
+        ("sampled-k11", "rowwise_adamw", 0),
+        ("softmax", "rowwise_adamw", 0),
+    }
+    # The full-softmax reference line trains with the sweep's optimizer, like every point.
+    assert {json.loads((d / "config.json").read_text())["optimizer"] for d in result.runs.values()} == {"rowwise_adamw"}
+    assert report["settings"]["optimizer"] == "rowwise_adamw" and report["reference"]["val_top1_std"] is None
+    assert "± n/a (1 seed)" in (out / "sweep.md").read_text() and "± 0" not in (out / "sweep.md").read_text()
     assert all(p["step_seconds_mean"] > 0 for p in report["points"])
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "full softmax" in (out / "sweep.md").read_text() and (out / "sweep.html").is_file()
@@ -94,3 +164,18 @@ def test_clip_negatives() -> None:
     )
     with pytest.raises(ValueError):
         _clip_negatives([0], 10)
+
+
+def test_compare_cli_takes_the_optimizer_factor(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from prodcat.cli import app
+
+    make_workdir(tmp_path, rows=80)
+    args = ["compare", "--workdir", str(tmp_path), "--features", "toy", "--losses", "sampled", "--seeds", "1"]
+    args += ["--epochs", "1", "--num-sampled", "4", "--batch-size", "32", "--optimizers", "adamw,rowwise_adamw"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "comparison of 2 runs" in result.output
+    for name in ("adamw", "rowwise_adamw"):
+        assert (WorkPaths(tmp_path).run(f"compare-sampled-{name}-s0") / "summary.json").is_file()

@@ -42,10 +42,17 @@ def test_quick_demo_runs_every_stage(tmp_path: Path) -> None:
     summary = run_demo(workdir, quick=True)
     report = Path(summary["report"])
     assert report.is_file() and "Gallery" in report.read_text(encoding="utf-8")
-    for loss in ("softmax", "sampled", "adaptive"):
-        metrics = json.loads((workdir / "runs" / f"compare-{loss}-s0" / "eval" / "metrics.json").read_text())
+    # loss x optimizer: every loss with adamw, the optimizer factor on the sampled loss (quick plan); names say both.
+    arms = [("softmax", "adamw"), ("sampled", "adamw"), ("adaptive", "adamw"), ("sampled", "rowwise_adamw")]
+    assert sorted(summary["runs"]) == sorted(f"compare-{loss}-{name}-s0" for loss, name in arms)
+    for loss, name in arms:
+        run_dir = workdir / "runs" / f"compare-{loss}-{name}-s0"
+        assert json.loads((run_dir / "config.json").read_text())["optimizer"] == name
+        metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
         assert 0.0 <= metrics["image"]["top1"] <= 1.0
         assert metrics["product"]["aggregation"] in ("mean_prob", "mean_logprob", "vote")
+    compared = json.loads((workdir / "reports" / "compare" / "compare.json").read_text())
+    assert any("synthetic" in note for note in compared["notes"])
     rows = _submission(workdir / "submission.csv")
     assert [product_id for product_id, _ in rows] == _bson_ids(workdir / "data" / "test.bson")
     known = {row[0] for row in read_category_csv(workdir / "data" / "category_names.csv")}

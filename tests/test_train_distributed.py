@@ -52,12 +52,15 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(checkpoint_dir(run_dir) / read_meta(run_dir, "last")["files"]["weights"])
 
 
-@pytest.mark.parametrize("loss", ["softmax", "sampled"])
-def test_two_ranks_match_one_process(tmp_path: Path, loss: str) -> None:
+@pytest.mark.parametrize(
+    ("loss", "optimizer"), [("softmax", "adamw"), ("sampled", "adamw"), ("sampled", "rowwise_adamw")]
+)
+def test_two_ranks_match_one_process(tmp_path: Path, loss: str, optimizer: str) -> None:
     make_workdir(tmp_path, rows=150)  # ~120 train rows / batch 32: the last batch of the epoch is short
     settings = dict(
         head="linear",
         loss=loss,
+        optimizer=optimizer,
         max_steps=6,
         eval_every=3,
         batch_size=32,
@@ -76,6 +79,8 @@ def test_two_ranks_match_one_process(tmp_path: Path, loss: str) -> None:
         "linear",
         "--loss",
         loss,
+        "--optimizer",
+        optimizer,
         "--max-steps",
         "6",
         "--eval-every",
@@ -91,11 +96,13 @@ def test_two_ranks_match_one_process(tmp_path: Path, loss: str) -> None:
         "--num-sampled",
         "4",
     )
-    # Under DDP the sampled output layer trains with dense gradients, so the reference does too; the runs then agree
-    # only if every rank drew the single process's negatives at every step.
-    single = train(tiny_config(tmp_path, run_name="single", sparse_output=False, **settings))
+    # The runs agree only if every rank drew the single process's negatives at every step. With rowwise_adamw the
+    # single process uses sparse gradients and DDP dense ones: the update rule must not change with the launch.
+    single = train(tiny_config(tmp_path, run_name="single", **settings))
     ddp = tmp_path / "runs" / "ddp"
-    assert read_meta(ddp, "last")["world_size"] == 2 and read_meta(ddp, "last")["sparse_output"] is False
+    meta = read_meta(ddp, "last")
+    assert meta["world_size"] == 2 and meta["sparse_output"] is False and meta["optimizer"] == optimizer
+    assert read_meta(single, "last")["sparse_output"] == (optimizer == "rowwise_adamw" and loss == "sampled")
     expected, got = _weights(single), _weights(ddp)
     assert expected.keys() == got.keys()
     for key in expected:

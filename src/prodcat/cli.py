@@ -39,6 +39,11 @@ def _root(
 
 
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Working directory holding catalog, features, runs.")]
+OPTIMIZER_HELP = (
+    "adamw | sgd | rowwise_adamw | rowwise_sgd, for every loss and head. rowwise_*: row-wise updates of the output "
+    "layers (sparse rows with the sampled loss: what makes 1 M classes fit), AdamW / SGD elsewhere."
+)
+SEEDS_HELP = "Seeds 0..N-1 per arm (default 3; one seed shows no spread)."
 
 
 def _fail(error: Exception) -> None:
@@ -166,7 +171,7 @@ def train(
     num_sampled: int = TrainConfig.num_sampled,
     sampler: Annotated[str, typer.Option(help="uniform | log_uniform | unigram")] = TrainConfig.sampler,
     with_replacement: bool = False,
-    optimizer: Annotated[str, typer.Option(help="adamw | sgd")] = TrainConfig.optimizer,
+    optimizer: Annotated[str, typer.Option(help=OPTIMIZER_HELP)] = TrainConfig.optimizer,
     lr: float = TrainConfig.lr,
     weight_decay: float = TrainConfig.weight_decay,
     epochs: float = TrainConfig.epochs,
@@ -228,25 +233,33 @@ def compare(
     features: str = TrainConfig.features,
     head: str = TrainConfig.head,
     losses: str = "softmax,sampled,adaptive",
-    seeds: int = 3,
+    seeds: Annotated[int | None, typer.Option(help=SEEDS_HELP)] = None,
     epochs: float = 5.0,
     num_sampled: int = 64,
     batch_size: int = TrainConfig.batch_size,
+    optimizer: Annotated[
+        str | None, typer.Option(help=f"Held fixed across arms (default {TrainConfig.optimizer}). {OPTIMIZER_HELP}")
+    ] = None,
+    optimizers: Annotated[
+        str | None, typer.Option(help="Comma-separated: the optimizer as a second factor (loss x optimizer).")
+    ] = None,
 ) -> None:
-    """Same head, same budget and seeds: softmax vs sampled vs adaptive -> W/reports/compare/."""
+    """Same head, budget, seeds and optimizer: softmax vs sampled vs adaptive (x optimizers) -> W/reports/compare/."""
     from prodcat.experiments import compare as run_compare
 
-    out = run_compare(
+    result = run_compare(
         workdir,
         features=features,
         head=head,
         losses=_csv(losses) or (),
-        seeds=seeds,
         epochs=epochs,
         num_sampled=num_sampled,
         batch_size=batch_size,
+        optimizer=optimizer,
+        optimizers=_csv(optimizers),
+        **({} if seeds is None else {"seeds": seeds}),
     )
-    typer.echo(f"comparison -> {out}")
+    typer.echo(f"comparison of {len(result.runs)} runs -> {result.report}")
 
 
 @app.command()
@@ -257,24 +270,29 @@ def sweep(
     num_sampled: Annotated[str, typer.Option(help="Comma-separated sampled negatives.")] = "8,32,128,512,2048",
     sampler: str = TrainConfig.sampler,
     epochs: float = 5.0,
-    seeds: int = 1,
+    seeds: Annotated[int | None, typer.Option(help=SEEDS_HELP)] = None,
     batch_size: int = TrainConfig.batch_size,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(help=f"Every K and the full-softmax line (default {TrainConfig.optimizer}). {OPTIMIZER_HELP}"),
+    ] = None,
 ) -> None:
-    """Accuracy and step time against the number of sampled negatives -> W/reports/sweep/."""
+    """Accuracy and step time against the number of sampled negatives, one optimizer -> W/reports/sweep/."""
     from prodcat.experiments import sweep as run_sweep
 
     values = tuple(int(v) for v in _csv(num_sampled) or ())
-    out = run_sweep(
+    result = run_sweep(
         workdir,
         features=features,
         head=head,
         num_sampled=values,
         sampler=sampler,
         epochs=epochs,
-        seeds=seeds,
         batch_size=batch_size,
+        optimizer=optimizer,
+        **({} if seeds is None else {"seeds": seeds}),
     )
-    typer.echo(f"sweep -> {out}")
+    typer.echo(f"sweep of {len(result.runs)} runs -> {result.report}")
 
 
 @app.command()

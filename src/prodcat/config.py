@@ -172,7 +172,9 @@ class TrainConfig:
     remove_accidental_hits: bool = True
     logq_correction: bool = True
     hier_weights: tuple[float, float, float] = (0.25, 0.25, 1.0)  # level1, level2, leaf
-    optimizer: str = "adamw"  # adamw | sgd
+    # adamw | sgd | rowwise_adamw | rowwise_sgd: the update rule, for every loss and head (prodcat.model.optim).
+    # rowwise_*: the output layers row by row (sparse rows with the sampled loss: what makes 1 M classes fit).
+    optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
@@ -189,7 +191,6 @@ class TrainConfig:
     max_seconds: float | None = None
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     precision: str = "float32"  # float32 | bfloat16 (autocast)
-    sparse_output: bool | None = None  # row-wise sparse optimizer for the sampled output layer; None = auto
     memory_limit_gb: float = 2.0  # splits smaller than this are loaded once; larger ones are streamed with prefetch
     stop_after: int | None = None  # end this session after this global step (checkpointed); --resume continues
 
@@ -198,7 +199,7 @@ class TrainConfig:
         _check(self.stop_after is None or self.stop_after >= 1, "stop_after must be >= 1")
         _check(self.loss in ("softmax", "sampled", "adaptive"), "loss must be softmax, sampled or adaptive")
         _check(self.sampler in ("uniform", "log_uniform", "unigram"), "sampler must be uniform, log_uniform, unigram")
-        _check(self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd")
+        _check_optimizer(self.optimizer)
         _check(self.num_sampled >= 1, "num_sampled must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
@@ -237,6 +238,14 @@ class TrainConfig:
     @property
     def name(self) -> str:
         return self.run_name or f"{self.head}-{self.loss}-s{self.seed}"
+
+
+def _check_optimizer(name: str) -> None:
+    # The names live in one registry, beside the optimizers; torch is loaded anyway wherever a TrainConfig is built.
+    from prodcat.model.optim import list_optimizers
+
+    known = list_optimizers()
+    _check(name in known, f"optimizer must be one of {', '.join(known)}, got {name!r}")
 
 
 @dataclasses.dataclass

@@ -1,8 +1,15 @@
-"""Experiments over training runs: loss comparison (`compare`) and the number-of-negatives sweep (`sweep`).
+"""Experiments over training runs: loss x optimizer comparison (`compare`) and the number-of-negatives sweep (`sweep`).
 
-Both train ordinary runs (`W/runs/compare-<loss>-s<seed>`, `W/runs/sweep-k<K>-s<seed>`, `W/runs/sweep-softmax-s<seed>`)
-and summarise them from each run's summary.json and metrics.jsonl into `W/reports/<name>/`: a JSON file with every
-number, a PNG figure, and the same table as Markdown and as a small HTML page.
+Both train ordinary runs (`W/runs/compare-<loss>-<optimizer>-s<seed>`, `W/runs/sweep-k<K>-<optimizer>-s<seed>`,
+`W/runs/sweep-softmax-<optimizer>-s<seed>`) and summarise them from each run's summary.json and metrics.jsonl into
+`W/reports/<name>/`: a JSON file with every number, a PNG figure, and the same table as Markdown and as a small HTML
+page. Both return an `ExperimentResult`: the report folder and every run folder, keyed by what varied.
+
+A comparison changes one thing: every arm of `compare` shares head, features, budget, seeds and, unless
+`optimizers` makes it a second factor, the optimizer; the sweep's full-softmax reference uses the sweep's optimizer.
+Seed spread is the standard deviation over seeds (three by default); one seed has no spread ("n/a"). Accuracy is
+taken after the last step, never at a checkpoint picked on the same val split; curves are against training seconds
+(validation and checkpoints left out).
 
 `compare` trains each run in a fresh (spawned) process by default, so the peak RSS it reports belongs to that run
 alone (a process's peak RSS never goes down, so runs sharing one process would inherit the largest before them).
@@ -20,18 +27,31 @@ from typing import Any
 
 import numpy as np
 
-from prodcat.config import TrainConfig
+from prodcat.config import ConfigError, TrainConfig
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import FeatureStore
 from prodcat.paths import WorkPaths
 from prodcat.train import StepPlan, read_metrics, run_summary, train
 from prodcat.utils import atomic_write_text, get_logger, write_json
 
-__all__ = ["compare", "sweep", "EVALS_PER_RUN"]
+__all__ = ["compare", "sweep", "ExperimentResult", "EVALS_PER_RUN", "DEFAULT_SEEDS"]
 
 log = get_logger("prodcat.experiments")
 
 EVALS_PER_RUN = 15  # validation points per run: enough for a curve, few enough not to dominate a tiny run
+DEFAULT_SEEDS = 3  # where a spread is shown, over three seeds unless asked otherwise
+TIME_KEY = "train_seconds"  # curves against time use training seconds: validation and checkpoints left out
+TIME_LABEL = "training seconds (excl. validation, checkpoints)"
+
+RunKey = tuple[str, str, int]  # (arm, optimizer, seed); arm = the loss in compare, "sampled-k<K>" | "softmax" in sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentResult:
+    """What an experiment made: its report folder and every run folder it trained."""
+
+    report: Path
+    runs: dict[RunKey, Path]
 
 
 # -- running --------------------------------------------------------------------------------------------------------
@@ -70,16 +90,44 @@ def _run(config: TrainConfig, isolate: bool) -> dict[str, Any]:
     else:
         train(config)
     run_dir = WorkPaths(config.workdir).run(config.name)
-    return {"name": config.name, "summary": run_summary(run_dir), "metrics": read_metrics(run_dir)}
+    return {"name": config.name, "dir": run_dir, "summary": run_summary(run_dir), "metrics": read_metrics(run_dir)}
 
 
-def _std(values: Sequence[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+def _resolve_optimizers(optimizer: str | None, optimizers: Sequence[str] | None) -> tuple[str, ...]:
+    """One optimizer for every arm (default: TrainConfig's), or several as a second factor; names checked now,
+    before any run trains."""
+    from prodcat.model.optim import list_optimizers
+
+    if optimizer is not None and optimizers:
+        raise ConfigError("give one optimizer (held fixed across arms) or a list of optimizers (a factor), not both")
+    names = tuple(dict.fromkeys(optimizers)) if optimizers else (optimizer or TrainConfig.optimizer,)
+    known = list_optimizers()
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"optimizer must be one of {', '.join(known)}, got {name!r}")
+    return names
+
+
+# -- aggregation over seeds -----------------------------------------------------------------------------------------
+def _std(values: Sequence[float]) -> float | None:
+    """Sample standard deviation over seeds; None for one seed (unknown, not zero)."""
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.fmean(present) if present else None
+
+
+def _product_interval(run_dirs: Sequence[Path]) -> dict[str, Any] | None:
+    """HOOK: the 95% interval over products of the headline accuracy, shown beside the seed spread.
+
+    Holdout evaluation with intervals over products is being added to `prodcat.evaluate`. Once a run's
+    `eval/metrics.json` carries one, read it here (e.g. from seed 0's run) as {"low", "high", "n", "split"}; the
+    tables, JSON and report then show it. Until then None ("n/a"). It must not be computed from the val numbers
+    below: those are where checkpoints and aggregations get selected.
+    """
+    return None
 
 
 def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -90,27 +138,60 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("val_top1", "val_top5", "val_loss"):
         values = [f[key] for f in finals]
         result[f"{key}_mean"], result[f"{key}_std"] = statistics.fmean(values), _std(values)
+    result["val_rows"] = finals[0].get("val_rows")
+    result["val_top1_ci95"] = _product_interval([r["dir"] for r in runs])
+    # Selected on val and reported on val (optimistic): kept in the JSON for curiosity, left out of the tables.
     result["best_top1_mean"] = statistics.fmean(s["best"]["value"] for s in summaries)
-    for key in ("seconds_per_epoch", "step_seconds", "seconds"):
-        result[f"{key}_mean"] = _mean_or_none([s[key] for s in summaries])
+    for key in ("seconds_per_epoch", "step_seconds", "seconds", "train_seconds"):
+        result[f"{key}_mean"] = _mean_or_none([s.get(key) for s in summaries])
     for key in ("peak_rss_mb", "peak_cuda_mb"):
         present = [s[key] for s in summaries if s[key] is not None]
         result[f"{key}_max"] = max(present) if present else None
     return result
 
 
-def _curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x, mean val top-1, std) over seeds at each validation point; x = step or mean seconds."""
+def _curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(x, mean val top-1, std or None for one seed) over seeds at each validation point; x = step or seconds."""
     evals = [[m for m in r["metrics"] if m.get("val_top1") is not None] for r in runs]
     length = min(len(e) for e in evals)
     x = np.mean([[m[key] for m in e[:length]] for e in evals], axis=0)
     y = np.array([[m["val_top1"] for m in e[:length]] for e in evals])
-    return x, y.mean(axis=0), y.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(length)
+    return x, y.mean(axis=0), y.std(axis=0, ddof=1) if len(runs) > 1 else None
+
+
+def _curves_json(runs: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    curves = {}
+    for key in ("step", TIME_KEY):
+        x, mean, std = _curve(runs, key)
+        curves[key] = [x.tolist(), mean.tolist(), None if std is None else std.tolist()]
+    return curves
 
 
 # -- tables ---------------------------------------------------------------------------------------------------------
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
     return "–" if value is None else f"{value * scale:.{digits}f}"
+
+
+def _spread(agg: dict[str, Any], key: str = "val_top1") -> str:
+    """'mean ± std (n seeds)'; one seed has no spread: 'n/a', never '± 0'."""
+    mean, std, seeds = agg[f"{key}_mean"], agg[f"{key}_std"], agg["seeds"]
+    if std is None:
+        return f"{mean:.4f} ± n/a (1 seed)"
+    return f"{mean:.4f} ± {std:.4f} ({seeds} seeds)"
+
+
+def _interval(agg: dict[str, Any]) -> str:
+    ci = agg.get("val_top1_ci95")
+    if not ci:
+        return "n/a"
+    return f"[{ci['low']:.4f}, {ci['high']:.4f}] ({ci.get('split', '?')}, n = {ci.get('n', '?')})"
+
+
+SPREAD_NOTE = (
+    "Spread: mean ± sample standard deviation over training seeds (n seeds); one seed has none (n/a). The 95% "
+    "interval over products (sampling error of the evaluated products) needs holdout evaluation: n/a until a run "
+    "carries one."
+)
 
 
 def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -143,14 +224,21 @@ def _write_tables(
     atomic_write_text(out / f"{name}.html", _html_page(title, f"{name}.png", headers, rows, notes))
 
 
+def _band(ax: Any, x: np.ndarray, mean: np.ndarray, std: np.ndarray | None, label: str) -> None:
+    (line,) = ax.plot(x, mean, marker=".", label=label)
+    if std is not None:
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
 # -- compare --------------------------------------------------------------------------------------------------------
 COMPARE_HEADERS = (
     "loss",
-    "seeds",
-    "val top-1 (mean ± std)",
+    "optimizer",
+    "val top-1: mean ± std over seeds",
+    "95% CI over products",
+    "n (val images)",
     "val top-5",
     "val loss",
-    "best top-1",
     "s / epoch",
     "ms / step",
     "peak RSS (MB)",
@@ -158,14 +246,19 @@ COMPARE_HEADERS = (
 )
 
 
-def _compare_row(loss: str, agg: dict[str, Any]) -> list[str]:
+def _arm_label(loss: str, optimizer: str) -> str:
+    return f"{loss}, {optimizer}"
+
+
+def _compare_row(agg: dict[str, Any]) -> list[str]:
     return [
-        loss,
-        str(agg["seeds"]),
-        f"{agg['val_top1_mean']:.4f} ± {agg['val_top1_std']:.4f}",
+        agg["loss"],
+        agg["optimizer"],
+        _spread(agg),
+        _interval(agg),
+        str(agg["val_rows"]),
         f"{agg['val_top5_mean']:.4f}",
         f"{agg['val_loss_mean']:.4f}",
-        f"{agg['best_top1_mean']:.4f}",
         _fmt(agg["seconds_per_epoch_mean"]),
         _fmt(agg["step_seconds_mean"], 1000, 2),
         _fmt(agg["peak_rss_mb_max"], digits=0),
@@ -173,19 +266,37 @@ def _compare_row(loss: str, agg: dict[str, Any]) -> list[str]:
     ]
 
 
-def _plot_compare(path: Path, runs_by_loss: dict[str, list[dict[str, Any]]], title: str) -> None:
+def _plot_compare(path: Path, runs_by_arm: dict[str, list[dict[str, Any]]], title: str) -> None:
     from prodcat.report.figures import png_figure
 
     with png_figure(path, 1, 2, figsize=(11, 4.2)) as (figure, axes):
-        for loss, runs in runs_by_loss.items():
-            for ax, key in zip(axes, ("step", "seconds"), strict=True):
-                x, mean, std = _curve(runs, key)
-                (line,) = ax.plot(x, mean, marker=".", label=f"{loss} ({len(runs)} seeds)")
-                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
-        for ax, label in zip(axes, ("step", "wall-clock seconds"), strict=True):
-            ax.set(xlabel=label, ylabel="val top-1 (images, full softmax)", title=f"accuracy vs {label}")
-            ax.legend()
+        for label, runs in runs_by_arm.items():
+            for ax, key in zip(axes, ("step", TIME_KEY), strict=True):
+                _band(ax, *_curve(runs, key), f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        for ax, label in zip(axes, ("step", TIME_LABEL), strict=True):
+            ax.set(xlabel=label, ylabel="val top-1 (images, full softmax)", title=f"accuracy vs {label.split(' (')[0]}")
+            ax.legend(fontsize="small")
         figure.suptitle(title)
+
+
+def _compare_notes(
+    head: str, features: str, epochs: float, batch_size: int, seeds: int, num_sampled: int, cells: list[tuple[str, str]]
+) -> list[str]:
+    optimizers = list(dict.fromkeys(name for _, name in cells))
+    if len(optimizers) == 1:
+        factor = f"the same optimizer for every loss: {optimizers[0]}"
+    else:
+        by_loss = {loss: [name for other, name in cells if other == loss] for loss, _ in cells}
+        factor = "optimizer as a second factor: " + "; ".join(
+            f"{loss} with {', '.join(n)}" for loss, n in by_loss.items()
+        )
+    return [
+        f"Same head ({head}), features ({features}), {epochs:g} epochs, batch {batch_size}, seeds 0..{seeds - 1}; "
+        f"{factor}; sampled softmax uses {num_sampled} negatives.",
+        "Accuracy: image-level top-1 on the val split with the full softmax over all classes, after the last step "
+        "(no checkpoint picked on val). Curves against training seconds leave validation and checkpoints out.",
+        SPREAD_NOTE,
+    ]
 
 
 def compare(
@@ -194,85 +305,91 @@ def compare(
     features: str,
     head: str,
     losses: Sequence[str],
-    seeds: int,
+    seeds: int = DEFAULT_SEEDS,
     epochs: float,
     num_sampled: int,
     batch_size: int,
+    optimizer: str | None = None,
+    optimizers: Sequence[str] | None = None,
+    arms: Sequence[tuple[str, str]] | None = None,
+    note: str | None = None,
     isolate: bool = True,
-) -> Path:
-    """Train `head` with each loss under the same budget (epochs) and seeds 0..seeds-1; report under
-    `W/reports/compare/`. Returns that folder."""
-    if not losses or seeds < 1:
+) -> ExperimentResult:
+    """Train `head` with each loss (x each optimizer) under the same budget and seeds 0..seeds-1; report under
+    `W/reports/compare/`. `optimizer` is held fixed across arms (default TrainConfig's); `optimizers` makes it a
+    second factor (every loss with every optimizer); `arms`, a list of (loss, optimizer) pairs, picks cells of that
+    grid instead (e.g. the optimizer factor on two losses only). `note` is added to the report (e.g. "demo data is
+    synthetic"). Returns the report folder and the run folders keyed by (loss, optimizer, seed)."""
+    if not (losses or arms) or seeds < 1:
         raise ValueError("compare needs at least one loss and one seed")
-    paths = WorkPaths(workdir)
-    runs_by_loss: dict[str, list[dict[str, Any]]] = {}
-    for loss in losses:
-        runs_by_loss[loss] = [
-            _run(
-                TrainConfig(
-                    workdir=str(workdir),
-                    features=features,
-                    head=head,
-                    loss=loss,
-                    seed=seed,
-                    epochs=epochs,
-                    num_sampled=num_sampled,
-                    batch_size=batch_size,
-                    run_name=f"compare-{loss}-s{seed}",
-                ),
-                isolate,
-            )
-            for seed in range(seeds)
-        ]
-    out = paths.report("compare")
+    if arms:
+        names = _resolve_optimizers(None, [name for _, name in arms])
+        cells = list(dict.fromkeys((loss, name) for loss, name in arms))
+    else:
+        names = _resolve_optimizers(optimizer, optimizers)
+        cells = [(loss, name) for loss in losses for name in names]
+    base = dict(workdir=str(workdir), features=features, head=head, epochs=epochs, num_sampled=num_sampled)
+    runs_by_arm: dict[str, list[dict[str, Any]]] = {}
+    run_dirs: dict[RunKey, Path] = {}
+    for loss, name in cells:
+        runs = []
+        for seed in range(seeds):
+            run_name = f"compare-{loss}-{name}-s{seed}"
+            config = TrainConfig(loss=loss, optimizer=name, seed=seed, batch_size=batch_size, run_name=run_name, **base)
+            runs.append(_run(config, isolate))
+            run_dirs[(loss, name, seed)] = runs[-1]["dir"]
+        runs_by_arm[_arm_label(loss, name)] = runs
+    out = WorkPaths(workdir).report("compare")
     out.mkdir(parents=True, exist_ok=True)
-    aggregates = {loss: _aggregate(runs) for loss, runs in runs_by_loss.items()}
+    aggregates = {
+        _arm_label(loss, name): {"loss": loss, "optimizer": name, **_aggregate(runs_by_arm[_arm_label(loss, name)])}
+        for loss, name in cells
+    }
     settings = {
-        "features": features,
-        "head": head,
-        "losses": list(losses),
+        **{k: v for k, v in base.items() if k != "workdir"},
+        "losses": list(dict.fromkeys(loss for loss, _ in cells)),
+        "optimizers": list(names),
+        "arms": [list(cell) for cell in cells],
         "seeds": seeds,
-        "epochs": epochs,
-        "num_sampled": num_sampled,
         "batch_size": batch_size,
         "isolated_processes": isolate,
     }
-    notes = [
-        f"Same head ({head}), features ({features}), {epochs:g} epochs, batch {batch_size}, seeds 0..{seeds - 1}; "
-        f"sampled softmax uses {num_sampled} negatives.",
-        "Accuracy is image-level top-1 on the val split with the full softmax over all classes, after the last "
-        "step. "
-        + (
-            "Peak RSS: each run's own process (max over seeds)."
-            if isolate
-            else "Peak RSS: runs shared one process, so it is the process peak up to that run."
-        ),
-    ]
+    notes = _compare_notes(head, features, epochs, batch_size, seeds, num_sampled, cells)
+    notes.append(
+        "Peak RSS: each run's own process (max over seeds)."
+        if isolate
+        else "Peak RSS: runs shared one process, so it is the process peak up to that run."
+    )
+    notes += [note] if note else []
     write_json(
         out / "compare.json",
         {
             "settings": settings,
+            # Keyed by "loss, optimizer"; each entry also names both (the report's loss column shows the key).
             "losses": aggregates,
-            "curves": {
-                loss: {key: [c.tolist() for c in _curve(runs, key)] for key in ("step", "seconds")}
-                for loss, runs in runs_by_loss.items()
-            },
+            "curves": {label: _curves_json(runs) for label, runs in runs_by_arm.items()},
+            "notes": notes,
         },
     )
-    _plot_compare(out / "compare.png", runs_by_loss, f"{head} head on {features}: loss comparison")
-    _write_tables(
-        out,
-        "compare",
-        f"Loss comparison: {head} head on {features}",
-        COMPARE_HEADERS,
-        [_compare_row(loss, agg) for loss, agg in aggregates.items()],
-        notes,
-    )
-    return out
+    factor = "loss x optimizer" if len(names) > 1 else f"loss comparison, {names[0]}"
+    _plot_compare(out / "compare.png", runs_by_arm, f"{head} head on {features}: {factor}")
+    rows = [_compare_row(agg) for agg in aggregates.values()]
+    _write_tables(out, "compare", f"{factor.capitalize()}: {head} head on {features}", COMPARE_HEADERS, rows, notes)
+    return ExperimentResult(out, run_dirs)
 
 
 # -- sweep ----------------------------------------------------------------------------------------------------------
-SWEEP_HEADERS = ("negatives K", "seeds", "val top-1 (mean ± std)", "val top-5", "val loss", "ms / step", "s / epoch")
+SWEEP_HEADERS = (
+    "negatives K",
+    "optimizer",
+    "val top-1: mean ± std over seeds",
+    "95% CI over products",
+    "n (val images)",
+    "val top-5",
+    "val loss",
+    "ms / step",
+    "s / epoch",
+)
 
 
 def _clip_negatives(requested: Sequence[int], num_classes: int) -> tuple[list[int], list[str]]:
@@ -289,11 +406,13 @@ def _clip_negatives(requested: Sequence[int], num_classes: int) -> tuple[list[in
     return values, notes
 
 
-def _sweep_row(label: str, agg: dict[str, Any]) -> list[str]:
+def _sweep_row(label: str, optimizer: str, agg: dict[str, Any]) -> list[str]:
     return [
         label,
-        str(agg["seeds"]),
-        f"{agg['val_top1_mean']:.4f} ± {agg['val_top1_std']:.4f}",
+        optimizer,
+        _spread(agg),
+        _interval(agg),
+        str(agg["val_rows"]),
         f"{agg['val_top5_mean']:.4f}",
         f"{agg['val_loss_mean']:.4f}",
         _fmt(agg["step_seconds_mean"], 1000, 2),
@@ -301,29 +420,32 @@ def _sweep_row(label: str, agg: dict[str, Any]) -> list[str]:
     ]
 
 
-def _plot_sweep(path: Path, points: list[dict[str, Any]], reference: dict[str, Any], title: str) -> None:
+def _plot_sweep(
+    path: Path, points: list[dict[str, Any]], reference: dict[str, Any], optimizer: str, title: str
+) -> None:
     from prodcat.report.figures import png_figure
 
     ks = [p["num_sampled"] for p in points]
+    stds = [p["val_top1_std"] for p in points]
     with png_figure(path, 1, 2, figsize=(11, 4.2)) as (figure, (acc_axes, time_axes)):
         acc_axes.errorbar(
             ks,
             [p["val_top1_mean"] for p in points],
-            yerr=[p["val_top1_std"] for p in points],
+            yerr=None if None in stds else stds,  # one seed: no error bars rather than zero-length ones
             marker="o",
             capsize=3,
-            label="sampled softmax",
+            label=f"sampled softmax, {optimizer}",
         )
-        acc_axes.axhline(reference["val_top1_mean"], linestyle="--", color="#555555", label="full softmax")
+        reference_label = f"full softmax, {optimizer}"
+        acc_axes.axhline(reference["val_top1_mean"], linestyle="--", color="#555555", label=reference_label)
         acc_axes.set(
             xscale="log", xlabel="sampled negatives K", ylabel="val top-1 (images, full softmax)", title="accuracy vs K"
         )
         step_ms = [1000 * (p["step_seconds_mean"] or np.nan) for p in points]
-        time_axes.plot(ks, step_ms, marker="o", label="sampled softmax")
+        time_axes.plot(ks, step_ms, marker="o", label=f"sampled softmax, {optimizer}")
         if reference["step_seconds_mean"] is not None:
-            time_axes.axhline(
-                1000 * reference["step_seconds_mean"], linestyle="--", color="#555555", label="full softmax"
-            )
+            reference_ms = 1000 * reference["step_seconds_mean"]
+            time_axes.axhline(reference_ms, linestyle="--", color="#555555", label=reference_label)
         time_axes.set(xscale="log", xlabel="sampled negatives K", ylabel="ms per training step", title="step time vs K")
         for ax in (acc_axes, time_axes):
             ax.legend()
@@ -338,44 +460,51 @@ def sweep(
     num_sampled: tuple[int, ...],
     sampler: str,
     epochs: float,
-    seeds: int,
+    seeds: int = DEFAULT_SEEDS,
     batch_size: int,
+    optimizer: str | None = None,
+    note: str | None = None,
     isolate: bool = False,
-) -> Path:
-    """Sampled softmax for each K (plus the full softmax as reference); report under `W/reports/sweep/`."""
+) -> ExperimentResult:
+    """Sampled softmax for each K plus the full softmax as reference, all with the same optimizer (default
+    TrainConfig's); report under `W/reports/sweep/`."""
     if not num_sampled or seeds < 1:
         raise ValueError("sweep needs at least one num_sampled value and one seed")
+    (name,) = _resolve_optimizers(optimizer, None)
     paths = WorkPaths(workdir)
     num_classes = Taxonomy.load(paths.taxonomy).num_classes
-    values, notes = _clip_negatives(num_sampled, num_classes)
+    values, clip_notes = _clip_negatives(num_sampled, num_classes)
     base = dict(
-        workdir=str(workdir), features=features, head=head, epochs=epochs, batch_size=batch_size, sampler=sampler
+        workdir=str(workdir), features=features, head=head, epochs=epochs, batch_size=batch_size, optimizer=name
     )
-    points = []
-    for k in values:
-        runs = [
-            _run(TrainConfig(loss="sampled", num_sampled=k, seed=seed, run_name=f"sweep-k{k}-s{seed}", **base), isolate)
-            for seed in range(seeds)
-        ]
-        points.append({"num_sampled": k, **_aggregate(runs)})
-    reference = _aggregate(
-        [
-            _run(TrainConfig(loss="softmax", seed=seed, run_name=f"sweep-softmax-s{seed}", **base), isolate)
-            for seed in range(seeds)
-        ]
-    )
+    run_dirs: dict[RunKey, Path] = {}
+
+    def arm(loss: str, label: str, **extra: Any) -> dict[str, Any]:
+        runs = []
+        for seed in range(seeds):
+            config = TrainConfig(loss=loss, seed=seed, run_name=f"sweep-{label}-{name}-s{seed}", **extra, **base)
+            runs.append(_run(config, isolate))
+            run_dirs[(f"sampled-{label}" if loss == "sampled" else label, name, seed)] = runs[-1]["dir"]
+        return _aggregate(runs)
+
+    points = [{"num_sampled": k, **arm("sampled", f"k{k}", num_sampled=k, sampler=sampler)} for k in values]
+    reference = arm("softmax", "softmax")
     out = paths.report("sweep")
     out.mkdir(parents=True, exist_ok=True)
     notes = [
-        f"{head} head on {features}, {sampler} sampler, {epochs:g} epochs, batch {batch_size}, "
-        f"{num_classes} classes; accuracy uses the full softmax.",
-        *notes,
+        f"{head} head on {features}, {sampler} sampler, {epochs:g} epochs, batch {batch_size}, {num_classes} classes, "
+        f"seeds 0..{seeds - 1}; every point and the full-softmax reference use the same optimizer ({name}); "
+        "accuracy: image-level top-1 on val with the full softmax, after the last step.",
+        SPREAD_NOTE,
+        *clip_notes,
+        *([note] if note else []),
     ]
     settings = {
         "features": features,
         "head": head,
         "num_sampled": list(num_sampled),
         "sampler": sampler,
+        "optimizer": name,
         "epochs": epochs,
         "seeds": seeds,
         "batch_size": batch_size,
@@ -384,7 +513,8 @@ def sweep(
         out / "sweep.json",
         {"settings": settings, "num_classes": num_classes, "points": points, "reference": reference, "notes": notes},
     )
-    _plot_sweep(out / "sweep.png", points, reference, f"{head} head on {features}: sampled negatives sweep")
-    rows = [_sweep_row(str(p["num_sampled"]), p) for p in points] + [_sweep_row("full softmax", reference)]
-    _write_tables(out, "sweep", f"Sampled-softmax sweep: {head} head on {features}", SWEEP_HEADERS, rows, notes)
-    return out
+    _plot_sweep(out / "sweep.png", points, reference, name, f"{head} head on {features}: negatives sweep ({name})")
+    rows = [_sweep_row(str(p["num_sampled"]), name, p) for p in points] + [_sweep_row("full softmax", name, reference)]
+    title = f"Sampled-softmax sweep ({name}): {head} head on {features}"
+    _write_tables(out, "sweep", title, SWEEP_HEADERS, rows, notes)
+    return ExperimentResult(out, run_dirs)

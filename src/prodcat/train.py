@@ -9,7 +9,10 @@
 - Distributed (torchrun): each rank takes a disjoint slice of every global batch of `batch_size` rows, in the same
   order as one process would; its mean loss is scaled by (local rows / global rows) * world size so DDP's gradient
   average equals the single-process gradient. DDP cannot all-reduce the sparse gradients of the row-wise optimizer,
-  so under DDP the sampled output layer gets dense gradients and a dense optimizer (rank 0 writes every file).
+  so under DDP the sampled output layer gets dense gradients, but the same row-wise update rule (rows with a zero
+  gradient count as untouched, see model/optim.py): the optimizer never changes with the launch (rank 0 writes
+  every file).
+- The optimizer is `config.optimizer` for every loss and head; nothing switches it behind the user's back.
 - Validation always scores the FULL softmax over all classes, whatever loss trains the head.
 """
 
@@ -296,13 +299,14 @@ def _append_metrics(run_dir: Path, line: dict[str, Any]) -> None:
 
 
 def plot_curves(metrics: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Train/val loss and val accuracy against step (top row) and wall-clock seconds (bottom row)."""
+    """Train/val loss and val accuracy against step (top row) and training seconds (bottom row: time in training
+    steps, validation and checkpoints left out, so runs that validate more often are not drawn slower)."""
     from prodcat.report.figures import png_figure
 
     evals = [m for m in metrics if m.get("val_loss") is not None]
     trains = [m for m in metrics if m.get("train_loss") is not None]
     with png_figure(path, 2, 2, figsize=(10, 7)) as (figure, axes):
-        for row, key, label in ((0, "step", "step"), (1, "seconds", "wall-clock seconds")):
+        for row, key, label in ((0, "step", "step"), (1, "train_seconds", "training seconds")):
             loss_axes, acc_axes = axes[row]
             loss_axes.plot([m[key] for m in trains], [m["train_loss"] for m in trains], label="train loss")
             loss_axes.plot([m[key] for m in evals], [m["val_loss"] for m in evals], marker=".", label="val loss")
@@ -378,17 +382,31 @@ def _seed_everything(seed: int) -> None:
 
 
 def _sparse_output(config: TrainConfig, info: DistInfo) -> bool:
-    """Row-wise sparse updates for the sampled output layer (a step then costs O((batch + K) * H), not O(C * H),
-    which is the point of sampling); never under DDP, which cannot all-reduce sparse gradients."""
-    wanted = config.loss == "sampled" if config.sparse_output is None else config.sparse_output
+    """Sparse gradients for the sampled output layer, when the chosen optimizer is row-wise (a step then costs
+    O((batch + K) * H), not O(C * H), which is the point of sampling). Never under DDP, which cannot all-reduce
+    sparse gradients: the gradients are then dense, the update rule is the same."""
+    from prodcat.model import rowwise_output
+
+    wanted = rowwise_output(config.optimizer) and config.loss == "sampled"
     if wanted and info.enabled:
-        log.warning("sparse_output is not supported under DDP; the output layer gets dense gradients")
-        return False
-    return bool(wanted) and config.loss == "sampled"
+        log.info("%s under DDP: dense output gradients, same row-wise update rule", config.optimizer)
+    return wanted and not info.enabled
+
+
+def _saved_optimizer(saved: dict[str, Any]) -> str:
+    """The optimizer a saved config trained with. Configs from before the explicit choice switched the sampled
+    output layer to row-wise updates on their own (`sparse_output`, None = auto, never under DDP)."""
+    if "sparse_output" not in saved:
+        return saved["optimizer"]
+    auto = saved["sparse_output"] is None and saved.get("loss") == "sampled"
+    rowwise = (auto or saved["sparse_output"] is True) and not saved.get("distributed")
+    return f"rowwise_{saved['optimizer']}" if rowwise else saved["optimizer"]
 
 
 def _check_resumable(config: TrainConfig, saved: dict[str, Any]) -> None:
     current = _config_dict(config)
+    if "optimizer" in saved:
+        saved = {**saved, "optimizer": _saved_optimizer(saved)}
     differing = [k for k in current if k not in SESSION_FIELDS and k in saved and saved[k] != current[k]]
     if differing:
         raise ConfigError(
@@ -442,7 +460,7 @@ def setup(config: TrainConfig) -> Run:
 def _build_optimizer(model: nn.Module, config: TrainConfig, sparse: bool) -> torch.optim.Optimizer:
     from prodcat.model import build_optimizer
 
-    return build_optimizer(model, config.optimizer, config.lr, config.weight_decay, config.momentum, sparse)
+    return build_optimizer(model, config.optimizer, config.lr, config.weight_decay, config.momentum, sparse_grad=sparse)
 
 
 def _restore_or_start(run: Run, paths: WorkPaths) -> None:
@@ -621,6 +639,15 @@ class _Interval:
         self.rows, self.steps, self.seconds = self.rows + rows, self.steps + 1, self.seconds + seconds
 
 
+def _drain(device: torch.device) -> float:
+    """Seconds until the steps still queued on a GPU are done: training time, which validation would absorb."""
+    if device.type != "cuda":
+        return 0.0
+    start = time.perf_counter()
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def fit(run: Run) -> dict[str, Any]:
     """The training loop: steps, periodic validation and checkpoints, until the plan (or a stop) ends it."""
     session_start = time.perf_counter()
@@ -642,6 +669,7 @@ def fit(run: Run) -> dict[str, Any]:
         interval.add(loss_sum, global_rows, time.perf_counter() - tick)
         bar.update(global_rows)  # type: ignore[attr-defined]
         if run.step % run.config.eval_every == 0:
+            interval.seconds += _drain(run.device)
             step_times.append(interval.seconds / interval.steps)
             line = _evaluate_and_save(run, interval, session_start)
             bar.set_postfix(loss=f"{line['train_loss']:.3f}", top1=f"{line['val_top1']:.3f}")  # type: ignore
@@ -649,6 +677,7 @@ def fit(run: Run) -> dict[str, Any]:
     batches.close()
     bar.close()  # type: ignore[attr-defined]
     if interval.steps:
+        interval.seconds += _drain(run.device)
         step_times.append(interval.seconds / interval.steps)
         _evaluate_and_save(run, interval, session_start)
     return _finish(run, session_start, step_times)
@@ -727,7 +756,8 @@ def _meta(run: Run, line: dict[str, Any]) -> dict[str, Any]:
         "warmup_steps": run.plan.warmup_steps,
         "batch_size": run.plan.batch_size,
         "world_size": run.dist.world_size,
-        "sparse_output": run.sparse_output,
+        "optimizer": run.config.optimizer,
+        "sparse_output": run.sparse_output,  # whether the output gradients were sparse (the rule is `optimizer`'s)
         "torch": torch.__version__,
     }
 

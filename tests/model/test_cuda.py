@@ -31,7 +31,7 @@ def test_sampled_step_on_cuda_matches_cpu() -> None:
     torch.manual_seed(0)
     cpu_model = build_classifier("mlp", "sampled", (16,), 500, hidden_dim=8, dropout=0.0, num_sampled=20)
     gpu_model = copy.deepcopy(cpu_model).to(CUDA)
-    optimizers = [build_optimizer(m, "adamw", lr=0.01, sparse_output=True) for m in (cpu_model, gpu_model)]
+    optimizers = [build_optimizer(m, "rowwise_adamw", lr=0.01) for m in (cpu_model, gpu_model)]
     features, target = torch.randn(6, 16), torch.tensor([0, 0, 3, 499, 20, 7])
     for _ in range(3):
         candidates = cpu_model.output.sample()
@@ -59,7 +59,7 @@ def test_every_head_and_loss_trains_on_cuda_with_autocast(head: str, loss: str) 
         leaf_level1=[i % 3 for i in range(12)],
         leaf_level2=[i % 6 for i in range(12)],
     ).to(CUDA)
-    optimizer = build_optimizer(model, "adamw", sparse_output=loss == "sampled")
+    optimizer = build_optimizer(model, "rowwise_adamw" if loss == "sampled" else "adamw")
     features = torch.randn(12, 2, 2, 8, device=CUDA).half()
     targets = {"leaf": torch.arange(12, device=CUDA)}
     for autocast in (False, True):

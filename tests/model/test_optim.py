@@ -1,4 +1,5 @@
-"""Row-wise sparse optimizer: lazy updates, agreement with references, exact resume through safetensors."""
+"""Optimizers by name (the rule never depends on the loss), the row-wise one: lazy updates, agreement with
+references, the same rule with dense (DDP) gradients, exact resume through safetensors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prodcat.checkpoint import _join_tensors, _split_tensors
-from prodcat.model import RowWiseAdamW, build_classifier, build_optimizer
+from prodcat.model import (
+    HIER_HEAD,
+    RowWiseAdamW,
+    RowWiseSGD,
+    build_classifier,
+    build_optimizer,
+    list_losses,
+    list_optimizers,
+    rowwise_output,
+)
 
 torch.set_num_threads(2)
 
@@ -27,10 +37,10 @@ def _step(model, optimizer, features: torch.Tensor, target: torch.Tensor, candid
     optimizer.step()
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd"])
+@pytest.mark.parametrize("name", ["rowwise_adamw", "rowwise_sgd"])
 def test_only_touched_rows_change(name: str) -> None:
     model = _sampled_model()
-    optimizer = build_optimizer(model, name, lr=0.1, weight_decay=0.1, sparse_output=True)
+    optimizer = build_optimizer(model, name, lr=0.1, weight_decay=0.1)
     before = copy.deepcopy(model.state_dict())
     features, target = torch.randn(3, 8), torch.tensor([2, 2, 17])
     candidates = model.output.sample()
@@ -102,7 +112,7 @@ def test_rowwise_adamw_with_all_rows_and_width_one_is_adamw_without_momentum() -
 def test_dense_groups_behave_like_torch_adamw_and_hooks_run_once() -> None:
     model = _sampled_model()
     twin = copy.deepcopy(model)
-    optimizer = build_optimizer(model, "adamw", lr=0.01, weight_decay=0.1, sparse_output=True)
+    optimizer = build_optimizer(model, "rowwise_adamw", lr=0.01, weight_decay=0.1)
     # The twin: torch's own AdamW on the head (same decay / no-decay split), RowWiseAdamW on the output only.
     twin.output.sparse_grad = True
     head_groups = [
@@ -136,7 +146,7 @@ def test_dense_groups_behave_like_torch_adamw_and_hooks_run_once() -> None:
 
 
 def test_scheduler_reaches_rowwise_groups() -> None:
-    optimizer = build_optimizer(_sampled_model(), "adamw", lr=0.1, sparse_output=True)
+    optimizer = build_optimizer(_sampled_model(), "rowwise_adamw", lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
     optimizer.step()
     scheduler.step()
@@ -144,15 +154,72 @@ def test_scheduler_reaches_rowwise_groups() -> None:
     assert any(group["rowwise"] for group in optimizer.param_groups)
 
 
-def test_sparse_output_needs_sampled_loss() -> None:
-    with pytest.raises(ValueError, match="sampled"):
-        build_optimizer(build_classifier("linear", "softmax", (8,), 5), sparse_output=True)
+def test_unknown_optimizer_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="rowwise_adamw"):
+        build_optimizer(build_classifier("linear", "softmax", (8,), 5), "adam")
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def _output_params(model) -> set[int]:
+    outputs = [model.output, *(getattr(model, f"level{i}_output", None) for i in (1, 2))]
+    return {id(p) for output in outputs if output is not None for p in output.parameters()}
+
+
+@pytest.mark.parametrize("head", ["linear", HIER_HEAD])
+@pytest.mark.parametrize("loss", list_losses())
+@pytest.mark.parametrize("name", list_optimizers())
+def test_the_name_alone_decides_the_rule_for_every_loss_and_head(name: str, loss: str, head: str) -> None:
+    """adamw is dense AdamW for the sampled loss too; rowwise_adamw is row-wise for softmax and adaptive too."""
+    levels = dict(leaf_level1=[i % 3 for i in range(12)], leaf_level2=[i % 6 for i in range(12)])
+    model = build_classifier(head, loss, (8,), 12, hidden_dim=6, num_sampled=4, **levels)
+    optimizer = build_optimizer(model, name)
+    assert isinstance(optimizer, RowWiseAdamW if name.endswith("adamw") else RowWiseSGD)
+    outputs = _output_params(model)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            assert group["rowwise"] == (rowwise_output(name) and id(param) in outputs)
+    assert any(g["rowwise"] for g in optimizer.param_groups) == name.startswith("rowwise_")
+    model.loss(torch.randn(5, 8), {"leaf": torch.arange(5)}).backward()
+    sparse = [p.grad.is_sparse for p in model.output.parameters() if p.grad is not None]
+    assert sparse and all(s == (loss == "sampled" and rowwise_output(name)) for s in sparse)
+    optimizer.step()  # every combination steps
+
+
+def test_rowwise_softmax_updates_every_row_by_the_row_rule() -> None:
+    """softmax + rowwise_adamw: dense gradients touch every row, so every row follows the reference formula."""
+    torch.manual_seed(0)
+    model = build_classifier("linear", "softmax", (3,), 6, dropout=0.0)
+    optimizer = build_optimizer(model, "rowwise_adamw", lr=0.05, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-6)
+    start, grads = model.output.weight.detach().clone(), []
+    for _ in range(3):
+        optimizer.zero_grad()
+        model.loss(torch.randn(4, 3), {"leaf": torch.tensor([0, 1, 2, 5])}).backward()
+        grads.append(model.output.weight.grad.to_sparse(sparse_dim=1))
+        optimizer.step()
+    want = _reference_rowwise_adamw(start, grads, lr=0.05, beta2=0.99, eps=1e-6, weight_decay=0.1)
+    torch.testing.assert_close(model.output.weight.detach().double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rowwise_adamw", "rowwise_sgd"])
+def test_dense_stand_in_for_sparse_gradients_keeps_the_rule(name: str) -> None:
+    """What DDP runs (dense gradients, `sparse_grad=False`) updates exactly what the sparse path updates."""
+    sparse_model = _sampled_model()
+    dense_model = copy.deepcopy(sparse_model)
+    sparse_opt = build_optimizer(sparse_model, name, lr=0.05, weight_decay=0.1)
+    dense_opt = build_optimizer(dense_model, name, lr=0.05, weight_decay=0.1, sparse_grad=False)
+    assert not dense_model.output.sparse_grad
+    for _ in range(4):
+        features, target, candidates = torch.randn(4, 8), torch.randint(0, 30, (4,)), sparse_model.output.sample()
+        _step(sparse_model, sparse_opt, features, target, candidates)
+        _step(dense_model, dense_opt, features, target, candidates)
+        assert not dense_model.output.weight.grad.is_sparse
+    for key, value in sparse_model.state_dict().items():
+        torch.testing.assert_close(dense_model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rowwise_adamw", "rowwise_sgd"])
 def test_state_dict_round_trip_through_safetensors_resumes_exactly(name: str, tmp_path: Path) -> None:
     model = _sampled_model()
-    optimizer = build_optimizer(model, name, lr=0.05, sparse_output=True)
+    optimizer = build_optimizer(model, name, lr=0.05)
     batches = [(torch.randn(4, 8), torch.randint(0, 30, (4,)), model.output.sample()) for _ in range(5)]
     for batch in batches[:3]:
         _step(model, optimizer, *batch)
@@ -166,7 +233,7 @@ def test_state_dict_round_trip_through_safetensors_resumes_exactly(name: str, tm
 
     resumed = _sampled_model()
     resumed.load_state_dict(load_file(tmp_path / "model.safetensors"))
-    resumed_optimizer = build_optimizer(resumed, name, lr=0.05, sparse_output=True)
+    resumed_optimizer = build_optimizer(resumed, name, lr=0.05)
     state = _join_tensors(
         json.loads((tmp_path / "optimizer.json").read_text()), load_file(tmp_path / "optimizer.safetensors")
     )
@@ -174,7 +241,7 @@ def test_state_dict_round_trip_through_safetensors_resumes_exactly(name: str, tm
     again: dict[str, torch.Tensor] = {}
     _split_tensors(resumed_optimizer.state_dict(), "optim", again)
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
-    if name == "adamw":
+    if name == "rowwise_adamw":
         assert any(key.endswith("row_sq") for key in tensors)
 
     for batch in batches[3:]:

@@ -1,13 +1,20 @@
 """Heads and losses trained on cached features, with their registries.
 
-Importing the package registers every head (`linear`, `mlp`, `conv`), loss (`softmax`, `sampled`, `adaptive`) and
-sampler (`uniform`, `log_uniform`, `unigram`).
+Importing the package registers every head (`linear`, `mlp`, `conv`), loss (`softmax`, `sampled`, `adaptive`),
+sampler (`uniform`, `log_uniform`, `unigram`) and optimizer (`adamw`, `sgd`, `rowwise_adamw`, `rowwise_sgd`).
 """
 
 from prodcat.model.classifier import HIER_HEAD, Classifier, HierarchicalClassifier, build_classifier
 from prodcat.model.heads import Head, create_head, list_heads, register_head
 from prodcat.model.losses import OutputLoss, create_loss, list_losses, register_loss
-from prodcat.model.optim import RowWiseAdamW, RowWiseSGD, build_optimizer
+from prodcat.model.optim import (
+    RowWiseAdamW,
+    RowWiseSGD,
+    build_optimizer,
+    list_optimizers,
+    register_optimizer,
+    rowwise_output,
+)
 from prodcat.model.sampled import SampledSoftmaxLoss
 from prodcat.model.samplers import create_sampler, list_samplers, register_sampler
 
@@ -31,4 +38,7 @@ __all__ = [
     "RowWiseAdamW",
     "RowWiseSGD",
     "build_optimizer",
+    "register_optimizer",
+    "list_optimizers",
+    "rowwise_output",
 ]

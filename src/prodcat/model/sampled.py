@@ -70,7 +70,7 @@ class SampledSoftmaxLoss(OutputLoss):
 
     `seed` gives the loss its own CPU generator for the negatives; None (default) draws from torch's global RNG,
     so seeding and checkpointing the global RNG reproduces the draws. `sparse_grad` (set by
-    `optim.build_optimizer(..., sparse_output=True)`) makes the weight and bias gradients sparse.
+    `optim.build_optimizer` for a row-wise optimizer) makes the weight and bias gradients sparse.
     """
 
     supports_sparse = True
