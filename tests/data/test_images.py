@@ -266,3 +266,11 @@ def test_reduce_keeps_exif_orientation_and_reports_the_upright_size() -> None:
 def test_reduce_to_is_checked() -> None:
     with pytest.raises(ValueError, match="reduce_to"):
         decode_image(encode(Image.fromarray(photo()), "PNG"), reduce_to=(0, 10))
+
+
+def test_webp_counts_four_times_its_pixels_against_the_limit() -> None:
+    picture = Image.fromarray(photo(100, 100))
+    assert decode_image(encode(picture, "PNG"), max_pixels=20_000).shape == (3, 100, 100)
+    with pytest.raises(ImageDecodeError, match=r"too many pixels \(100 x 100; WEBP counts 4x"):
+        decode_image(encode(picture, "WEBP"), max_pixels=20_000)
+    assert decode_image(encode(picture, "WEBP"), max_pixels=40_000).shape == (3, 100, 100)
