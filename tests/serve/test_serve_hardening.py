@@ -256,3 +256,23 @@ def test_serve_config_checks_the_new_limits() -> None:
         with pytest.raises(ConfigError):
             ServeConfig(**bad)
     assert ServeConfig().max_pixels == 12_000_000 and np.isfinite(ServeConfig().body_timeout_s)
+
+
+def test_the_issues_6300_square_pngs_are_refused_from_the_header(make_predictor: Callable, make_bomb: Callable) -> None:
+    with TestClient(create_app(make_predictor(), ServeConfig())) as client:
+        response = client.post("/v1/classify", files=_files(*[make_bomb(6300, 6300)] * 4))
+        message = _error(response, 413, "image_too_large")
+    assert "6300 x 6300" in message and "12000000" in message
+
+
+def test_a_real_predictor_decodes_towards_its_backbone_input(make_predictor: Callable) -> None:
+    from types import SimpleNamespace
+
+    from prodcat.serve.app import _decode_size
+
+    predictor = make_predictor()
+    assert _decode_size(predictor) is None  # nothing known: full-size decoding
+    predictor.extract_config = SimpleNamespace(backbone="efficientnet_lite0")
+    assert _decode_size(predictor) == (180, 180)
+    predictor.extract_config = SimpleNamespace(backbone="no-such-backbone-anywhere")
+    assert _decode_size(predictor) is None
