@@ -53,6 +53,12 @@ def test_crafted_top_k_form_values_get_422(client: TestClient, make_jpeg: Callab
     assert "1..100" in message and len(message) < 120
 
 
+@pytest.mark.parametrize("value", ["²", "¹²", "٣", "1" * 4301])
+def test_crafted_top_k_query_values_get_422(client: TestClient, make_jpeg: Callable, value: str) -> None:
+    response = client.post("/v1/classify", params={"top_k": value}, files=_files(make_jpeg(1)))
+    assert "top_k" in _error(response, 422, "invalid_request")
+
+
 def test_plain_top_k_form_values_are_taken(client: TestClient, make_jpeg: Callable) -> None:
     for value, expected in (("3", 3), (" 2 ", 2), ("100", 6), ("007", 6)):
         response = client.post("/v1/classify", data={"top_k": value}, files=_files(make_jpeg(1)))
