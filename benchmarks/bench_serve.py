@@ -486,11 +486,21 @@ def _measure(args: argparse.Namespace, config: dict[str, Any]) -> tuple[dict[str
             server.stop()
 
 
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0]} x {len(names)}" if names else "unknown"
+
+
 def run_reliability(args: argparse.Namespace, config: dict[str, Any]) -> list[str]:
     """Both issue-12 measurements on one micro-batching server with ServeConfig defaults; returns the problems."""
     from prodcat.config import ServeConfig
 
     photos = make_photos()
+    load_before = os.getloadavg()  # the machine is shared: contention goes into the result beside the figures
     server = ServerProcess(True, args.run)
     try:
         server.wait_ready()
@@ -506,7 +516,14 @@ def run_reliability(args: argparse.Namespace, config: dict[str, Any]) -> list[st
     print(f"reliability load: {load}", flush=True)
     problems = [f"{key} = {load[key]}" for key in ("status_5xx", "transport_errors", "valid_not_ok") if load[key]]
     problems += [f"malformed_not_4xx = {load['malformed_not_4xx']}"] * bool(load["malformed_not_4xx"])
-    details = {"threads": THREADS, "server": "uvicorn on 127.0.0.1, ServeConfig defaults", "clients": config["clients"]}
+    details = {
+        "threads": THREADS,
+        "server": "uvicorn on 127.0.0.1, ServeConfig defaults",
+        "clients": config["clients"],
+        "cpu": _cpu_model(),
+        "load_average_1_5_15_before": [round(value, 2) for value in load_before],
+        "load_average_1_5_15_after": [round(value, 2) for value in os.getloadavg()],
+    }
     if not args.quick:
         write_result(
             "serve_memory_4_max_requests", worst, "MB", reliability.MEMORY_GOAL_MB, "<=", {**details, **memory}
