@@ -629,4 +629,5 @@ def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
         "http": guarded_h11_protocol(config.header_timeout_s),
         "h11_max_incomplete_event_size": config.max_header_bytes,
         "timeout_keep_alive": 5,
+        "ws": "none",  # no WebSocket routes: an upgrade would only hand the connection to code that is never used
     }
