@@ -15,8 +15,12 @@ Results:
   `--mixed` sends products of 1-4 photos instead (Cdiscount's mix; the baseline's forwards are then partly
   batched already, so the ratio is lower), recorded as serve_microbatch_throughput_ratio_mixed. Each mode
   must answer zero 5xx, every valid request 200 and every malformed one 4xx (the benchmark fails otherwise).
+- serve_memory_4_max_requests and serve_reliability_load (issue 12; see _serve_reliability.py): the peak RSS a
+  server adds for 4 concurrent requests of 4 max-size pictures (goal < 200 MB), and a hostile load test (16
+  clients, 2,000 requests, 5% malformed, 2% mutated pictures, slow clients; goal 0 5xx + 0 valid dropped).
+  `--reliability` runs only these two.
 
-    python benchmarks/bench_serve.py [--quick] [--run W/runs/NAME]
+    python benchmarks/bench_serve.py [--quick] [--reliability] [--run W/runs/NAME]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _serve_reliability as reliability  # noqa: E402
 from _common import write_result  # noqa: E402
 
 FULL = {"latency_requests": 200, "load_requests": 2000, "clients": 16, "malformed_fraction": 0.05, "chunks": 4}
@@ -68,6 +73,7 @@ class BenchPredictor:
         self.taxonomy = Taxonomy.from_rows(rows)
         self.accept_threshold: float | None = 0.05
         self.aggregation = "mean_logprob"
+        self.input_size = (IMAGE_SIZE, IMAGE_SIZE)  # the server decodes big uploads reduced towards it
         self.mean = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1) * 255
         self.std = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1) * 255
 
@@ -130,7 +136,7 @@ def serve_child(port: int, micro_batching: bool, run: str | None, overrides: dic
     import uvicorn
 
     from prodcat.config import ServeConfig
-    from prodcat.serve.app import create_app
+    from prodcat.serve.app import create_app, uvicorn_options
 
     torch.set_num_threads(THREADS)
     predictor = build_predictor(run)
@@ -138,7 +144,9 @@ def serve_child(port: int, micro_batching: bool, run: str | None, overrides: dic
     for batch in (1, 4, 16, 32):  # allocator and kernels warm for the batch sizes the load test makes
         predictor.predict_products([[photo]] * batch)
     config = ServeConfig(run=run or "", port=port, micro_batching=micro_batching, **overrides)
-    uvicorn.run(create_app(predictor, config), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    # The options `prodcat serve` uses (header timeout, 431): the slow clients of the reliability test need them.
+    options = {**uvicorn_options(config), "host": "127.0.0.1"}
+    uvicorn.run(create_app(predictor, config), **options, log_level="warning", access_log=False)
 
 
 # -- photos and requests -------------------------------------------------------------------------------------------
@@ -478,12 +486,66 @@ def _measure(args: argparse.Namespace, config: dict[str, Any]) -> tuple[dict[str
             server.stop()
 
 
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0]} x {len(names)}" if names else "unknown"
+
+
+def run_reliability(args: argparse.Namespace, config: dict[str, Any]) -> list[str]:
+    """Both issue-12 measurements on one micro-batching server with ServeConfig defaults; returns the problems."""
+    from prodcat.config import ServeConfig
+
+    photos = make_photos()
+    load_before = os.getloadavg()  # the machine is shared: contention goes into the result beside the figures
+    server = ServerProcess(True, args.run)
+    try:
+        server.wait_ready()
+        pid, max_pixels = server.process.pid, ServeConfig().max_pixels
+        memory = reliability.measure_memory(server.url, pid, max_pixels)
+        plan = reliability.reliability_plan(photos, malformed_requests(photos[0]), config["load_requests"], _files)
+        _load_run(server, plan[:32], config["clients"])  # warm-up, not counted
+        load = reliability.measure_reliability(server.url, server.port, pid, plan, config["clients"])
+    finally:
+        server.stop()
+    worst = memory.get("rise_mb", float("nan"))
+    print(f"memory, 4 x 4 pictures at {max_pixels} pixels: rise {worst} MB; per kind {memory.get('kinds')}", flush=True)
+    print(f"reliability load: {load}", flush=True)
+    problems = [f"{key} = {load[key]}" for key in ("status_5xx", "transport_errors", "valid_not_ok") if load[key]]
+    problems += [f"malformed_not_4xx = {load['malformed_not_4xx']}"] * bool(load["malformed_not_4xx"])
+    details = {
+        "threads": THREADS,
+        "server": "uvicorn on 127.0.0.1, ServeConfig defaults",
+        "clients": config["clients"],
+        "cpu": _cpu_model(),
+        "load_average_1_5_15_before": [round(value, 2) for value in load_before],
+        "load_average_1_5_15_after": [round(value, 2) for value in os.getloadavg()],
+    }
+    if not args.quick:
+        write_result(
+            "serve_memory_4_max_requests", worst, "MB", reliability.MEMORY_GOAL_MB, "<=", {**details, **memory}
+        )
+        write_result(
+            "serve_reliability_load",
+            load["status_5xx"] + load["valid_not_ok"],
+            "failures",
+            0,
+            "<=",
+            {**details, "problems": problems, **load},
+        )
+    return problems
+
+
 def main() -> None:
     from prodcat.config import ServeConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts, no result files")
     parser.add_argument("--mixed", action="store_true", help="only the load test, with products of 1-4 photos")
+    parser.add_argument("--reliability", action="store_true", help="only the memory and hostile-load tests")
     parser.add_argument("--max-batch-images", type=int, default=None, help="override ServeConfig's, for tuning")
     parser.add_argument("--run", default=None, help="serve this trained run instead of the bench-local model")
     parser.add_argument("--serve-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -495,6 +557,11 @@ def main() -> None:
         return
     torch.set_num_threads(THREADS)
     config = {**(QUICK if args.quick else FULL), "mixed": args.mixed}
+    if args.reliability:
+        problems = run_reliability(args, config)
+        if problems:
+            raise SystemExit("reliability problems: " + "; ".join(problems))
+        return
     latency, load = _measure(args, config)
     _report(latency, load)
     problems = _check_load(load)
@@ -523,6 +590,8 @@ def main() -> None:
         if latency is not None:
             write_result("serve_latency_vs_model", latency["ratio"], "ratio", LATENCY_GOAL, "<=", {**common, **latency})
         write_result(throughput_name, load["ratio"], "x", THROUGHPUT_GOAL, ">=", load_details)
+    if not args.mixed:
+        problems += run_reliability(args, config)
     if problems:
         raise SystemExit("load test problems: " + "; ".join(problems))
 

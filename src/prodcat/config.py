@@ -277,7 +277,18 @@ class ServeConfig:
     top_k: int = 5
     max_images: int = 4  # photos per product (per request)
     max_upload_bytes: int = 10 * 1024 * 1024  # per photo
-    max_pixels: int = 40_000_000  # declared width * height; larger is refused before decoding (decompression bombs)
+    # Declared width * height; larger is refused before decoding (bombs). 12 MP takes a phone photo (4000 x 3000);
+    # non-JPEG formats decode at full size before they are reduced, so this bounds each decode's memory.
+    max_pixels: int = 12_000_000
+    # Pictures decoded at once: one full-size decode at a time bounds decoding memory (~50 MB for a 12 MP PNG),
+    # and a 180x180 JPEG decodes in ~1 ms, far below a forward, so one thread keeps up with the model.
+    decode_threads: int = 1
+    max_queued_bytes: int = 64 * 1024 * 1024  # decoded pixels waiting for or in a forward; beyond this, 503
+    header_timeout_s: float = 10.0  # request line + headers must arrive within this (slow clients are cut off)
+    body_timeout_s: float = 60.0  # the whole upload must arrive within this ...
+    body_idle_timeout_s: float = 10.0  # ... with no gap longer than this; else 408
+    max_header_bytes: int = 64 * 1024  # request line + headers; larger gets 431
+    docs: bool = True  # /docs (Swagger UI, served from local files) and /openapi.json
     batch_window_ms: float = 5.0  # longest wait for more requests once one is queued
     max_batch_images: int = 16  # images per forward; on 2 CPU cores the cost per image is lowest at ~8-16
     micro_batching: bool = True  # False: one forward per request (the benchmark's baseline)
@@ -292,6 +303,10 @@ class ServeConfig:
         _check(self.batch_window_ms >= 0, "batch_window_ms must be >= 0")
         _check(self.max_batch_images >= self.max_images, "max_batch_images must be >= max_images")
         _check(self.max_pending_requests >= 1, "max_pending_requests must be >= 1")
+        _check(self.decode_threads >= 1, "decode_threads must be >= 1")
+        _check(self.max_queued_bytes >= 1, "max_queued_bytes must be >= 1")
+        _check(min(self.header_timeout_s, self.body_timeout_s, self.body_idle_timeout_s) > 0, "timeouts must be > 0")
+        _check(self.max_header_bytes >= 1024, "max_header_bytes must be >= 1024")
 
 
 def _to_jsonable(value: Any) -> Any:

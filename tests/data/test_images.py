@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from prodcat.data.images import ImageDecodeError, decode_image, decode_pil
+from prodcat.data.images import ALLOWED_FORMATS, ImageDecodeError, decode_image, decode_image_sized, decode_pil
 
 
 def photo(width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:
@@ -167,3 +167,110 @@ def test_max_pixels_is_configurable() -> None:
         decode_image(data, max_pixels=64 * 48 - 1)
     with pytest.raises(ImageDecodeError, match="too many pixels"):
         decode_image(encode(Image.fromarray(photo(64, 48)), "PNG"), max_pixels=100)
+
+
+# -- formats: only what a seller uploads ---------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["TIFF", "ICO", "PPM", "TGA", "PCX", "EPS", "SGI"])
+def test_formats_outside_the_allow_list_are_never_opened(fmt: str) -> None:
+    image = Image.fromarray(photo(32, 32))
+    data = encode(image if fmt != "EPS" else image.convert("L"), fmt) if fmt != "EPS" else b"%!PS-Adobe-3.0 EPSF-3.0\n"
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        decode_image(data)
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        decode_pil(data)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP"])
+def test_allowed_formats_decode(fmt: str) -> None:
+    assert ALLOWED_FORMATS == ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+    assert decode_image(encode(Image.fromarray(photo(40, 30)), fmt)).shape == (3, 30, 40)
+
+
+@pytest.mark.parametrize("error", [AttributeError("x"), IndexError("y"), KeyError("z"), ZeroDivisionError("w")])
+def test_any_decoder_exception_becomes_image_decode_error(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    from PIL import PngImagePlugin
+
+    def broken_load(self: object) -> None:
+        raise error
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken_load)
+    with pytest.raises(ImageDecodeError, match=f"corrupt PNG \\({type(error).__name__}"):
+        decode_image(encode(Image.fromarray(photo()), "PNG"))
+
+
+def test_any_exception_while_opening_becomes_image_decode_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import GifImagePlugin
+
+    def broken_open(self: object) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'read'")
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_open", broken_open)
+    with pytest.raises(ImageDecodeError, match="corrupt image header"):
+        decode_image(encode(Image.fromarray(photo()), "GIF"))
+
+
+# -- reduced decoding (the server) ---------------------------------------------------------------------------------
+def test_reduce_to_leaves_pictures_smaller_than_twice_the_target_bit_identical() -> None:
+    for fmt in ("JPEG", "PNG"):
+        data = encode(Image.fromarray(photo(180, 180)), fmt)
+        assert torch.equal(decode_image(data, reduce_to=(180, 180)), decode_image(data))
+        data = encode(Image.fromarray(photo(359, 300)), fmt)
+        assert torch.equal(decode_image(data, reduce_to=(180, 180)), decode_image(data))
+
+
+def test_big_jpeg_is_dct_scaled_never_below_the_target() -> None:
+    data = encode(Image.fromarray(photo(1600, 1200)), "JPEG", quality=90)
+    decoded = decode_image_sized(data, reduce_to=(180, 180))
+    assert (decoded.width, decoded.height) == (1600, 1200)  # the picture as uploaded
+    height, width = decoded.pixels.shape[-2:]
+    assert 180 <= height < 360 and 180 <= width < 360  # 1/4 by DCT scaling (400 x 300), then halved per axis
+    full = Image.fromarray(decode_image(data).permute(1, 2, 0).numpy()).resize((width, height), Image.Resampling.BOX)
+    assert np.abs(as_hwc(decoded.pixels) - np.asarray(full, dtype=np.int16)).mean() < 3.0
+
+
+def test_big_png_is_reduced_per_axis_in_strips_matching_a_whole_reduce() -> None:
+    picture = Image.fromarray(photo(1000, 3000))
+    decoded = decode_image_sized(encode(picture, "PNG"), reduce_to=(224, 224))
+    assert (decoded.width, decoded.height) == (1000, 3000)
+    assert decoded.pixels.shape == (3, 231, 250)  # factors 4 (x) and 13 (y): >= 224 on both axes
+    assert np.array_equal(as_hwc(decoded.pixels), np.asarray(picture.reduce((4, 13)), dtype=np.int16))
+
+
+def test_reduced_alpha_palette_and_sixteen_bit_pictures() -> None:
+    rgba = np.zeros((800, 800, 4), np.uint8)
+    rgba[..., :3] = (200, 10, 30)
+    rgba[:400, :, 3] = 255  # top half opaque red, bottom half transparent black
+    decoded = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), reduce_to=(100, 100))
+    assert decoded.shape == (3, 100, 100)
+    assert decoded[:, 0, 0].tolist() == [200, 10, 30] and decoded[:, 99, 99].tolist() == [255, 255, 255]
+    palette = Image.fromarray(photo(400, 400)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    assert decode_image(encode(palette, "GIF"), reduce_to=(100, 100)).shape == (3, 100, 100)
+    values = np.linspace(0, 65535, 400 * 400).reshape(400, 400).astype(np.uint16)
+    sixteen = decode_image(encode(Image.fromarray(values), "PNG"), reduce_to=(100, 100))
+    assert sixteen.shape == (3, 100, 100) and int(sixteen.max()) >= 250 and int(sixteen.min()) <= 5
+
+
+def test_reduce_keeps_exif_orientation_and_reports_the_upright_size() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(Image.fromarray(photo(800, 400)), "JPEG", exif=exif.tobytes())
+    decoded = decode_image_sized(data, reduce_to=(100, 100))
+    assert (decoded.width, decoded.height) == (400, 800)
+    height, width = decoded.pixels.shape[-2:]
+    assert height >= width >= 100
+    upright = Image.fromarray(decode_image(data).permute(1, 2, 0).numpy())  # libjpeg-turbo applies EXIF itself
+    expected = np.asarray(upright.resize((width, height), Image.Resampling.BOX), dtype=np.int16)
+    assert np.abs(as_hwc(decoded.pixels) - expected).mean() < 3.0
+
+
+def test_reduce_to_is_checked() -> None:
+    with pytest.raises(ValueError, match="reduce_to"):
+        decode_image(encode(Image.fromarray(photo()), "PNG"), reduce_to=(0, 10))
+
+
+def test_webp_counts_four_times_its_pixels_against_the_limit() -> None:
+    picture = Image.fromarray(photo(100, 100))
+    assert decode_image(encode(picture, "PNG"), max_pixels=20_000).shape == (3, 100, 100)
+    with pytest.raises(ImageDecodeError, match=r"too many pixels \(100 x 100; WEBP counts 4x"):
+        decode_image(encode(picture, "WEBP"), max_pixels=20_000)
+    assert decode_image(encode(picture, "WEBP"), max_pixels=40_000).shape == (3, 100, 100)

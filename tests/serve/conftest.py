@@ -31,13 +31,21 @@ class FakePredictor:
     """Implements the Predictor contract: an image's label is its mean red value bucketed into C classes."""
 
     def __init__(
-        self, threshold: float | None = 0.5, delay: float = 0.0, fail: bool = False, gate: threading.Event | None = None
+        self,
+        threshold: float | None = 0.5,
+        delay: float = 0.0,
+        fail: bool = False,
+        gate: threading.Event | None = None,
+        input_size: tuple[int, int] | None = None,
     ) -> None:
         self.taxonomy = Taxonomy.from_rows(ROWS, counts={row[0]: 100 - i for i, row in enumerate(ROWS)})
         self.accept_threshold = threshold
         self.aggregation = "mean_prob"
         self.delay, self.fail, self.gate = delay, fail, gate
         self.calls: list[list[int]] = []  # images per product, one list per predict_products call
+        self.shapes: list[tuple[int, ...]] = []  # every image's shape, as the server handed it over
+        if input_size is not None:  # the server decodes reduced towards it, as for a real backbone's input size
+            self.input_size = input_size
         self._lock = threading.Lock()
 
     def label_of(self, image: torch.Tensor) -> int:
@@ -64,6 +72,7 @@ class FakePredictor:
     def predict_products(self, products: Sequence[Sequence[torch.Tensor]], top_k: int = 5) -> list[ProductPrediction]:
         with self._lock:
             self.calls.append([len(product) for product in products])
+            self.shapes.extend(tuple(image.shape) for product in products for image in product)
         if self.gate is not None:
             self.gate.wait(timeout=30)
         time.sleep(self.delay)

@@ -731,9 +731,25 @@ class BsonReader:
             raise BsonDamageError(problem) from error
 
     def pictures(self, offset: int, length: int) -> list[bytes]:
-        """The raw picture bytes of one product, in stored order."""
+        """The raw picture bytes of one product, in stored order.
+
+        Read picture by picture: one that is not binary (a `str`, a number, a missing field) comes back as b""
+        (so indices stay aligned and decoding reports it "empty") and is logged with file, offset and index; the
+        product's other pictures are kept.
+        """
         images = self.document(offset, length).get("imgs") or []
-        return [bytes(image.get("picture", b"")) if isinstance(image, dict) else b"" for image in images]
+        if not isinstance(images, list):
+            _warn_picture(self.path, offset, None, f"imgs is {type(images).__name__}, expected an array")
+            return []
+        return [self._picture(image, offset, index) for index, image in enumerate(images)]
+
+    def _picture(self, image: object, offset: int, index: int) -> bytes:
+        picture = image.get("picture") if isinstance(image, dict) else None
+        if isinstance(picture, bytes | bytearray | memoryview):
+            return bytes(picture)
+        found = type(image).__name__ if not isinstance(image, dict) else f"picture {type(picture).__name__}"
+        _warn_picture(self.path, offset, index, f"{found}, expected binary picture bytes; skipped")
+        return b""
 
     def close(self) -> None:
         if self._map is not None:
@@ -752,6 +768,13 @@ class BsonReader:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"])
+
+
+def _warn_picture(path: Path, offset: int, index: int | None, message: str) -> None:
+    from prodcat.utils import get_logger
+
+    where = f"picture {index}" if index is not None else "pictures"
+    get_logger("prodcat.data").warning("%s: product at byte %d, %s: %s", path, offset, where, message)
 
 
 def read_pictures(path: str | Path, offset: int, length: int) -> list[bytes]:

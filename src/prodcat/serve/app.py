@@ -2,8 +2,11 @@
 
 Routes: POST /v1/classify, GET /v1/categories, GET /health, GET / (web page), /docs (OpenAPI).
 Every error a client can cause is a 4xx `{"error": {"code", "message"}}`; anything else is a logged JSON 500
-that leaks no traceback. Uploads are limited while they stream in (per file and per request), image sizes are
-checked from the header before decoding, and decoding and the model run off the event loop.
+that leaks no traceback. Uploads are limited while they stream in (per file and per request, in bytes and in time:
+`body_timeout_s`, `body_idle_timeout_s`), a request counts against `max_pending_requests` from before its upload is
+read, image sizes are checked from the header before decoding, pictures are decoded reduced towards the model's
+input size on `decode_threads` threads, and the model runs on its own thread. Header timeouts and the 431 for
+oversized headers live in the HTTP protocol (`prodcat.serve.protocol`), as uvicorn has neither.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,16 +26,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prodcat.config import ServeConfig
-from prodcat.data.images import ImageDecodeError, decode_image
+from prodcat.data.images import ALLOWED_FORMATS, DecodedImage, ImageDecodeError, decode_image_sized
 from prodcat.serve.batching import BatchInfo, ModelError, OverloadedError, Runner, create_runner
 from prodcat.utils import get_logger
 
 if TYPE_CHECKING:
-    import torch
-
     from prodcat.predict import CategoryScore, Predictor, ProductPrediction
 
 __all__ = ["ApiError", "STATIC_DIR", "create_app", "serve"]
@@ -65,6 +68,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyTooSlow(Exception):
+    pass
+
+
 class _LimitedMultiPartParser(MultiPartParser):
     """Starlette's parser, but a part over `max_part_bytes` is refused as it streams in, before it is spooled."""
 
@@ -85,9 +92,21 @@ class _LimitedMultiPartParser(MultiPartParser):
         super().on_part_data(data, start, end)
 
 
-async def _limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def _limited_stream(request: Request, limit: int, config: ServeConfig) -> AsyncIterator[bytes]:
+    """The body, refused past `limit` bytes, past `body_timeout_s` in all or `body_idle_timeout_s` between chunks."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + config.body_timeout_s
+    chunks = request.stream().__aiter__()
     received = 0
-    async for chunk in request.stream():
+    while True:
+        wait = min(config.body_idle_timeout_s, deadline - loop.time())
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise _BodyTooSlow from None
         received += len(chunk)
         if received > limit:
             raise _BodyTooLarge
@@ -115,7 +134,7 @@ async def _parse_form(request: Request, config: ServeConfig) -> FormData:
         raise too_large
     parser = _LimitedMultiPartParser(
         request.headers,
-        _limited_stream(request, body_limit),
+        _limited_stream(request, body_limit, config),
         max_files=config.max_images + 16,
         max_fields=16,
         max_part_bytes=config.max_upload_bytes,
@@ -129,6 +148,14 @@ async def _parse_form(request: Request, config: ServeConfig) -> FormData:
         ) from None
     except _BodyTooLarge:
         raise too_large from None
+    except _BodyTooSlow:
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"the upload did not arrive in time (at most {config.body_timeout_s:g} s in all, "
+            f"{config.body_idle_timeout_s:g} s without data); retry on a faster connection",
+            {"Connection": "close"},
+        ) from None
     except MultiPartException as error:
         if error.message.startswith("Too many files"):
             raise ApiError(422, "too_many_images", f"at most {config.max_images} photos per product") from None
@@ -164,19 +191,24 @@ def _top_k(query_value: int | None, form: FormData, config: ServeConfig) -> int:
     raw = form.get("top_k")
     if raw is None or raw == "":
         return config.top_k
-    if not isinstance(raw, str) or not raw.strip().isdigit() or not 1 <= int(raw) <= MAX_TOP_K:
-        raise ApiError(422, "invalid_top_k", f"top_k must be an integer in 1..{MAX_TOP_K}, got {str(raw)[:40]!r}")
-    return int(raw)
+    text = raw.strip() if isinstance(raw, str) else ""
+    # ASCII digits only: str.isdigit() also takes '²' and '٣', and int() of 4,301+ digits raises.
+    if not (0 < len(text) <= 3 and text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_TOP_K):
+        shown = repr(raw[:40]) if isinstance(raw, str) else "a file"
+        raise ApiError(422, "invalid_top_k", f"top_k must be an integer in 1..{MAX_TOP_K}, got {shown}")
+    return int(text)
 
 
-def _decode_all(uploads: Sequence[UploadFile], max_pixels: int) -> list[torch.Tensor]:
-    """Read and decode every upload (runs in a worker thread); the first failure names its file."""
+def _decode_all(
+    uploads: Sequence[UploadFile], max_pixels: int, reduce_to: tuple[int, int] | None
+) -> list[DecodedImage]:
+    """Read and decode every upload (runs on a decode thread); the first failure names its file."""
     images = []
     for index, upload in enumerate(uploads):
         upload.file.seek(0)
         data = upload.file.read()
         try:
-            images.append(decode_image(data, max_pixels=max_pixels))
+            images.append(decode_image_sized(data, max_pixels=max_pixels, reduce_to=reduce_to))
         except ImageDecodeError as error:
             where = _where(index, upload)
             if error.reason.startswith("too many pixels"):
@@ -184,10 +216,11 @@ def _decode_all(uploads: Sequence[UploadFile], max_pixels: int) -> list[torch.Te
                     413, "image_too_large", f"{where}: {error.reason}; the limit is {max_pixels} pixels"
                 ) from None
             raise ApiError(422, "invalid_image", f"{where}: {error.reason}") from None
-        except (ValueError, OSError, RuntimeError, EOFError) as error:
-            # A decoder library failing in a way decode_image does not translate is still the upload's fault.
-            log.warning("%s: decoder raised %s", _where(index, upload), type(error).__name__, exc_info=True)
+        except Exception as error:  # noqa: BLE001 - whatever a decoder raises, the picture bytes caused it: 4xx
+            log.warning("%s: decoder raised %s: %s", _where(index, upload), type(error).__name__, error)
             raise ApiError(422, "invalid_image", f"{_where(index, upload)}: could not decode") from None
+        finally:
+            del data  # the encoded bytes are not needed once decoded (up to max_upload_bytes each)
     return images
 
 
@@ -226,7 +259,7 @@ def _scores_json(scores: Sequence[CategoryScore]) -> list[dict[str, Any]]:
 def _classify_json(
     prediction: ProductPrediction,
     uploads: Sequence[UploadFile],
-    images: Sequence[torch.Tensor],
+    images: Sequence[DecodedImage],
     info: BatchInfo,
     decode_ms: float,
     started: float,
@@ -236,8 +269,8 @@ def _classify_json(
         {
             "index": index,
             "filename": upload.filename,
-            "width": int(image.shape[-1]),
-            "height": int(image.shape[-2]),
+            "width": image.width,
+            "height": image.height,
             "top": _scores_json(scores),
         }
         for index, (upload, image, scores) in enumerate(zip(uploads, images, prediction.images, strict=True))
@@ -323,18 +356,21 @@ async def classify(
     state = request.app.state
     config: ServeConfig = state.config
     runner: Runner = state.runner
-    form = await _parse_form(request, config)
-    try:
-        uploads = _uploads(form, config)
-        k = min(_top_k(top_k, form, config), state.predictor.taxonomy.num_classes)
-        with runner.admit():
+    with runner.admit():  # from before the upload is read: slow uploads count against the pending limit
+        form = await _parse_form(request, config)
+        try:
+            uploads = _uploads(form, config)
+            k = min(_top_k(top_k, form, config), state.predictor.taxonomy.num_classes)
             decode_start = time.perf_counter()
-            images = await asyncio.to_thread(_decode_all, uploads, config.max_pixels)
+            loop = asyncio.get_running_loop()
+            images = await loop.run_in_executor(
+                state.decode_pool, _decode_all, uploads, config.max_pixels, state.decode_size
+            )
             decode_ms = (time.perf_counter() - decode_start) * 1e3
             hashes = await asyncio.to_thread(_upload_digests, uploads) if state.hash_uploads else None
-            prediction, info = await runner.predict(images, k, hashes)
-    finally:
-        await form.close()
+            prediction, info = await runner.predict([image.pixels for image in images], k, hashes)
+        finally:
+            await form.close()
     return JSONResponse(_classify_json(prediction, uploads, images, info, decode_ms, started))
 
 
@@ -362,12 +398,15 @@ async def health(request: Request) -> dict[str, Any]:
             "batch_window_ms": config.batch_window_ms,
             "max_batch_images": config.max_batch_images,
             "in_flight": runner.in_flight,
+            "queued_bytes": runner.held_bytes,
             "batches": getattr(runner, "batches", None),
         },
         "limits": {
             "max_images": config.max_images,
             "max_upload_bytes": config.max_upload_bytes,
             "max_pixels": config.max_pixels,
+            "max_queued_bytes": config.max_queued_bytes,
+            "formats": list(ALLOWED_FORMATS),
             "default_top_k": config.top_k,
             "max_top_k": MAX_TOP_K,
         },
@@ -437,6 +476,10 @@ class _InternalErrorMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # Nobody is left to answer, and nothing is wrong with the server: one line, no traceback.
+            client = scope.get("client") or ("?", 0)
+            log.warning("client %s:%s disconnected during %s %s", *client[:2], scope.get("method"), scope.get("path"))
         except Exception:
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
             if response_started:
@@ -449,7 +492,8 @@ class _InternalErrorMiddleware:
 def _model_info(predictor: Predictor, config: ServeConfig) -> dict[str, Any]:
     taxonomy = predictor.taxonomy
     info: dict[str, Any] = {
-        "run": config.run or None,
+        # The run's name, not the path as typed on the command line (which may reveal the server's layout).
+        "run": Path(config.run).resolve().name if config.run else None,
         "num_classes": int(taxonomy.num_classes),
         "num_level1": int(taxonomy.num_level1),
         "num_level2": int(taxonomy.num_level2),
@@ -474,26 +518,82 @@ def _category_items(predictor: Predictor) -> list[dict[str, Any]]:
     ]
 
 
+def _decode_size(predictor: Predictor) -> tuple[int, int] | None:
+    """The model's input (H, W), towards which uploads are decoded reduced; None decodes them at full size."""
+    size = getattr(predictor, "input_size", None)  # a predictor may say it directly (the benchmark's does)
+    if size is None:
+        extract_config = getattr(predictor, "extract_config", None)
+        if extract_config is None:
+            return None
+        from prodcat.features.backbones import get_spec
+
+        try:
+            size = get_spec(extract_config.backbone).image_size
+        except Exception as error:  # noqa: BLE001 - serving still works, only without reduced decoding
+            log.warning("no input size for backbone %r (%s); pictures decode at full size", extract_config, error)
+            return None
+    return int(size[0]), int(size[1])
+
+
+def _swagger_assets() -> Path | None:
+    """Swagger UI's files from the swagger-ui-bundle-v2 package, so /docs works offline; None when not installed."""
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    path = Path(str(swagger_ui_bundle.swagger_ui_path))
+    return path if (path / "swagger-ui-bundle.js").is_file() else None
+
+
+def _install_docs(app: FastAPI, config: ServeConfig) -> None:
+    """/docs from local files (never a CDN: the page would be blank offline), or no /docs at all."""
+    assets = _swagger_assets() if config.docs else None
+    if config.docs and assets is None:
+        log.warning("swagger-ui-bundle-v2 is not installed: /docs is off (/openapi.json still describes the API)")
+    if assets is None:
+        return
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="prodcat API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
+
+
 def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastAPI:
-    """The app over a loaded predictor; the runner (micro-batcher) starts and stops with the app's lifespan."""
+    """The app over a loaded predictor; the runner (micro-batcher) and the decode threads live with its lifespan."""
     config = config or ServeConfig()
     runner = create_runner(predictor, config)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Its own few threads, not the loop's default pool: at most decode_threads full-size decodes at once.
+        app.state.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="prodcat-decode")
         await runner.start()
         try:
             yield
         finally:
             await runner.stop()
+            app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="prodcat",
         version="0.1.0",
         lifespan=lifespan,
         description="Categorise a new product from 1-4 photos into the Cdiscount category tree.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if config.docs else None,
     )
     app.state.predictor, app.state.config, app.state.runner = predictor, config, runner
+    app.state.decode_size = _decode_size(predictor)
     app.state.model_info = _model_info(predictor, config)
     app.state.categories = _category_items(predictor)
     app.state.hash_uploads = bool(getattr(predictor, "has_twins", False))  # builds the twin index before serving
@@ -501,6 +601,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
     app.add_middleware(_InternalErrorMiddleware)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _install_docs(app, config)
     return app
 
 
@@ -531,4 +632,18 @@ def serve(config: ServeConfig) -> None:
         config.port,
         "on" if config.micro_batching else "off",
     )
-    uvicorn.run(create_app(predictor, config), host=config.host, port=config.port, log_level="info")
+    uvicorn.run(create_app(predictor, config), **uvicorn_options(config), log_level="info")
+
+
+def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
+    """uvicorn.run keywords: loopback host/port, the guarded h11 protocol (header timeout, 431), keep-alive."""
+    from prodcat.serve.protocol import guarded_h11_protocol
+
+    return {
+        "host": config.host,
+        "port": config.port,
+        "http": guarded_h11_protocol(config.header_timeout_s),
+        "h11_max_incomplete_event_size": config.max_header_bytes,
+        "timeout_keep_alive": 5,
+        "ws": "none",  # no WebSocket routes: an upgrade would only hand the connection to code that is never used
+    }

@@ -7,6 +7,10 @@ intra-op threads already use the cores), and the event loop only ever awaits fut
 `batch_window_ms` has passed or `max_batch_images` would be exceeded, and runs ONE `predict_products` call for them
 all. It stops waiting early when no other request is on its way (none is being decoded), so a lone client pays no
 window. While a batch runs, new requests queue up and form the next batch: under load, batches grow by themselves.
+
+What waits is bounded twice: in requests (`max_pending_requests`, counted from before the upload is read) and in
+bytes of decoded pixels held from submission to the end of their forward (`max_queued_bytes`); past either the
+request is refused with `OverloadedError` (503) instead of growing the server's memory.
 """
 
 from __future__ import annotations
@@ -77,11 +81,35 @@ class Runner:
         self.config = config
         self._in_flight = 0  # admitted requests (decoding, queued or in a forward)
         self._submitted = 0  # of those, the ones handed to predict()
+        self._held_bytes = 0  # decoded pixels of submitted requests, until their forward ends
         self._executor: ThreadPoolExecutor | None = None
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held_bytes
+
+    @contextlib.contextmanager
+    def hold(self, images: list[torch.Tensor]) -> Iterator[None]:
+        """Count the request's pixels while it waits and runs; refuse it when the queue would pass its byte bound.
+
+        A lone request is always taken (its images passed the per-photo limits already), so nothing is refused
+        on an idle server.
+        """
+        size = sum(image.numel() * image.element_size() for image in images)
+        if self._held_bytes and self._held_bytes + size > self.config.max_queued_bytes:
+            raise OverloadedError(
+                f"{self._held_bytes} bytes of pictures are already waiting (limit {self.config.max_queued_bytes});"
+                " retry shortly"
+            )
+        self._held_bytes += size
+        try:
+            yield
+        finally:
+            self._held_bytes -= size
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prodcat-model")
@@ -140,7 +168,10 @@ class DirectRunner(Runner):
         self._submitted += 1
         submitted = time.perf_counter()
         try:
-            predictions, started, finished = await self._forward([images], top_k, [hashes])
+            with self.hold(images):
+                predictions, started, finished = await self._forward([images], top_k, [hashes])
+        except OverloadedError:
+            raise
         except Exception as error:
             log.exception("predictor failed on a request of %d images", len(images))
             raise ModelError("the model failed on this request") from error
@@ -183,13 +214,14 @@ class MicroBatcher(Runner):
         if self._task is None or self._wakeup is None:
             raise RuntimeError("micro-batcher is not started (the app's lifespan did not run)")
         future: asyncio.Future[tuple[ProductPrediction, BatchInfo]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(images, top_k, future, time.perf_counter(), hashes))
-        self._submitted += 1
-        self._wakeup.set()
-        try:
-            return await future
-        finally:
-            self._submitted -= 1
+        with self.hold(images):
+            self._queue.append(_Pending(images, top_k, future, time.perf_counter(), hashes))
+            self._submitted += 1
+            self._wakeup.set()
+            try:
+                return await future
+            finally:
+                self._submitted -= 1
 
     async def _run_forever(self) -> None:
         while True:
