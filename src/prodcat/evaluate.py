@@ -377,8 +377,10 @@ def collect(
         keep("image_top", top)
         keep("image_true", log_probs[np.arange(len(labels)), labels])
         product_index = np.repeat(np.arange(last - first), counts[first:last])
-        for method in AGGREGATIONS:
-            aggregated = aggregate_products(log_probs, product_index, last - first, method)
+        for method in predictor.aggregations:  # a product head adds its own (image top-1: single pictures through it)
+            aggregated = predictor.product_log_probs_from_features(
+                features, product_index, last - first, method, log_probs=log_probs
+            )
             labels_top, scores_top = top_k(aggregated, TOP_K)
             keep(f"{method}_top", labels_top)
             keep(f"{method}_prob", np.exp(scores_top))
@@ -397,9 +399,9 @@ def collect(
         product_id=product_id,
         product_label=product_label,
         num_images=counts,
-        product_top={m: joined[f"{m}_top"] for m in AGGREGATIONS},
-        product_top_prob={m: joined[f"{m}_prob"] for m in AGGREGATIONS},
-        product_true_logprob={m: joined[f"{m}_true"] for m in AGGREGATIONS},
+        product_top={m: joined[f"{m}_top"] for m in predictor.aggregations},
+        product_top_prob={m: joined[f"{m}_prob"] for m in predictor.aggregations},
+        product_true_logprob={m: joined[f"{m}_true"] for m in predictor.aggregations},
         heads=head_parts or None,
     )
 
@@ -413,12 +415,13 @@ def _product_hits(data: Collected, method: str) -> tuple[np.ndarray, np.ndarray]
 
 def select(data: Collected, config: EvalConfig) -> dict[str, Any]:
     """The choices evaluation makes, from the selection split only: product aggregation, then the threshold."""
-    hits = {method: _product_hits(data, method) for method in AGGREGATIONS}
+    hits = {method: _product_hits(data, method) for method in data.product_top}
     top1 = {method: float(hit[0].mean()) for method, hit in hits.items()}
     if config.aggregation == "auto":
         # Best top-1; top-5 breaks ties, then the order of AGGREGATIONS (mean_prob first).
-        key = {method: (top1[method], float(hits[method][1].mean()), -AGGREGATIONS.index(method)) for method in hits}
-        chosen = max(AGGREGATIONS, key=key.__getitem__)
+        order = list(hits)
+        key = {method: (top1[method], float(hits[method][1].mean()), -order.index(method)) for method in hits}
+        chosen = max(order, key=key.__getitem__)
         chosen_by = f"auto: best product top-1 on {SELECTION_SPLIT}"
     else:
         chosen, chosen_by = config.aggregation, "config"
@@ -475,7 +478,7 @@ def _image_metrics(data: Collected, intervals: dict[str, list[float]]) -> dict[s
 
 def _product_metrics(data: Collected, selection: dict[str, Any], intervals: dict[str, list[float]]) -> dict[str, Any]:
     methods = {}
-    for method in AGGREGATIONS:
+    for method in data.product_top:
         # vote's scores are vote shares with a tiny tie-break, not a probability model: its NLL means nothing.
         true_logprob = None if method == "vote" else data.product_true_logprob[method]
         methods[method] = accuracy_block(data.product_top[method], data.product_label, true_logprob)
@@ -483,7 +486,7 @@ def _product_metrics(data: Collected, selection: dict[str, Any], intervals: dict
     top1_hit, top5_hit = _product_hits(data, chosen)
     n = int(len(data.product_label))
     by_num_images = {}
-    for method in AGGREGATIONS:
+    for method in data.product_top:
         correct = _product_hits(data, method)[0]
         by_num_images[method] = {
             str(k): {"products": int((data.num_images == k).sum()), "top1": float(correct[data.num_images == k].mean())}

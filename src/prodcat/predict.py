@@ -24,11 +24,21 @@ from prodcat.paths import WorkPaths
 from prodcat.utils import atomic_write_text, get_logger, progress, read_json
 
 if TYPE_CHECKING:
+    from prodcat.prototypes import Prototypes
     from prodcat.twins import TwinChoice, TwinIndex, TwinMatch
 
-__all__ = ["CategoryScore", "ProductPrediction", "Predictor", "aggregate_products", "predict_bson", "AGGREGATIONS"]
+__all__ = [
+    "CategoryScore",
+    "ProductPrediction",
+    "Predictor",
+    "aggregate_products",
+    "predict_bson",
+    "AGGREGATIONS",
+    "PRODUCT_HEAD",
+]
 
 AGGREGATIONS = ("mean_prob", "mean_logprob", "vote")
+PRODUCT_HEAD = "product_head"  # a run whose head reads whole products: the head itself combines the pictures
 log = get_logger("prodcat.predict")
 
 
@@ -112,13 +122,18 @@ class Predictor:
         self._backbone: tuple[Any, Any, Any] | None = None
         evaluation = self.run_dir / "eval" / "metrics.json"
         metrics = read_json(evaluation) if evaluation.is_file() else {}
-        self.aggregation: str = metrics.get("product", {}).get("aggregation", "mean_prob")
+        self.reads_products = bool(getattr(model, "reads_products", False))
+        default = PRODUCT_HEAD if self.reads_products else "mean_prob"
+        self.aggregation: str = metrics.get("product", {}).get("aggregation", default)
         self.store_name = store_name or extract_config.store_name  # the feature store the head was trained on
         self.accept_threshold: float | None = metrics.get("confidence", {}).get("threshold")
         from prodcat.twins import load_twin_choice
 
         self.twin_choice: TwinChoice | None = load_twin_choice(self.run_dir)  # None: not chosen on val yet
         self._twins: TwinIndex | None | bool = False  # False: not built yet
+        self._prototypes: Prototypes | None = None
+        self._prototype_signature: tuple[int, int] | None = None
+        self.refresh_prototypes()
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None, which: str = "best") -> Predictor:
@@ -165,13 +180,96 @@ class Predictor:
         return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
 
     @torch.inference_mode()
-    def log_probs_from_features(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-        """Full-softmax log-probabilities (N, C) of cached features."""
+    def head_log_probs(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """The head's own full-softmax log-probabilities (N, C) of cached picture features (a product head reads each
+        picture as a one-picture product); no added categories."""
         out = []
         for start in range(0, len(features), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(features[start : start + batch_size], dtype=np.float32))
             out.append(self.model(batch.to(self.device)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.taxonomy.num_classes), np.float32)
+
+    def log_probs_from_features(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """Log-probabilities of cached picture features: (N, C), or (N, C + new) with added categories."""
+        log_probs = self.head_log_probs(features, batch_size)
+        prototypes = self.prototypes
+        return log_probs if prototypes is None else prototypes.combine(log_probs, prototypes.scores(features))
+
+    @property
+    def aggregations(self) -> tuple[str, ...]:
+        """Ways this run can combine a product's pictures: a product head adds its own to the per-picture three."""
+        return (*AGGREGATIONS, PRODUCT_HEAD) if self.reads_products else AGGREGATIONS
+
+    def product_log_probs_from_features(
+        self,
+        features: np.ndarray,
+        product_index: np.ndarray,
+        num_products: int,
+        method: str | None = None,
+        log_probs: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """(P, C[+new]) product log-probabilities of picture features; `method` defaults to the run's aggregation.
+        `log_probs`: the pictures' log-probabilities when already computed (per-picture aggregations reuse them)."""
+        method = method or self.aggregation
+        if method != PRODUCT_HEAD:
+            if log_probs is None:
+                log_probs = self.log_probs_from_features(features)
+            return aggregate_products(log_probs, product_index, num_products, method)
+        if not self.reads_products:
+            raise ValueError(f"aggregation {PRODUCT_HEAD!r} needs a product head; this run's head reads pictures")
+        return self._product_head_log_probs(features, np.asarray(product_index, dtype=np.int64), num_products)
+
+    @torch.inference_mode()
+    def _product_head_log_probs(self, features: np.ndarray, product_index: np.ndarray, num_products: int) -> np.ndarray:
+        from prodcat.products import PAD, group_index
+
+        slots = group_index(product_index, num_products)
+        mask = slots != PAD
+        batch = np.zeros((*slots.shape, *features.shape[1:]), dtype=np.float32)
+        batch[mask] = features[slots[mask]]
+        out = []
+        for start in range(0, num_products, 1024):
+            chunk = torch.from_numpy(batch[start : start + 1024]).to(self.device)
+            chunk_mask = torch.from_numpy(mask[start : start + 1024]).to(self.device)
+            out.append(self.model(chunk, chunk_mask).float().cpu().numpy())
+        log_probs = np.concatenate(out) if out else np.zeros((0, self.taxonomy.num_classes), np.float32)
+        prototypes = self.prototypes
+        if prototypes is None:
+            return log_probs
+        # A product's prototype logit: the mean of its pictures' (the head's own columns are already per product).
+        counts = np.maximum(np.bincount(product_index, minlength=num_products), 1)[:, None]
+        scores = _sum_by_product(prototypes.scores(features).astype(np.float64), product_index, num_products) / counts
+        return prototypes.combine(log_probs, scores)
+
+    # -- added categories (prototypes) ------------------------------------------------------------------------------
+    @property
+    def prototypes(self) -> Prototypes | None:
+        """The run's added categories, reloaded when prototypes.json changes (so a server knows a new one at once)."""
+        self.refresh_prototypes()
+        return self._prototypes
+
+    def refresh_prototypes(self) -> None:
+        from prodcat.prototypes import Prototypes
+
+        signature = Prototypes.signature(self.run_dir)
+        if signature != self._prototype_signature:
+            self._prototypes = Prototypes.load(self.run_dir) if signature is not None else None
+            self._prototype_signature = signature
+
+    @property
+    def num_outputs(self) -> int:
+        """Categories a prediction can name: the taxonomy's plus the added ones."""
+        prototypes = self.prototypes
+        return self.taxonomy.num_classes if prototypes is None else prototypes.output_size(self.taxonomy.num_classes)
+
+    def category_ids(self, labels: np.ndarray) -> np.ndarray:
+        """Category ids of output labels, added categories included."""
+        table = np.asarray(self.taxonomy.category_ids, dtype=np.int64)
+        prototypes = self.prototypes
+        if prototypes is not None:
+            table = np.concatenate([table, np.full(self.num_outputs - len(table), -1, dtype=np.int64)])
+            table[prototypes.labels] = [c["category_id"] for c in prototypes.categories]
+        return table[np.asarray(labels, dtype=np.int64)]
 
     def image_log_probs(self, images: Sequence[torch.Tensor]) -> np.ndarray:
         return self.log_probs_from_features(self.image_features(images))
@@ -221,6 +319,11 @@ class Predictor:
         return result
 
     def _score(self, label: int, probability: float) -> CategoryScore:
+        prototypes = self._prototypes
+        added = [] if prototypes is None else [c for c in prototypes.categories if c["label"] == label]
+        if added:
+            level1, level2, level3 = added[0]["names"]
+            return CategoryScore(label, int(added[0]["category_id"]), probability, level1, level2, level3)
         level1, level2, level3 = self.taxonomy.names(label)
         return CategoryScore(label, int(self.taxonomy.category_ids[label]), probability, level1, level2, level3)
 
@@ -234,8 +337,11 @@ class Predictor:
         xxh3_128 digests of each product's raw photo bytes, to look up training twins."""
         images = [image for product in products for image in product]
         product_index = np.repeat(np.arange(len(products)), [len(product) for product in products])
-        image_log_probs = self.image_log_probs(images)
-        product_log_probs = aggregate_products(image_log_probs, product_index, len(products), self.aggregation)
+        features = self.image_features(images)
+        image_log_probs = self.log_probs_from_features(features)
+        product_log_probs = self.product_log_probs_from_features(
+            features, product_index, len(products), log_probs=image_log_probs
+        )
         matches: list[TwinMatch | None] = [None] * len(products)
         if hashes is not None:
             product_log_probs, matches = self._with_twins(product_log_probs, hashes)
@@ -395,13 +501,11 @@ def _from_store(predictor: Predictor, bson_path: Path, product_ids: np.ndarray) 
     if not np.array_equal(np.unique(stored_ids), np.unique(product_ids)):
         return None
     valid = rows[store.column("valid")[rows]]
-    log_probs = predictor.log_probs_from_features(store.read(valid))
+    features = store.read(valid)
     ids, product_index = np.unique(store.column("product_id")[valid], return_inverse=True)
-    product_log_probs = aggregate_products(log_probs, product_index, len(ids), predictor.aggregation)
+    product_log_probs = predictor.product_log_probs_from_features(features, product_index, len(ids))
     product_log_probs, twin_products = _store_twins(predictor, store, valid, product_index, product_log_probs)
-    best = dict(
-        zip(ids.tolist(), predictor.taxonomy.category_ids[product_log_probs.argmax(axis=1)].tolist(), strict=True)
-    )
+    best = dict(zip(ids.tolist(), predictor.category_ids(product_log_probs.argmax(axis=1)).tolist(), strict=True))
     return np.array([best.get(int(pid), -1) for pid in product_ids], dtype=np.int64), twin_products
 
 

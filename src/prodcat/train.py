@@ -432,7 +432,7 @@ def setup(config: TrainConfig) -> Run:
     sparse = _sparse_output(config, info)
     optimizer = _build_optimizer(model, config, sparse)
     limit = config.memory_limit_gb * 1e9
-    train_rows = _split_rows(store, "train", taxonomy.num_classes)
+    train_data = _loader(model, store, _split_rows(store, "train", taxonomy.num_classes), device, limit)
     run = Run(
         config=config,
         run_dir=paths.run(config.name),
@@ -443,9 +443,9 @@ def setup(config: TrainConfig) -> Run:
         model=model,
         step_module=_LossModule(model),
         optimizer=optimizer,
-        plan=StepPlan.create(len(train_rows), config, info.rank, info.world_size),
-        train_data=FeatureLoader(store, train_rows, device, limit),
-        val_data=FeatureLoader(store, _split_rows(store, "val", taxonomy.num_classes), device, limit),
+        plan=StepPlan.create(len(train_data), config, info.rank, info.world_size),
+        train_data=train_data,
+        val_data=_loader(model, store, _split_rows(store, "val", taxonomy.num_classes), device, limit),
         sparse_output=sparse,
         owns_process_group=owns_group and info.enabled,
     )
@@ -455,6 +455,18 @@ def setup(config: TrainConfig) -> Run:
             run.step_module, device_ids=[device.index] if device.type == "cuda" else None
         )
     return run
+
+
+def _loader(
+    model: nn.Module, store: FeatureStore, rows: np.ndarray, device: torch.device, limit: float
+) -> FeatureLoader:
+    """Rows for a per-picture head; whole products (padded, with a picture mask) for a product head, whose steps,
+    batch size and validation then count products."""
+    if getattr(model, "reads_products", False):
+        from prodcat.products import ProductLoader
+
+        return ProductLoader(store, rows, device, limit)
+    return FeatureLoader(store, rows, device, limit)
 
 
 def _build_optimizer(model: nn.Module, config: TrainConfig, sparse: bool) -> torch.optim.Optimizer:
@@ -580,7 +592,7 @@ def validate(run: Run) -> dict[str, float]:
     top_k = min(5, run.taxonomy.num_classes)
     for features, targets in data.batches(c for c in chunks if len(c)):
         with _autocast(run):
-            log_probs = model(features).float()
+            log_probs = model(features, targets.get("mask")).float()
         leaf = targets["leaf"]
         hits = log_probs.topk(top_k, dim=1).indices == leaf[:, None]
         sums[0] += F.nll_loss(log_probs, leaf, reduction="sum").double()

@@ -294,7 +294,6 @@ def twin_predictions(
     """
     from prodcat.features.store import FeatureStore
     from prodcat.paths import WorkPaths
-    from prodcat.predict import aggregate_products
 
     workdir = predictor.extract_config.workdir
     store = store or FeatureStore.open(WorkPaths(workdir).feature_store(predictor.store_name))
@@ -313,9 +312,8 @@ def twin_predictions(
         last = min(len(starts), int(np.searchsorted(starts, starts[first] + batch_size, side="right")))
         last = max(last, first + 1)
         lo, hi = int(starts[first]), int(starts[last]) if last < len(starts) else len(rows)
-        log_probs = predictor.log_probs_from_features(store.read(rows[lo:hi]), batch_size)
-        product_log_probs = aggregate_products(
-            log_probs, row_product[lo:hi] - first, last - first, predictor.aggregation
+        product_log_probs = predictor.product_log_probs_from_features(
+            store.read(rows[lo:hi]), row_product[lo:hi] - first, last - first
         )
         votes = _chunk_votes(index, row_product[lo:hi] - first, words[lo:hi], found[lo:hi], labels[first:last], splits)
         matched[first + np.unique(votes.product)] = True

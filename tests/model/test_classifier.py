@@ -40,7 +40,12 @@ def test_classifier_outputs_loss_and_gradients(head: str, loss: str) -> None:
     model = _build(head, loss).train()
     features = torch.randn(NUM_CLASSES, *IN_SHAPE).half()
     targets = {"leaf": torch.arange(NUM_CLASSES)}
-    value = model.loss(features, targets)
+    if model.reads_products:  # products of 1-3 pictures, so the gate has pictures to weigh
+        product_features = torch.randn(NUM_CLASSES, 3, *IN_SHAPE).half()
+        mask = torch.arange(3)[None, :] <= (torch.arange(NUM_CLASSES) % 3)[:, None]
+        value = model.loss(product_features, {**targets, "mask": mask})
+    else:
+        value = model.loss(features, targets)
     assert value.dim() == 0 and torch.isfinite(value)
     value.backward()
     for name, param in model.named_parameters():

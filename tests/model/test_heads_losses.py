@@ -7,7 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prodcat.model import _fused, create_head, create_loss, list_heads, list_losses, register_head, register_loss
+from prodcat.model import (
+    _fused,
+    create_head,
+    create_loss,
+    is_product_head,
+    list_heads,
+    list_losses,
+    register_head,
+    register_loss,
+)
 from prodcat.model.losses import adaptive_cutoffs
 
 torch.set_num_threads(2)
@@ -18,7 +27,7 @@ LOSS_KWARGS = {"sampled": {"num_sampled": 3}}
 
 
 def _head(name: str, in_shape: tuple[int, ...]):
-    return create_head(name, in_shape, **({} if name == "linear" else {"hidden_dim": 12}))
+    return create_head(name, in_shape, **({} if name in ("linear", "gated_product") else {"hidden_dim": 12}))
 
 
 def test_registries_list_the_contract_names() -> None:
@@ -42,7 +51,8 @@ def test_registries_refuse_duplicates_and_unknown_names() -> None:
 def test_head_shapes_dtype_and_gradients(name: str, in_shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
     head = _head(name, in_shape).train()
-    features = torch.randn(4, *in_shape).half()  # the store's dtype
+    # the store's dtype; a product head gets products of 3 pictures (with one, its gate has nothing to weigh)
+    features = torch.randn(4, *([3] if is_product_head(head) else []), *in_shape).half()
     embedding = head(features)
     assert embedding.shape == (4, head.out_dim)
     assert embedding.dtype == torch.float32 and torch.isfinite(embedding).all()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prodcat.model.heads import _HEADS, Head, create_head
+from prodcat.model.heads import _HEADS, Head, create_head, is_product_head
 from prodcat.model.losses import _LOSSES, OutputLoss, SoftmaxLoss, create_loss
 
 __all__ = ["Classifier", "HierarchicalClassifier", "build_classifier", "group_log_probs", "HIER_HEAD"]
@@ -58,13 +58,26 @@ class Classifier(nn.Module):
     def num_classes(self) -> int:
         return self.output.num_classes
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Full (N, C) log-probabilities over leaf categories."""
-        return self.output.log_probs(self.head(features))
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full (N, C) log-probabilities over leaf categories. A product head reads (P, K, *row) features with a
+        (P, K) picture mask and answers (P, C); given plain rows it reads each as a one-picture product."""
+        return self.output.log_probs(self._embed(features, mask))
 
     def loss(self, features: torch.Tensor, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Mean training loss; `targets["leaf"]` holds the (N,) leaf class ids."""
-        return self.output(self.head(features), targets["leaf"])
+        """Mean training loss; `targets["leaf"]` holds the (N,) leaf class ids (and `targets["mask"]` the picture
+        mask of a product batch)."""
+        return self.output(self._embed(features, targets.get("mask")), targets["leaf"])
+
+    @property
+    def reads_products(self) -> bool:
+        return is_product_head(self.head)
+
+    def _embed(self, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            return self.head(features)
+        if not self.reads_products:
+            raise ValueError(f"a picture mask was given, but the {type(self.head).__name__} reads single pictures")
+        return self.head(features, mask)
 
     def level_log_probs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"leaf", "level1", "level2"} log-probs; upper levels sum leaf probabilities per parent (and are left out
@@ -119,7 +132,9 @@ class HierarchicalClassifier(Classifier):
         score = leaf + level1[:, self.leaf_level1] + level2[:, self.leaf_level2]
         return F.log_softmax(score, dim=1)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            raise ValueError("the hier classifier reads single pictures, not products with a picture mask")
         raw = self.head_log_probs(features)
         return self.decode(raw["leaf"], raw["level1"], raw["level2"])
 

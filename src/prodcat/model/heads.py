@@ -12,7 +12,17 @@ from torch import nn
 
 from prodcat.model._registry import Registry
 
-__all__ = ["Head", "LinearHead", "MLPHead", "ConvHead", "register_head", "create_head", "list_heads"]
+__all__ = [
+    "Head",
+    "LinearHead",
+    "MLPHead",
+    "ConvHead",
+    "GatedProductHead",
+    "register_head",
+    "create_head",
+    "list_heads",
+    "is_product_head",
+]
 
 _HEADS: Registry[Callable[..., Head]] = Registry("head")
 
@@ -32,6 +42,11 @@ def create_head(name: str, in_shape: tuple[int, ...], **kwargs: object) -> Head:
 
 def list_heads() -> list[str]:
     return _HEADS.names()
+
+
+def is_product_head(head: nn.Module) -> bool:
+    """Whether `head` reads a whole product (P, K, *row) plus a (P, K) mask, not one picture per row."""
+    return bool(getattr(head, "reads_products", False))
 
 
 class Head(nn.Module):
@@ -163,3 +178,66 @@ def _mlp(
 @register_head("conv")
 def _conv(in_shape: tuple[int, ...], hidden_dim: int = 256, num_layers: int = 2, dropout: float = 0.2) -> Head:
     return ConvHead(in_shape, hidden_dim=hidden_dim, num_layers=num_layers, dropout=dropout)
+
+
+class GatedProductHead(Head):
+    """One embedding per PRODUCT from its 1-4 pictures: a gate scores each picture (attention-based multiple-instance
+    pooling, Ilse et al. 2018: w^T tanh(V x)), a softmax over the product's real pictures turns the scores into
+    weights, and the product embedding is the weighted sum of the (pooled) picture features, then dropout.
+
+    Input (P, K, *row) with a (P, K) bool mask (True = a real picture; padded slots are ignored exactly, whatever they
+    hold). Permutation-invariant over a product's pictures by construction. A single picture gets weight 1, so
+    (N, *row) rows without a mask are read as one-picture products: the same embedding as `linear` on that picture.
+    """
+
+    reads_products = True
+
+    def __init__(self, in_shape: tuple[int, ...], gate_dim: int = 128, dropout: float = 0.0) -> None:
+        super().__init__(in_shape)
+        if gate_dim < 1:
+            raise ValueError(f"gate_dim must be >= 1, got {gate_dim}")
+        self.out_dim = in_shape[-1]
+        # No bias on the score: a softmax over the pictures cancels it.
+        self.gate = nn.Sequential(nn.Linear(self.out_dim, gate_dim), nn.Tanh(), nn.Linear(gate_dim, 1, bias=False))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def picture_weights(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(P, K) softmax weights of each product's pictures (0 on padded slots)."""
+        pictures, mask = self._pictures(features, mask)
+        return self._weights(pictures, mask)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        pictures, mask = self._pictures(features, mask)
+        weights = self._weights(pictures, mask)
+        return self.dropout(torch.einsum("pk,pkd->pd", weights, pictures))
+
+    def _pictures(self, features: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, K, D) pooled picture features, padded slots zeroed (a NaN there must not reach the sum), and mask."""
+        if features.dim() == len(self.in_shape) + 1:  # one picture per row
+            features = features[:, None]
+        if features.dim() != len(self.in_shape) + 2 or tuple(features.shape[2:]) != self.in_shape:
+            raise ValueError(
+                f"{type(self).__name__} expects rows of shape {self.in_shape} as (products, pictures, *row) or "
+                f"(pictures, *row), got a batch of shape {tuple(features.shape)}"
+            )
+        products, slots = features.shape[:2]
+        if mask is None:
+            mask = torch.ones(products, slots, dtype=torch.bool, device=features.device)
+        if tuple(mask.shape) != (products, slots):
+            raise ValueError(f"mask must be ({products}, {slots}), got {tuple(mask.shape)}")
+        mask = mask.to(device=features.device, dtype=torch.bool)
+        if products and not bool(mask.any(dim=1).all()):
+            raise ValueError("every product needs at least one picture (a mask row is all False)")
+        flat = self._prepare(features.reshape(products * slots, *self.in_shape))
+        pictures = _pool(flat).reshape(products, slots, -1)
+        return torch.where(mask[..., None], pictures, torch.zeros((), dtype=pictures.dtype)), mask
+
+    def _weights(self, pictures: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.gate(pictures).squeeze(-1).float()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=1).to(pictures.dtype)
+
+
+@register_head("gated_product")
+def _gated_product(in_shape: tuple[int, ...], gate_dim: int = 128, dropout: float = 0.0) -> Head:
+    return GatedProductHead(in_shape, gate_dim=gate_dim, dropout=dropout)
