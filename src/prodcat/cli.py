@@ -165,7 +165,7 @@ def extract(
 def train(
     workdir: Workdir,
     features: str = TrainConfig.features,
-    head: Annotated[str, typer.Option(help="linear | mlp | conv | hier")] = TrainConfig.head,
+    head: Annotated[str, typer.Option(help="linear | mlp | conv | hier | gated_product")] = TrainConfig.head,
     loss: Annotated[str, typer.Option(help="softmax | sampled | adaptive")] = TrainConfig.loss,
     run_name: str | None = None,
     num_sampled: int = TrainConfig.num_sampled,
@@ -421,3 +421,30 @@ def ocr(
         _fail(error)
         return
     typer.echo(f"ocr -> {workdir / 'ocr'}: {summary['ok']} of {summary['pictures']} pictures with text")
+
+
+@app.command("add-category")
+def add_category(
+    run: Annotated[Path, typer.Option(help="Run directory (W/runs/NAME).")],
+    category_id: Annotated[int, typer.Option(help="The new leaf's category id.")],
+    names: Annotated[str, typer.Option(help="Its three names, 'level 1|level 2|leaf'.")],
+    pictures: Annotated[
+        Path | None, typer.Option(help="Folder of examples: each picture file one product, each sub-folder one.")
+    ] = None,
+    bson: Annotated[Path | None, typer.Option(help="A BSON file of example products.")] = None,
+    replace: Annotated[bool, typer.Option(help="Score a leaf the taxonomy has by its prototype instead.")] = False,
+) -> None:
+    """Add a leaf to a trained run from a few example products (a prototype on the frozen features, no
+    retraining); predict and serve know it at once."""
+    from prodcat.prototypes import add_category as run_add
+    from prodcat.prototypes import read_example_products
+
+    try:
+        products = read_example_products(pictures=pictures, bson=bson)
+        entry = run_add(run, category_id, names.split("|"), products, replace=replace)
+    except (ValueError, FileNotFoundError) as error:
+        _fail(error)
+        return
+    typer.echo(f"category {entry['category_id']} ({' > '.join(entry['names'])}) -> {run} as label {entry['label']}, "
+               f"from {entry['products']} products / {entry['pictures']} pictures; scale {entry['scale']:g}, bias "
+               f"{entry['bias']:.3f} ({entry['chosen_by']})")  # fmt: skip

@@ -9,10 +9,10 @@ exp(s) / (1 + sum exp(s)) against the head's (already normalised) categories.
 
 Scale and bias are chosen on val by a documented rule (`fit_scale_bias`): leave-one-leaf-out episodes over known
 leaves. Each episode hides one leaf from the head (its column removed), adds it back as a prototype from `shots`
-train products, and scores the val pictures; (scale, bias) maximise the mean of the added leaf's recall and the
-other pictures' accuracy, averaged over episodes. The head was trained on those leaves, so its other columns are
-lower on their pictures than they would be for a truly new leaf: the episodes are optimistic for the new leaf's
-recall; `benchmarks/bench_new_categories.py` measures truly held-out leaves.
+train products, and scores the val pictures; (scale, bias) minimise, on a grid, the mean of the added leaf's
+pictures' NLL and the other pictures' NLL, averaged over episodes. The head was trained on those leaves, so its other
+columns are lower on their pictures than they would be for a truly new leaf: the episodes are optimistic for the new
+leaf's recall; `benchmarks/bench_new_categories.py` measures truly held-out leaves.
 
 Files in the run folder: prototypes.safetensors (vectors (M, D), center (D,)) and prototypes.json (one entry per
 category: id, names, output label, example counts; scale, bias and how they were chosen).
@@ -44,7 +44,7 @@ __all__ = [
 PROTOTYPE_TENSORS = "prototypes.safetensors"
 PROTOTYPE_META = "prototypes.json"
 DEFAULT_SCALE, DEFAULT_BIAS = 10.0, -5.0  # fallback without a val split: a prototype wins near cos 0.5 + log p / 10
-SCALES = (2.0, 5.0, 10.0, 20.0, 40.0)
+SCALES = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 log = get_logger("prodcat.prototypes")
 
 
@@ -147,15 +147,32 @@ class Prototypes:
 
 
 # -- choosing scale and bias on val --------------------------------------------------------------------------------
-def _best_bias(threshold: np.ndarray, is_new: np.ndarray, known_correct: np.ndarray) -> tuple[float, float]:
-    """(objective, bias): a picture picks the prototype when bias > threshold (= top known logit - scale * cos)."""
-    candidates = np.unique(np.quantile(threshold, np.linspace(0, 1, 201)))
-    new_t, old_t = np.sort(threshold[is_new]), np.sort(threshold[~is_new & known_correct])
-    new_recall = np.searchsorted(new_t, candidates, side="left") / max(len(new_t), 1)
-    old_kept = (len(old_t) - np.searchsorted(old_t, candidates, side="right")) / max(int((~is_new).sum()), 1)
-    objective = 0.5 * (new_recall + old_kept)
-    best = int(np.argmax(objective))
-    return float(objective[best]), float(candidates[best])
+def _episode(log_probs: np.ndarray, cos: np.ndarray, labels: np.ndarray, leaf: int) -> dict[str, np.ndarray]:
+    """What one hidden-leaf episode needs: log of the head's mass left without the leaf, the true class's
+    log-prob, the cosines to the re-added prototype, and which pictures are the leaf's."""
+    hidden = log_probs.copy()
+    hidden[:, leaf] = -np.inf
+    top = hidden.max(axis=1)
+    rest = top + np.log(np.exp(hidden - top[:, None]).sum(axis=1))
+    return {
+        "rest": rest,
+        "top": top,
+        "true": log_probs[np.arange(len(labels)), labels],
+        "known_correct": hidden.argmax(axis=1) == labels,
+        "cos": cos,
+        "new": labels == leaf,
+    }
+
+
+def _episode_loss(episode: dict[str, np.ndarray], scale: float, biases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(balanced NLL, balanced accuracy) for each bias: the mean over the leaf's pictures and over the others."""
+    logit = scale * episode["cos"][None, :] + biases[:, None]  # (B, N)
+    log_z = np.logaddexp(episode["rest"][None, :], logit)
+    new, other = episode["new"], ~episode["new"]
+    nll = 0.5 * ((log_z - logit)[:, new].mean(axis=1) + (log_z - episode["true"][None, :])[:, other].mean(axis=1))
+    picked = logit > episode["top"][None, :]
+    accuracy = 0.5 * (picked[:, new].mean(axis=1) + (~picked & episode["known_correct"][None, :])[:, other].mean(1))
+    return nll, accuracy
 
 
 def fit_scale_bias(
@@ -163,26 +180,29 @@ def fit_scale_bias(
     embeddings: np.ndarray,
     labels: np.ndarray,
     prototypes: dict[int, np.ndarray],
-) -> tuple[float, float, float]:
-    """(scale, bias, objective) over leave-one-leaf-out episodes (see the module docstring).
+) -> tuple[float, float, float, float]:
+    """(scale, bias, balanced NLL, balanced accuracy) over leave-one-leaf-out episodes (see the module docstring):
+    the grid point of least NLL, averaged over episodes (NLL, not accuracy: separable episodes tie on accuracy).
 
     `log_probs` (N, C) head log-probs, `embeddings` (N, D) CL2N embeddings and `labels` (N,) of val pictures;
-    `prototypes`: leaf -> unit prototype from a few train products of that leaf.
+    `prototypes`: leaf -> unit prototype from a few train products of that leaf (leaves without val pictures are
+    skipped).
     """
-    best = (-1.0, DEFAULT_SCALE, DEFAULT_BIAS)
+    episodes = [
+        _episode(log_probs, embeddings @ vector, labels, leaf)
+        for leaf, vector in prototypes.items()
+        if (labels == leaf).any() and (labels != leaf).any()
+    ]
+    if not episodes:
+        raise ValueError("no episode possible: no val picture of any prototype's leaf")
+    best = (np.inf, DEFAULT_SCALE, DEFAULT_BIAS, 0.0)
     for scale in SCALES:
-        thresholds, news, knowns = [], [], []
-        for leaf, vector in prototypes.items():
-            hidden = log_probs.copy()
-            hidden[:, leaf] = -np.inf
-            top = hidden.max(axis=1)
-            thresholds.append(top - scale * embeddings @ vector)
-            news.append(labels == leaf)
-            knowns.append(hidden.argmax(axis=1) == labels)
-        objective, bias = _best_bias(np.concatenate(thresholds), np.concatenate(news), np.concatenate(knowns))
-        if objective > best[0] + 1e-9:
-            best = (objective, scale, bias)
-    return best[1], best[2], best[0]
+        biases = np.linspace(-scale - 10.0, scale + 2.0, 241)
+        nll, accuracy = (np.mean(parts, axis=0) for parts in zip(*(_episode_loss(e, scale, biases) for e in episodes)))
+        index = int(np.argmin(nll))
+        if nll[index] < best[0] - 1e-12:
+            best = (float(nll[index]), scale, float(biases[index]), float(accuracy[index]))
+    return best[1], best[2], best[0], best[3]
 
 
 # -- building them from a run ----------------------------------------------------------------------------------------
@@ -260,10 +280,10 @@ def calibrate(
         slots = train.slots[chosen]
         prototypes[leaf] = class_mean([store.read(s[s >= 0]) for s in slots], center)
     labels = store.column("label")[val].astype(np.int64)
-    scale, bias, objective = fit_scale_bias(predictor.head_log_probs(features), embed(features, center), labels,
-                                            prototypes)  # fmt: skip
+    scale, bias, nll, accuracy = fit_scale_bias(predictor.head_log_probs(features), embed(features, center), labels,
+                                                prototypes)  # fmt: skip
     how = (f"val episodes: {len(leaves)} known leaves each hidden and re-added from {shots} train products, "
-           f"{len(val)} val pictures; max mean(new-leaf recall, others kept correct) = {objective:.3f}")  # fmt: skip
+           f"{len(val)} val pictures; least balanced NLL {nll:.3f} (balanced accuracy {accuracy:.3f})")  # fmt: skip
     return scale, bias, how
 
 
