@@ -126,3 +126,25 @@ def test_cli_add_category_from_a_folder(run: dict, tmp_path: Path, monkeypatch: 
     bad = CliRunner().invoke(app, ["add-category", "--run", str(run["run"]), "--category-id", "556",
                                    "--names", "A|B", "--pictures", str(folder)])  # fmt: skip
     assert bad.exit_code == 2 and "three non-empty names" in bad.output
+
+
+def test_read_example_products_from_bson(tmp_path: Path, write_bson) -> None:
+    import io
+
+    def png(value: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (value, 0, 0)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    docs = [
+        {"_id": 1, "imgs": [{"picture": png(210)}, {"picture": png(212)}]},
+        {"_id": 2, "imgs": [{"picture": png(9)}]},
+    ]
+    write_bson(tmp_path / "examples.bson", docs)
+    products = read_example_products(bson=tmp_path / "examples.bson")
+    assert [[int(p[0, 0, 0]) for p in product] for product in products] == [[210, 212], [9]]
+    write_bson(tmp_path / "bad.bson", [{"_id": 3, "imgs": [{"picture": b"not a picture"}]}])
+    with pytest.raises(ValueError, match="product 3: cannot decode"):
+        read_example_products(bson=tmp_path / "bad.bson")
+    with pytest.raises(ValueError, match="one of them"):
+        read_example_products()
