@@ -9,7 +9,7 @@ from prodcat.config import DemoConfig, ExtractConfig, IngestConfig
 from prodcat.paths import WorkPaths
 
 FEATURES = "efficientnet_lite0-pooled"
-SIZES = {"full": {"products": 3000, "categories": 60}, "quick": {"products": 400, "categories": 12}}
+SIZES = {"full": {"products": 2000, "categories": 40}, "quick": {"products": 400, "categories": 12}}
 SYNTHETIC = "demo data is synthetic (prodcat demo-data): numbers show the method at work, not Cdiscount"
 
 
