@@ -30,21 +30,45 @@ def demo_data(
     test_products: int = DemoConfig.test_products,
     categories: int = DemoConfig.categories,
     seed: int = DemoConfig.seed,
+    stock_share: Annotated[
+        float, typer.Option(help="Share of products showing stock photos shared with others (byte-identical).")
+    ] = DemoConfig.stock_share,
+    placeholder_share: Annotated[
+        float, typer.Option(help="Share of products showing only a placeholder picture shared by all categories.")
+    ] = DemoConfig.placeholder_share,
 ) -> None:
     """Write a synthetic data set in Kaggle's Cdiscount formats (the embedded default)."""
     from prodcat.data.demo import generate_demo
 
-    summary = generate_demo(
-        out, DemoConfig(products=products, test_products=test_products, categories=categories, seed=seed)
+    try:
+        config = DemoConfig(
+            products=products,
+            test_products=test_products,
+            categories=categories,
+            seed=seed,
+            stock_share=stock_share,
+            placeholder_share=placeholder_share,
+        )
+    except ConfigError as error:
+        _fail(error)
+        return
+    summary = generate_demo(out, config)
+    typer.echo(
+        f"wrote {summary['train_products']} train / {summary['test_products']} test products to {out} "
+        f"({summary['train_duplicate_share']:.1%} of train pictures are copies of another)"
     )
-    typer.echo(f"wrote {summary['train_products']} train / {summary['test_products']} test products to {out}")
 
 
 @app.command()
 def ingest(
     data_dir: Annotated[Path, typer.Argument(help="Folder with train.bson and/or test.bson and category_names.csv.")],
     workdir: Workdir,
-    val_fraction: float = IngestConfig.val_fraction,
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of train.bson products for selection (checkpoints, thresholds).")
+    ] = IngestConfig.val_fraction,
+    holdout_fraction: Annotated[
+        float, typer.Option(help="Share of train.bson products for reporting only (never tuned on).")
+    ] = IngestConfig.holdout_fraction,
     seed: int = IngestConfig.seed,
     strict: Annotated[bool, typer.Option(help="Stop at the first bad document instead of skipping it.")] = False,
 ) -> None:
@@ -55,14 +79,25 @@ def ingest(
     try:
         report = run_ingest(
             IngestConfig(
-                data_dir=str(data_dir), workdir=str(workdir), val_fraction=val_fraction, seed=seed, strict=strict
+                data_dir=str(data_dir),
+                workdir=str(workdir),
+                val_fraction=val_fraction,
+                holdout_fraction=holdout_fraction,
+                seed=seed,
+                strict=strict,
             )
         )
-    except (IngestError, FileNotFoundError) as error:
+    except (IngestError, FileNotFoundError, ConfigError) as error:
         _fail(error)
         return
     for name, part in report["files"].items():
-        typer.echo(f"{name}: {part['products']} products, {part['images']} images, {part['problems']} problems")
+        present = [split for split in ("train", "val", "holdout") if f"{split}_products" in part]
+        splits = " / ".join(f"{part[f'{split}_products']} {split}" for split in present)
+        share = report["duplicates"][name]["duplicate_share"]
+        typer.echo(
+            f"{name}: {part['products']} products{f' ({splits})' if splits else ''}, {part['images']} images "
+            f"({share:.1%} not unique by content), {part['problems']} problems"
+        )
 
 
 @app.command()
