@@ -36,6 +36,7 @@ __all__ = [
     "duplicate_groups",
     "duplicate_stats",
     "hash_keys",
+    "hashes_of",
     "load_pictures",
     "pictures_path",
 ]
@@ -168,6 +169,13 @@ def load_pictures(workdir: str | Path, source: str | None = None) -> pa.Table:
         raise ValueError(f"source must be 'train', 'test' or None, got {source!r}")
     filters = None if source is None else [("source", "=", source)]
     return pq.read_table(path, filters=filters, schema=PICTURES_SCHEMA)
+
+
+def hashes_of(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The (n, 16) uint8 digests of a `hash` column, without going through Python bytes objects."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = [np.frombuffer(c.buffers()[1], dtype=np.uint8)[16 * c.offset : 16 * (c.offset + len(c))] for c in chunks]
+    return np.concatenate(parts).reshape(-1, 16) if parts else np.zeros((0, 16), dtype=np.uint8)
 
 
 # -- groups -------------------------------------------------------------------------------------------------------

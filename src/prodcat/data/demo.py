@@ -765,7 +765,7 @@ def _product_labels(counts: np.ndarray, test: int, seed: int) -> tuple[np.ndarra
 
 
 _PRODUCTS_PER_STOCK_SET = 6  # products expected to show one leaf's stock set (sets per leaf scale with its size)
-_SIBLING_STOCK = 0.2  # share of stock products that show a sibling leaf's set (same level 2)
+_SIBLING_STOCK = 0.25  # share of stock products showing any set of their level-2 group (often a sibling leaf's)
 _PLACEHOLDER_WEIGHTS = (0.6, 0.25, 0.15)  # a few "no picture" placeholders, the first the most common
 
 
@@ -810,7 +810,7 @@ class _Pictures:
         by_group: dict[tuple[str, str], list[int]] = {}
         for leaf, row in enumerate(rows):
             by_group.setdefault((row.level1, row.level2), []).append(leaf)
-        self.siblings = [[s for s in by_group[row.level1, row.level2] if s != leaf] for leaf, row in enumerate(rows)]
+        self.siblings = [by_group[row.level1, row.level2] for row in rows]  # the leaf itself included
 
     def __call__(self, leaf: int, rng: np.random.Generator, reuse: np.random.Generator) -> list[bytes]:
         """`rng` renders the product's own pictures; `reuse` decides whether it shows shared ones instead."""
@@ -830,9 +830,14 @@ class _Pictures:
 
     def _stock(self, leaf: int, reuse: np.random.Generator, views: int) -> list[bytes]:
         siblings = self.siblings[leaf]
-        if siblings and reuse.random() < _SIBLING_STOCK:
-            leaf = siblings[int(reuse.integers(len(siblings)))]
-        key = (leaf, int(reuse.integers(self.sets[leaf])))
+        if len(siblings) > 1 and reuse.random() < _SIBLING_STOCK:
+            # Any set of the level-2 group alike: a small leaf's few sets are not flooded by a big sibling's products.
+            sets = self.sets[siblings]
+            pick = int(reuse.integers(sets.sum()))
+            at = int(np.searchsorted(np.cumsum(sets), pick, side="right"))
+            key = (siblings[at], pick - int(sets[:at].sum()))
+        else:
+            key = (leaf, int(reuse.integers(self.sets[leaf])))
         if key not in self.stock:  # rendered on first use: sets nobody shows cost nothing
             set_rng = np.random.default_rng([self.config.seed, _STOCK, *key])
             self.stock[key] = _StockSet(self.looks[leaf], set_rng, self.config.image_size, self.config.jpeg_quality)
