@@ -91,13 +91,13 @@ def ingest(
         _fail(error)
         return
     for name, part in report["files"].items():
-        present = [split for split in ("train", "val", "holdout") if f"{split}_products" in part]
-        splits = " / ".join(f"{part[f'{split}_products']} {split}" for split in present)
-        share = report["duplicates"][name]["duplicate_share"]
-        typer.echo(
-            f"{name}: {part['products']} products{f' ({splits})' if splits else ''}, {part['images']} images "
-            f"({share:.1%} not unique by content), {part['problems']} problems"
-        )
+        typer.echo(f"{name}: {part['products']} products, {part['images']} images, {part['problems']} problems")
+        duplicates = report["duplicates"][name]
+        line = f"  {duplicates['duplicate_share']:.1%} of the pictures not unique by content"
+        if "groups" in duplicates:
+            splits = " / ".join(f"{part[f'{split}_products']} {split}" for split in ("train", "val", "holdout"))
+            line += f", {duplicates['groups']} duplicate groups; split {splits} (groups kept whole)"
+        typer.echo(line)
 
 
 @app.command()

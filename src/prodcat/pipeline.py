@@ -80,7 +80,7 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict:
             DemoConfig(products=plan.products, test_products=plan.test_products, categories=plan.categories, seed=0),
         )
     with _step("ingest", timings):
-        # About 360 val and 360 holdout products of the 3,000: a few hundred each.
+        # About 350 val and 350 holdout products of the 3,000: a few hundred each.
         ingest(
             IngestConfig(data_dir=str(data_dir), workdir=str(workdir), val_fraction=0.12, holdout_fraction=0.12, seed=0)
         )
