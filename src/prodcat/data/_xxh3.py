@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["LONG_MIN", "compiled_hasher"]
+__all__ = ["INIT", "KEYS", "LONG_MIN", "compiled_hasher", "compiled_one"]
 
 LONG_MIN = 241  # inputs of at least this many bytes take XXH3's long path
 # XXH3's default 192-byte secret (kSecret in xxhash.h).
@@ -37,7 +37,7 @@ _INIT = np.array(
 )
 
 
-def _build() -> Callable | None:  # noqa: C901 - one closure of small compiled helpers
+def _build() -> Callable | None:
     try:
         import numba
         from llvmlite import ir
@@ -47,7 +47,7 @@ def _build() -> Callable | None:  # noqa: C901 - one closure of small compiled h
         return None
 
     @intrinsic
-    def load(typingctx, array, index):  # noqa: ARG001 - numba's intrinsic signature
+    def load(typingctx, array, index):
         """Little-endian uint64 at byte `index` of a uint8 array: one unaligned load."""
 
         def codegen(context, builder, signature, args):
@@ -134,15 +134,29 @@ def _build() -> Callable | None:  # noqa: C901 - one closure of small compiled h
         """Fill out[row] = (high, low) 64-bit halves of XXH3-128 for every range of >= LONG_MIN bytes."""
         many(view, starts, lengths, _KEYS, _INIT, out)
 
-    return hash_ranges
+    return hash_ranges, one
 
 
-_COMPILED: Callable | None | bool = False  # False: not built yet (compiling costs ~1 s, only paid when used)
+_COMPILED: tuple[Callable, Callable] | None | bool = False  # False: not built yet (compiling costs ~1 s)
 
 
-def compiled_hasher() -> Callable | None:
-    """The compiled range hasher (built on first use), or None without numba."""
+def _compiled() -> tuple[Callable, Callable] | None:
     global _COMPILED
     if _COMPILED is False:
         _COMPILED = _build()
     return _COMPILED  # type: ignore[return-value]
+
+
+def compiled_hasher() -> Callable | None:
+    """The compiled range hasher (built on first use), or None without numba."""
+    parts = _compiled()
+    return None if parts is None else parts[0]
+
+
+def compiled_one() -> Callable | None:
+    """The compiled hash of one range, `one(view, start, length, KEYS, INIT, out, row)`, for fused passes."""
+    parts = _compiled()
+    return None if parts is None else parts[1]
+
+
+KEYS, INIT = _KEYS, _INIT

@@ -769,7 +769,7 @@ _FIXED_SIZES = {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 
 _PICTURE_KEY = b"picture\x00"
 
 
-def _compile_spans() -> Callable | None:
+def _compile_spans() -> tuple[Callable, Callable] | None:
     """Compiled `picture_spans` for documents in Kaggle's layout: each `imgs` element is `{picture: binary}`.
 
     Reads only element headers: the pictures' own bytes stay untouched. Documents laid out otherwise are flagged
@@ -825,11 +825,11 @@ def _compile_spans() -> Callable | None:
                 view, offsets[doc], end, counts[doc], first[doc], out_offset, out_length, keys
             )
 
-    return spans
+    return spans, one
 
 
-_SPANS = _compile_spans()
-_SPAN_KEYS = (np.frombuffer(b"\x04imgs\x00", dtype=np.uint8), np.frombuffer(_PICTURE_KEY, dtype=np.uint8))
+_SPANS, SPAN_ONE = _compile_spans() or (None, None)  # SPAN_ONE: one document's spans, for fused compiled passes
+SPAN_KEYS = (np.frombuffer(b"\x04imgs\x00", dtype=np.uint8), np.frombuffer(_PICTURE_KEY, dtype=np.uint8))
 
 
 @dataclasses.dataclass
@@ -851,24 +851,41 @@ def picture_spans(buf: mmap.mmap | bytes, offsets: np.ndarray, lengths: np.ndarr
     A document's rows follow its own `imgs` array (the compiled walk for Kaggle's layout, `_spans_python` for any
     other); an element without a binary `picture` gets offset -1, length 0.
     """
-    offsets, lengths = np.asarray(offsets, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
-    counts = np.maximum(np.asarray(counts, dtype=np.int64), 0)
-    first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    offsets, lengths, counts, first = span_inputs(offsets, lengths, counts)
     out_offset, out_length = np.full(first[-1], -1, dtype=np.int64), np.zeros(first[-1], dtype=np.int64)
     ok = np.zeros(len(offsets), dtype=bool)
     if _SPANS is not None and len(offsets):
         view = np.frombuffer(buf, dtype=np.uint8)
         try:
-            _SPANS(view, offsets, lengths, counts, first, out_offset, out_length, ok, _SPAN_KEYS)
+            _SPANS(view, offsets, lengths, counts, first, out_offset, out_length, ok, SPAN_KEYS)
         finally:
             del view
+    return finish_spans(buf, offsets, lengths, counts, first, out_offset, out_length, ok)
+
+
+def span_inputs(offsets: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """int64 offsets, lengths, counts and each document's first output row (plus the total at the end)."""
+    offsets, lengths = np.asarray(offsets, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    counts = np.maximum(np.asarray(counts, dtype=np.int64), 0)
+    return offsets, lengths, counts, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def finish_spans(
+    buf: mmap.mmap | bytes,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    counts: np.ndarray,
+    first: np.ndarray,
+    out_offset: np.ndarray,
+    out_length: np.ndarray,
+    ok: np.ndarray,
+) -> PictureSpans:
+    """The spans the compiled walk found, with the documents it flagged (`ok` False) walked again in Python."""
     document = np.repeat(np.arange(len(offsets), dtype=np.int64), counts)
     image_index = np.arange(first[-1], dtype=np.int64) - first[:-1][document]
     spans = PictureSpans(document, image_index.astype(np.int16), out_offset, out_length.astype(np.int32))
     flagged = np.flatnonzero(~ok)
-    if len(flagged):
-        spans = _respan(buf, offsets, lengths, spans, ok, flagged)
-    return spans
+    return _respan(buf, offsets, lengths, spans, ok, flagged) if len(flagged) else spans
 
 
 def _respan(

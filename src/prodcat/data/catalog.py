@@ -135,9 +135,8 @@ def _category_counts(category_ids: np.ndarray) -> dict[int, int]:
 
 def _split_train(index: BsonIndex, keep: np.ndarray, pictures: dict[str, np.ndarray], config: IngestConfig) -> dict:
     """Duplicate groups of the kept train products, and their split codes (stratified by category id)."""
-    keys = dedupe.hash_keys(pictures["hash"])
-    product_row = pictures["document"]
-    keys, product_row = keys[pictures["length"] > 0], product_row[pictures["length"] > 0]  # absent pictures: no link
+    present = pictures["length"] > 0  # an `imgs` element without a picture links nothing
+    keys, product_row = dedupe.hash_keys(pictures["hash"][present]), pictures["document"][present]
     category_id = index.category_id[keep]
     groups = dedupe.duplicate_groups(product_row, keys, len(category_id))
     code = grouped_split(category_id, groups, config.val_fraction, config.holdout_fraction, config.seed)

@@ -24,8 +24,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
+from prodcat.data import _xxh3
 from prodcat.data._xxh3 import LONG_MIN, compiled_hasher
-from prodcat.data.bson_index import BsonIndex, picture_spans
+from prodcat.data.bson_index import (
+    SPAN_KEYS,
+    SPAN_ONE,
+    BsonIndex,
+    PictureSpans,
+    finish_spans,
+    picture_spans,
+    span_inputs,
+)
 from prodcat.paths import WorkPaths
 
 __all__ = [
@@ -73,34 +82,117 @@ def hash_ranges(buf: mmap.mmap | bytes, starts: np.ndarray, lengths: np.ndarray)
     long = lengths >= LONG_MIN if hasher is not None else np.zeros(len(starts), dtype=bool)
     if long.any():
         _hash_compiled(hasher, buf, starts, lengths, halves)
+    _hash_python(buf, starts, lengths, np.flatnonzero(~long), halves)  # short pictures (every one without numba)
+    return _digests(halves)
+
+
+def _digests(halves: np.ndarray) -> np.ndarray:
+    """(n, 2) uint64 (high, low) -> (n, 16) uint8 canonical digests."""
+    return halves.astype(">u8").view(np.uint8).reshape(len(halves), 16)
+
+
+def _hash_python(buf: mmap.mmap | bytes, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray, out: np.ndarray):
+    """`xxhash` for the given rows: out[row] = (high, low); a start < 0 hashes b""."""
     view = memoryview(buf)
     try:
-        for row in np.flatnonzero(~long).tolist():  # short pictures (and every one without numba)
+        for row in rows.tolist():
             start, size = int(starts[row]), int(lengths[row])
             piece = view[start : start + size] if start >= 0 else b""
-            halves[row] = np.frombuffer(digest(piece), dtype=">u8")
+            out[row] = np.frombuffer(digest(piece), dtype=">u8")
     finally:
         view.release()
-    return halves.astype(">u8").view(np.uint8).reshape(len(starts), 16)
+
+
+def _halves(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """Row ranges for the threads: two where half the bytes are done (large inputs), else one."""
+    total = int(lengths.sum())
+    if _THREADS < 2 or total < _PARALLEL_MIN_BYTES:
+        return [(0, len(lengths))]
+    middle = int(np.searchsorted(np.cumsum(lengths), total // 2))
+    return [(0, middle), (middle, len(lengths))]
+
+
+def _on_threads(task, parts: list[tuple[int, int]]) -> None:
+    """task(a, b) for each row range, on a thread each (the compiled kernels run without the GIL)."""
+    if len(parts) == 1:
+        task(*parts[0])
+        return
+    with ThreadPoolExecutor(len(parts)) as pool:
+        for future in [pool.submit(task, a, b) for a, b in parts]:
+            future.result()
 
 
 def _hash_compiled(hasher, buf: mmap.mmap | bytes, starts: np.ndarray, lengths: np.ndarray, out: np.ndarray) -> None:
-    """The compiled hasher over all ranges, on two threads for large inputs (it runs without the GIL)."""
+    """The compiled hasher over all ranges, on two threads for large inputs."""
     view = np.frombuffer(buf, dtype=np.uint8)
     try:
-        total = int(lengths.sum())
-        if _THREADS < 2 or total < _PARALLEL_MIN_BYTES:
-            hasher(view, starts, lengths, out)
-            return
-        # Split where half the bytes are done, so both threads hash about as much.
-        middle = int(np.searchsorted(np.cumsum(lengths), total // 2))
-        with ThreadPoolExecutor(2) as pool:
-            parts = [(0, middle), (middle, len(starts))]
-            futures = [pool.submit(hasher, view, starts[a:b], lengths[a:b], out[a:b]) for a, b in parts]
-            for future in futures:
-                future.result()
+        _on_threads(lambda a, b, view=view: hasher(view, starts[a:b], lengths[a:b], out[a:b]), _halves(lengths))
     finally:
         del view  # release the buffer export so the mmap can close
+
+
+_FUSED: object = False  # the compiled locate-and-hash pass, built on first use (None without numba)
+
+
+def _fused_kernel():
+    """One compiled pass per document: find its pictures' byte ranges, then hash each while its pages are hot.
+
+    Two separate passes would touch every document's headers twice (~0.5 us a document on a large file)."""
+    global _FUSED
+    if _FUSED is False:
+        one_hash, one_span = _xxh3.compiled_one(), SPAN_ONE
+        _FUSED = None if one_hash is None or one_span is None else _build_fused(one_hash, one_span)
+    return _FUSED
+
+
+def _build_fused(one_hash, one_span):
+    import numba
+
+    @numba.njit(nogil=True)
+    def fused(view, offsets, lengths, counts, first, out_offset, out_length, ok, span_keys, keys, init, out):
+        for doc in range(offsets.shape[0]):
+            end = offsets[doc] + lengths[doc]
+            good = end <= view.shape[0] and one_span(
+                view, offsets[doc], end, counts[doc], first[doc], out_offset, out_length, span_keys
+            )
+            ok[doc] = good
+            if good:
+                for row in range(first[doc], first[doc] + counts[doc]):
+                    if out_length[row] >= 241:  # LONG_MIN
+                        one_hash(view, out_offset[row], out_length[row], keys, init, out, row)
+
+    return fused
+
+
+def _locate_and_hash(
+    buf: mmap.mmap | bytes, offsets: np.ndarray, lengths: np.ndarray, counts: np.ndarray
+) -> tuple[PictureSpans, np.ndarray]:
+    """`picture_spans` and `hash_ranges` in one compiled pass (two threads on large files), Python for the rest."""
+    kernel = _fused_kernel()
+    if kernel is None:
+        spans = picture_spans(buf, offsets, lengths, counts)
+        return spans, hash_ranges(buf, spans.offset, spans.length)
+    offsets, lengths, counts, first = span_inputs(offsets, lengths, counts)
+    out_offset, out_length = np.full(first[-1], -1, dtype=np.int64), np.zeros(first[-1], dtype=np.int64)
+    ok, halves = np.zeros(len(offsets), dtype=bool), np.zeros((first[-1], 2), dtype=np.uint64)
+    view = np.frombuffer(buf, dtype=np.uint8)
+    try:
+        _on_threads(
+            lambda a, b, view=view: kernel(
+                view, offsets[a:b], lengths[a:b], counts[a:b], first[a:b], out_offset, out_length, ok[a:b],
+                SPAN_KEYS, _xxh3.KEYS, _xxh3.INIT, halves,
+            ),
+            _halves(lengths),
+        )  # fmt: skip
+    finally:
+        del view
+    spans = finish_spans(buf, offsets, lengths, counts, first, out_offset, out_length, ok)
+    # Rows of documents the kernel read keep its hashes; short pictures and re-walked documents go through xxhash.
+    final = np.zeros((len(spans), 2), dtype=np.uint64)
+    done = ok[spans.document] & (spans.length >= LONG_MIN)
+    final[done] = halves[first[spans.document[done]] + spans.image_index[done]]
+    _hash_python(buf, spans.offset, spans.length, np.flatnonzero(~done), final)
+    return spans, _digests(final)
 
 
 def hash_pictures(index: BsonIndex, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -115,8 +207,7 @@ def hash_pictures(index: BsonIndex, rows: np.ndarray | None = None) -> dict[str,
     with open(index.path, "rb") as handle:
         buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            spans = picture_spans(buf, offsets, lengths, index.num_images[rows])
-            hashes = hash_ranges(buf, spans.offset, spans.length)
+            spans, hashes = _locate_and_hash(buf, offsets, lengths, index.num_images[rows])
         finally:
             try:
                 buf.close()
