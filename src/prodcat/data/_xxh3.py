@@ -37,17 +37,19 @@ _INIT = np.array(
 )
 
 
-def _build() -> Callable | None:
-    try:
-        import numba
-        from llvmlite import ir
-        from numba import types
-        from numba.extending import intrinsic
-    except ImportError:
-        return None
+try:
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+except ImportError:  # pragma: no cover - numba is a dependency; xxhash hashes every picture without it
+    numba = None
+
+# Module-level compiled functions (not closures), so numba's on-disk cache holds them across processes.
+if numba is not None:
 
     @intrinsic
-    def load(typingctx, array, index):
+    def _load(typingctx, array, index):
         """Little-endian uint64 at byte `index` of a uint8 array: one unaligned load."""
 
         def codegen(context, builder, signature, args):
@@ -57,106 +59,101 @@ def _build() -> Callable | None:
 
         return types.uint64(array, index), codegen
 
-    low32, u32, u47 = np.uint64(0xFFFFFFFF), np.uint64(32), np.uint64(47)
-    prime32, prime64_1, prime64_2 = np.uint64(0x9E3779B1), np.uint64(0x9E3779B185EBCA87), np.uint64(0xC2B2AE3D27D4EB4F)
-    avalanche = np.uint64(0x165667919E3779F9)
-    jit = numba.njit(inline="always")
+    _LOW32, _U32, _U47 = np.uint64(0xFFFFFFFF), np.uint64(32), np.uint64(47)
+    _PRIME32, _PRIME64_1, _PRIME64_2 = (
+        np.uint64(0x9E3779B1),
+        np.uint64(0x9E3779B185EBCA87),
+        np.uint64(0xC2B2AE3D27D4EB4F),
+    )
+    _AVALANCHE = np.uint64(0x165667919E3779F9)
+    _jit = numba.njit(inline="always", cache=True)
 
-    @jit
-    def lane(value, key):
+    @_jit
+    def _lane(value, key):
         mixed = value ^ key
-        return (mixed & low32) * (mixed >> u32)
+        return (mixed & _LOW32) * (mixed >> _U32)
 
     # The eight accumulators live in a tuple so that LLVM keeps them in registers.
-    @jit
-    def stripe(a, view, at, keys, k):
-        v0, v1, v2, v3 = load(view, at), load(view, at + 8), load(view, at + 16), load(view, at + 24)
-        v4, v5, v6, v7 = load(view, at + 32), load(view, at + 40), load(view, at + 48), load(view, at + 56)
+    @_jit
+    def _stripe(a, view, at, keys, k):
+        v0, v1, v2, v3 = _load(view, at), _load(view, at + 8), _load(view, at + 16), _load(view, at + 24)
+        v4, v5, v6, v7 = _load(view, at + 32), _load(view, at + 40), _load(view, at + 48), _load(view, at + 56)
         return (
-            a[0] + v1 + lane(v0, keys[k]), a[1] + v0 + lane(v1, keys[k + 1]),
-            a[2] + v3 + lane(v2, keys[k + 2]), a[3] + v2 + lane(v3, keys[k + 3]),
-            a[4] + v5 + lane(v4, keys[k + 4]), a[5] + v4 + lane(v5, keys[k + 5]),
-            a[6] + v7 + lane(v6, keys[k + 6]), a[7] + v6 + lane(v7, keys[k + 7]),
+            a[0] + v1 + _lane(v0, keys[k]), a[1] + v0 + _lane(v1, keys[k + 1]),
+            a[2] + v3 + _lane(v2, keys[k + 2]), a[3] + v2 + _lane(v3, keys[k + 3]),
+            a[4] + v5 + _lane(v4, keys[k + 4]), a[5] + v4 + _lane(v5, keys[k + 5]),
+            a[6] + v7 + _lane(v6, keys[k + 6]), a[7] + v6 + _lane(v7, keys[k + 7]),
         )  # fmt: skip
 
-    @jit
-    def scramble_one(value, key):
-        value ^= value >> u47
-        return (value ^ key) * prime32
+    @_jit
+    def _scramble_one(value, key):
+        value ^= value >> _U47
+        return (value ^ key) * _PRIME32
 
-    @jit
-    def scramble(a, keys):
+    @_jit
+    def _scramble(a, keys):
         return (
-            scramble_one(a[0], keys[0]), scramble_one(a[1], keys[1]), scramble_one(a[2], keys[2]),
-            scramble_one(a[3], keys[3]), scramble_one(a[4], keys[4]), scramble_one(a[5], keys[5]),
-            scramble_one(a[6], keys[6]), scramble_one(a[7], keys[7]),
+            _scramble_one(a[0], keys[0]), _scramble_one(a[1], keys[1]), _scramble_one(a[2], keys[2]),
+            _scramble_one(a[3], keys[3]), _scramble_one(a[4], keys[4]), _scramble_one(a[5], keys[5]),
+            _scramble_one(a[6], keys[6]), _scramble_one(a[7], keys[7]),
         )  # fmt: skip
 
-    @jit
-    def fold(a, b):  # 64 x 64 -> 128-bit product, halves xor-ed
-        a_lo, a_hi, b_lo, b_hi = a & low32, a >> u32, b & low32, b >> u32
+    @_jit
+    def _fold(a, b):  # 64 x 64 -> 128-bit product, halves xor-ed
+        a_lo, a_hi, b_lo, b_hi = a & _LOW32, a >> _U32, b & _LOW32, b >> _U32
         lo_lo, hi_lo, lo_hi = a_lo * b_lo, a_hi * b_lo, a_lo * b_hi
-        cross = (lo_lo >> u32) + (hi_lo & low32) + lo_hi
-        return ((cross << u32) | (lo_lo & low32)) ^ ((hi_lo >> u32) + (cross >> u32) + a_hi * b_hi)
+        cross = (lo_lo >> _U32) + (hi_lo & _LOW32) + lo_hi
+        return ((cross << _U32) | (lo_lo & _LOW32)) ^ ((hi_lo >> _U32) + (cross >> _U32) + a_hi * b_hi)
 
-    @jit
-    def merge(a, keys, start):
+    @_jit
+    def _merge(a, keys, start):
         result = start
         for i in range(4):
-            result += fold(a[2 * i] ^ keys[2 * i], a[2 * i + 1] ^ keys[2 * i + 1])
+            result += _fold(a[2 * i] ^ keys[2 * i], a[2 * i + 1] ^ keys[2 * i + 1])
         result ^= result >> np.uint64(37)
-        result *= avalanche
-        return result ^ (result >> u32)
+        result *= _AVALANCHE
+        return result ^ (result >> _U32)
 
-    @numba.njit(nogil=True)
+    @numba.njit(nogil=True, cache=True)
     def one(view, start, length, keys, init, out, row):
+        """out[row] = (high, low) halves of XXH3-128 of view[start : start + length], length > 240."""
         stripes, scrambles, last, merge_low, merge_high = keys
         a = (init[0], init[1], init[2], init[3], init[4], init[5], init[6], init[7])
         blocks = (length - 1) // 1024  # 16 stripes of 64 bytes per block with the default secret
         for block in range(blocks):
             for s in range(16):
-                a = stripe(a, view, start + block * 1024 + 64 * s, stripes, s)
-            a = scramble(a, scrambles)
+                a = _stripe(a, view, start + block * 1024 + 64 * s, stripes, s)
+            a = _scramble(a, scrambles)
         for s in range(((length - 1) - 1024 * blocks) // 64):
-            a = stripe(a, view, start + blocks * 1024 + 64 * s, stripes, s)
-        a = stripe(a, view, start + length - 64, last, 0)
+            a = _stripe(a, view, start + blocks * 1024 + 64 * s, stripes, s)
+        a = _stripe(a, view, start + length - 64, last, 0)
         n = np.uint64(length)
-        out[row, 0] = merge(a, merge_high, ~(n * prime64_2))
-        out[row, 1] = merge(a, merge_low, n * prime64_1)
+        out[row, 0] = _merge(a, merge_high, ~(n * _PRIME64_2))
+        out[row, 1] = _merge(a, merge_low, n * _PRIME64_1)
 
-    @numba.njit(nogil=True)
-    def many(view, starts, lengths, keys, init, out):
+    @numba.njit(nogil=True, cache=True)
+    def _many(view, starts, lengths, keys, init, out):
         for row in range(starts.shape[0]):
             if lengths[row] >= 241 and starts[row] >= 0 and starts[row] + lengths[row] <= view.shape[0]:
                 one(view, starts[row], lengths[row], keys, init, out, row)
 
-    def hash_ranges(view: np.ndarray, starts: np.ndarray, lengths: np.ndarray, out: np.ndarray) -> None:
-        """Fill out[row] = (high, low) 64-bit halves of XXH3-128 for every range of >= LONG_MIN bytes."""
-        many(view, starts, lengths, _KEYS, _INIT, out)
-
-    return hash_ranges, one
+else:  # pragma: no cover
+    one = _many = None
 
 
-_COMPILED: tuple[Callable, Callable] | None | bool = False  # False: not built yet (compiling costs ~1 s)
-
-
-def _compiled() -> tuple[Callable, Callable] | None:
-    global _COMPILED
-    if _COMPILED is False:
-        _COMPILED = _build()
-    return _COMPILED  # type: ignore[return-value]
+def _hash_ranges(view: np.ndarray, starts: np.ndarray, lengths: np.ndarray, out: np.ndarray) -> None:
+    """Fill out[row] = (high, low) 64-bit halves of XXH3-128 for every range of >= LONG_MIN bytes."""
+    _many(view, starts, lengths, _KEYS, _INIT, out)
 
 
 def compiled_hasher() -> Callable | None:
-    """The compiled range hasher (built on first use), or None without numba."""
-    parts = _compiled()
-    return None if parts is None else parts[0]
+    """The compiled range hasher, or None without numba."""
+    return None if _many is None else _hash_ranges
 
 
 def compiled_one() -> Callable | None:
     """The compiled hash of one range, `one(view, start, length, KEYS, INIT, out, row)`, for fused passes."""
-    parts = _compiled()
-    return None if parts is None else parts[1]
+    return one
 
 
 KEYS, INIT = _KEYS, _INIT

@@ -131,37 +131,31 @@ def _hash_compiled(hasher, buf: mmap.mmap | bytes, starts: np.ndarray, lengths: 
         del view  # release the buffer export so the mmap can close
 
 
-_FUSED: object = False  # the compiled locate-and-hash pass, built on first use (None without numba)
-
-
 def _fused_kernel():
-    """One compiled pass per document: find its pictures' byte ranges, then hash each while its pages are hot.
-
-    Two separate passes would touch every document's headers twice (~0.5 us a document on a large file)."""
-    global _FUSED
-    if _FUSED is False:
-        one_hash, one_span = _xxh3.compiled_one(), SPAN_ONE
-        _FUSED = None if one_hash is None or one_span is None else _build_fused(one_hash, one_span)
-    return _FUSED
+    """The compiled pass of `_locate_and_hash`, or None without numba."""
+    return _fused
 
 
-def _build_fused(one_hash, one_span):
+if _xxh3.one is not None and SPAN_ONE is not None:
     import numba
 
-    @numba.njit(nogil=True)
-    def fused(view, offsets, lengths, counts, first, out_offset, out_length, ok, span_keys, keys, init, out):
+    @numba.njit(nogil=True, cache=True)
+    def _fused(view, offsets, lengths, counts, first, out_offset, out_length, ok, span_keys, keys, init, out):
+        """Per document: find its pictures' byte ranges, then hash each while its pages are hot (two separate
+        passes would touch every document's headers twice, ~0.5 us a document on a large file)."""
         for doc in range(offsets.shape[0]):
             end = offsets[doc] + lengths[doc]
-            good = end <= view.shape[0] and one_span(
+            good = end <= view.shape[0] and SPAN_ONE(
                 view, offsets[doc], end, counts[doc], first[doc], out_offset, out_length, span_keys
             )
             ok[doc] = good
             if good:
                 for row in range(first[doc], first[doc] + counts[doc]):
                     if out_length[row] >= 241:  # LONG_MIN
-                        one_hash(view, out_offset[row], out_length[row], keys, init, out, row)
+                        _xxh3.one(view, out_offset[row], out_length[row], keys, init, out, row)
 
-    return fused
+else:  # pragma: no cover
+    _fused = None
 
 
 def _locate_and_hash(
