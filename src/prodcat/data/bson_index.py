@@ -10,7 +10,8 @@ decoder. Pictures are never touched. With numba installed, large files take one 
 offsets and parses each document while its pages are hot, on two threads (one per half of the file, the split
 point confirmed by the first half's chain): 1.17 GB in ~0.06 s on 2 cores, faster than reading the file. Small
 files, and machines without numba, use the Python walk + numpy parse (see benchmarks/bench_ingest.py).
-Damage never stops the scan: a document that does not decode is reported and skipped, a broken length prefix is
+`picture_spans` gives the byte range of every picture (ingest hashes them, see dedupe.py) from element headers
+alone. Damage never stops the scan: a document that does not decode is reported and skipped, a broken length prefix is
 bridged by searching for the next document that decodes, and a frame that fails to decode is searched for the
 documents it may have swallowed (a corrupted length prefix that happens to end on a NUL byte).
 """

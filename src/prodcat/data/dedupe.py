@@ -2,10 +2,11 @@
 
 Cdiscount reuses pictures: only 7.77 M of the 12.37 M train pictures are unique by content (stock photos of one
 product listed by several sellers, placeholders). Ingest hashes every picture's bytes as stored in the BSON, never
-decoding it (XXH3-128, ~1 GB/s per core even in the slowest path), and writes one row per picture to
-`W/catalog/pictures.parquet`: `source` ("train" | "test"), `product_id`, `image_index`, `hash` (16 bytes, the
-canonical XXH3-128 digest), `offset` (absolute byte offset of the picture in its BSON file) and `length`. Rows follow
-the catalogs: train.parquet's product order, then test.parquet's, image_index ascending.
+decoding it (XXH3-128, compiled: ~6 GB/s of CPU per core; one pass per document finds and hashes its pictures),
+and writes one row per picture to `W/catalog/pictures.parquet`: `source` ("train" | "test"), `product_id`,
+`image_index`, `hash` (16 bytes, the canonical XXH3-128 digest), `offset` (absolute byte offset of the picture in its
+BSON file) and `length`. Rows follow the catalogs: train.parquet's product order, then test.parquet's, image_index
+ascending. `load_pictures` reads it back.
 
 Products sharing any picture, transitively, form one duplicate group (union-find over hashes); the group id is the
 smallest train-catalog row among its products. The split keeps each group on one side, so no picture is seen in
