@@ -117,7 +117,9 @@ def extract(
     random_init: Annotated[bool, typer.Option(help="Random weights (tests and speed runs only).")] = False,
     features: Annotated[str, typer.Option(help="pooled | spatial")] = ExtractConfig.features,
     spatial_channels: int | None = None,
-    split: Annotated[str, typer.Option(help="Comma-separated splits: train,val,test.")] = "train,val,test",
+    split: Annotated[str, typer.Option(help="Comma-separated splits: train,val,holdout,test.")] = ",".join(
+        ExtractConfig.splits
+    ),
     batch_size: int = ExtractConfig.batch_size,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: auto).")] = None,
     shard_size: int = ExtractConfig.shard_size,

@@ -112,7 +112,7 @@ class ExtractConfig:
     random_init: bool = False
     features: str = "pooled"  # pooled | spatial
     spatial_channels: int | None = None  # keep only the first N channels of a spatial map (smaller store)
-    splits: tuple[str, ...] = ("train", "val", "test")
+    splits: tuple[str, ...] = ("train", "val", "holdout", "test")
     batch_size: int = 64
     workers: int | None = None  # DataLoader decode workers; None = auto (0 on small CPU hosts, more with a GPU)
     shard_size: int = 4096  # images per shard
@@ -131,7 +131,7 @@ class ExtractConfig:
         _check(self.workers is None or self.workers >= 0, "workers must be >= 0")
         self.splits = tuple(self.splits)
         for split in self.splits:
-            _check(split in ("train", "val", "test"), f"unknown split {split!r}")
+            _check(split in ("train", "val", "holdout", "test"), f"unknown split {split!r}")
 
     @property
     def store_name(self) -> str:

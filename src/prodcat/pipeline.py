@@ -92,7 +92,7 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict:
                 workdir=str(workdir),
                 backbone="efficientnet_lite0",
                 features="pooled",
-                splits=("train", "val", "test"),
+                splits=("train", "val", "holdout", "test"),
                 batch_size=64,
             )
         )
