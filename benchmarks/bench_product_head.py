@@ -3,11 +3,12 @@ mean_prob / mean_logprob / vote (chosen on val), product top-1 on the holdout. D
 
 Same loss (full softmax), optimizer (adamw), lr, weight decay, epochs, batch size and seeds for both arms; the only
 change is the head. The linear head's batches are pictures, the product head's are products (its step count is
-lower by the mean pictures per product: same epochs over the same pictures). Each run is evaluated by
+lower by the mean pictures per product: same epochs over the same pictures); `--budget steps` instead gives the
+product head as many optimizer steps as the linear head of the same seed took (max_steps). Each run is evaluated by
 `prodcat evaluate` (choices on val, numbers on holdout); the product head's number is its own `product_head`
 aggregation (image top-1 for it: single pictures fed through it as one-picture products).
 
-    python benchmarks/bench_product_head.py [--quick] [--workdir W] [--seeds 3]
+    python benchmarks/bench_product_head.py [--quick] [--workdir W] [--seeds 3] [--budget epochs|steps]
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from prodcat.train import run_summary, train  # noqa: E402
 SETTINGS = {"full": {"epochs": 12.0, "batch_size": 128}, "quick": {"epochs": 4.0, "batch_size": 64}}
 
 
-def _arm(workdir: Path, head: str, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+def _arm(workdir: Path, head: str, seed: int, settings: dict[str, Any], max_steps: int | None = None) -> dict:
+    suffix = "" if max_steps is None else f"-steps{max_steps}"
     config = TrainConfig(
         workdir=str(workdir), features=FEATURES, head=head, loss="softmax", optimizer="adamw", seed=seed,
-        run_name=f"bench14-{head}-s{seed}", overwrite=True, device="cpu", eval_every=50, **settings,
+        run_name=f"bench14-{head}-s{seed}{suffix}", overwrite=True, device="cpu", eval_every=50, max_steps=max_steps,
+        **settings,
     )  # fmt: skip
     started = time.perf_counter()
     run = train(config)
@@ -71,12 +74,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None, help="reuse (or build) this demo work directory")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budget", choices=("epochs", "steps"), default="epochs")
     args = parser.parse_args()
     torch.set_num_threads(2)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench14-"))
     demo_store(workdir, args.quick)
     settings = SETTINGS["quick" if args.quick else "full"]
-    runs = [_arm(workdir, head, seed, settings) for seed in range(args.seeds) for head in ("linear", "gated_product")]
+    runs = []
+    for seed in range(args.seeds):
+        runs.append(_arm(workdir, "linear", seed, settings))
+        steps = runs[-1]["steps"] if args.budget == "steps" else None
+        runs.append(_arm(workdir, "gated_product", seed, settings, max_steps=steps))
     by_head = {h: [r for r in runs if r["head"] == h] for h in ("linear", "gated_product")}
     deltas = [g["product_top1"] - lin["product_top1"] for lin, g in zip(by_head["linear"], by_head["gated_product"])]
     for head, rows in by_head.items():
@@ -87,14 +95,15 @@ def main() -> None:
         print(f"{head:<14} {_spread([r['product_top1'] for r in rows])}")
     print(f"product head - linear: {_spread(deltas)}  [{SYNTHETIC}]")
     details = {
-        "note": SYNTHETIC, "split": "holdout", "selection_split": "val", "settings": settings,
+        "note": SYNTHETIC, "split": "holdout", "selection_split": "val", "settings": settings, "budget": args.budget,
         "same_for_both": "softmax, adamw, default lr/weight decay, epochs, batch size, seeds; only the head differs",
         "runs": runs, "delta_per_seed": deltas,
         "linear": _spread([r["product_top1"] for r in by_head["linear"]]),
         "gated_product": _spread([r["product_top1"] for r in by_head["gated_product"]]),
     }  # fmt: skip
     if not args.quick:
-        write_result("product_head_minus_linear_top1", statistics.mean(deltas), "product top-1", None, ">=", details)
+        name = "product_head_minus_linear_top1" + ("" if args.budget == "epochs" else "_equal_steps")
+        write_result(name, statistics.mean(deltas), "product top-1", None, ">=", details)
 
 
 if __name__ == "__main__":
