@@ -286,3 +286,20 @@ def test_report_on_disk_matches_and_names_no_staging_path(tiny_data_dir, tmp_pat
     on_disk = json.loads(WorkPaths(tmp_path / "W").ingest_report.read_text())
     assert on_disk == report and ".ingest-" not in json.dumps(on_disk)
     assert pq.read_schema(WorkPaths(tmp_path / "W").catalog_table("train")).metadata[b"prodcat.source"]
+
+
+def test_a_store_written_with_int8_image_index_still_resumes(tmp_path):
+    import pyarrow as pa
+
+    from prodcat.features.store import FeatureStore, StoreError
+
+    rows = make_rows(np.array([1, 1, 2]), np.array([0, 1, 0]), *(np.zeros(3),) * 3, np.array(["train"] * 3))
+    FeatureStore.create(tmp_path / "s", rows, (4,), 2, {})
+    old = pq.read_table(tmp_path / "s" / "rows.parquet")
+    position = old.schema.get_field_index("image_index")
+    old = old.set_column(position, "image_index", old["image_index"].cast(pa.int8()))  # as stores were written
+    pq.write_table(old, tmp_path / "s" / "rows.parquet")
+    FeatureStore.create(tmp_path / "s", rows, (4,), 2, {})  # same rows: accepted
+    other = make_rows(np.array([1, 1, 2]), np.array([0, 2, 0]), *(np.zeros(3),) * 3, np.array(["train"] * 3))
+    with pytest.raises(StoreError, match="differs in rows"):
+        FeatureStore.create(tmp_path / "s", other, (4,), 2, {})
