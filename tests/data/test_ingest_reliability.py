@@ -63,7 +63,19 @@ def damaged_test_file(path: Path, make_product, write_bson) -> tuple[list[tuple[
     return write_bson(path, docs), [1, 2, 3, 4, 5, 7]
 
 
-def test_test_documents_with_readable_ids_keep_their_rows(tmp_path, write_bson, make_product, write_taxonomy_csv):
+@pytest.fixture(params=["python", "compiled"])
+def index_path(request, monkeypatch) -> str:
+    """Both index paths: the Python walk + numpy parse (small files) and the compiled walk (large files)."""
+    if request.param == "compiled":
+        if bson_index._COMPILED is None:
+            pytest.skip("numba not installed")
+        monkeypatch.setattr(bson_index, "_COMPILED_MIN_BYTES", 0)
+    return request.param
+
+
+def test_test_documents_with_readable_ids_keep_their_rows(
+    tmp_path, write_bson, make_product, write_taxonomy_csv, index_path
+):
     data = tmp_path / "data"
     frames, ids = damaged_test_file(data / "test.bson", make_product, write_bson)
     write_taxonomy_csv(data / "category_names.csv")
@@ -111,7 +123,9 @@ def train_with_zeroed_entry(data: Path, write_bson, make_product, write_taxonomy
 
 
 @pytest.mark.parametrize("shift", [0, 3, 7, 12, 16])  # the entry's type, its length, its `picture` element header
-def test_zeroed_bytes_inside_an_imgs_entry_are_reported(tmp_path, write_bson, make_product, write_taxonomy_csv, shift):
+def test_zeroed_bytes_inside_an_imgs_entry_are_reported(
+    tmp_path, write_bson, make_product, write_taxonomy_csv, shift, index_path
+):
     data = tmp_path / "data"
     offset, entry = train_with_zeroed_entry(data, write_bson, make_product, write_taxonomy_csv, shift)
     source = str((data / "train.bson").resolve())
