@@ -317,3 +317,25 @@ def test_a_store_written_with_int8_image_index_still_resumes(tmp_path):
     other = make_rows(np.array([1, 1, 2]), np.array([0, 2, 0]), *(np.zeros(3),) * 3, np.array(["train"] * 3))
     with pytest.raises(StoreError, match="differs in rows"):
         FeatureStore.create(tmp_path / "s", other, (4,), 2, {})
+
+
+def test_a_failed_swap_says_how_to_finish_it(
+    tiny_data_dir, tmp_path, write_bson, make_product, write_taxonomy_csv, monkeypatch
+):
+    workdir = tmp_path / "W"
+    run(tiny_data_dir, workdir)
+    data = second_data_dir(tmp_path, write_bson, make_product, write_taxonomy_csv)
+    real_replace = os.replace
+
+    def replace(source, target):
+        if Path(source).name == "catalog" and staging.STAGING_PREFIX in str(source):
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(source, target)
+
+    monkeypatch.setattr(staging.os, "replace", replace)
+    with pytest.raises(IngestError, match="swapping in the new ingest failed.*run `prodcat ingest` again"):
+        run(data, workdir)
+    monkeypatch.setattr(staging.os, "replace", real_replace)
+    staging.recover(workdir)
+    assert load_catalog(workdir, "train")["product_id"].to_pylist() == list(range(500, 515))
+    assert_consistent(workdir)

@@ -29,7 +29,7 @@ log = get_logger("prodcat.ingest")
 
 
 class StagingError(RuntimeError):
-    """Another ingest is writing the same working directory."""
+    """Another ingest is writing the same working directory, or the swap could not be completed."""
 
 
 @contextlib.contextmanager
@@ -47,10 +47,14 @@ def staged(root: str | Path) -> Iterator[WorkPaths]:
         raise
     try:
         _roll_forward(root, staging)
-    except Exception:
-        with contextlib.suppress(Exception):  # a second try (a transient error); what is left, the next ingest finishes
+    except Exception as error:
+        try:  # a second try (a transient error); what is still left, the next ingest finishes
             _roll_forward(root, staging)
-        raise
+        except Exception:  # noqa: BLE001 - reported below with the first error
+            raise StagingError(
+                f"{root}: swapping in the new ingest failed ({error}); run `prodcat ingest` again to finish it "
+                f"from {staging}"
+            ) from error
 
 
 def recover(root: str | Path) -> list[str]:
