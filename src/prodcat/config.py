@@ -152,7 +152,7 @@ class ExtractConfig:
     # Decode and run each distinct picture once (by catalog/pictures.parquet hash); duplicates share its vector.
     dedupe: bool = True
     # Test-time augmentation at extraction: none | flip_mean (each vector is the mean of the picture's features and
-    # its horizontal mirror's; 2x backbone cost). Serving applies the store's mode, so the two cannot disagree.
+    # its horizontal mirror's; 2x backbone cost, forwards of 2 x batch_size). Serving applies the store's mode.
     tta: str = "none"
 
     def __post_init__(self) -> None:
