@@ -220,3 +220,13 @@ def test_predictor_applies_the_store_tta(workdir: Path, tta: str) -> None:
     served = predictor.image_features(_store_pictures(store, workdir, rows), batch_size=4)
     assert _close(served, store.read(rows), 2e-3)
     assert not _close(served, other.read(rows), 2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flip_mean_on_cuda_matches_explicit_mirror() -> None:
+    backbone = create_backbone(BACKBONE, random_init=True)
+    preprocess, runner = Preprocessor(backbone.spec), InferenceRunner(backbone, precision="float32", device="cuda")
+    images = _images(3, preprocess.size[1])
+    plain = runner(preprocess.pack(images))["pooled"]
+    mirrored = runner(preprocess.pack([image.flip(-1) for image in images]))["pooled"]
+    assert _close(runner(preprocess.pack(images), tta="flip_mean")["pooled"], (plain + mirrored) / 2, 1e-3)

@@ -201,24 +201,25 @@ class InferenceRunner:
             raise ValueError(f"expected a (N, 3, H, W) batch, got {tuple(batch.shape)}")
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+        images = self._on_device(batch)
         if tta == "flip_mean":
-            # One forward of 2N pictures rather than two of N: one launch and one host-to-device copy, a fuller
-            # batch for a GPU (not measured against two forwards); activation memory is that of a 2N batch.
-            both = self._forward(torch.cat([batch, batch.flip(-1)]), spatial=spatial, logits=logits)
-            return flip_mean(both, len(batch))
-        return self._forward(batch, spatial=spatial, logits=logits)
+            # Mirrors made on the device from the normalised batch (no second host copy or host-to-device transfer);
+            # one forward of 2N pictures rather than two of N; activation memory is that of a 2N batch.
+            images = torch.cat([images, images.flip(-1)])
+        if self._onnx is not None:
+            out = self._onnx(images, spatial=spatial, logits=logits)
+        else:
+            out = self._forward_torch(images, self.dtype, spatial=spatial, logits=logits)
+        return flip_mean(out, len(batch)) if tta == "flip_mean" else out
 
-    def _forward(self, batch: torch.Tensor, *, spatial: bool, logits: bool) -> dict[str, torch.Tensor]:
+    def _on_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """The batch normalised, as float32 on the runner's device."""
         if self._onnx is not None:
             # ONNX Runtime reads plain NCHW: reorder now, while the batch is uint8 (a quarter of the float bytes).
             batch = batch.contiguous()
         if batch.dtype == torch.uint8:
-            images = self._preprocess.normalize(batch.to(self.device, non_blocking=True))
-        else:
-            images = batch.to(self.device, dtype=torch.float32, non_blocking=True)
-        if self._onnx is not None:
-            return self._onnx(images, spatial=spatial, logits=logits)
-        return self._forward_torch(images, self.dtype, spatial=spatial, logits=logits)
+            return self._preprocess.normalize(batch.to(self.device, non_blocking=True))
+        return batch.to(self.device, dtype=torch.float32, non_blocking=True)
 
     def _forward_torch(
         self, images: torch.Tensor, dtype: torch.dtype, *, spatial: bool, logits: bool
