@@ -168,6 +168,9 @@ def extract(
     dedupe: Annotated[
         bool, typer.Option(help="Run each distinct picture once (catalog/pictures.parquet); copies share it.")
     ] = ExtractConfig.dedupe,
+    tta: Annotated[
+        str, typer.Option(help="none | flip_mean (mean of the picture's and its mirror's features; 2x backbone time).")
+    ] = ExtractConfig.tta,
 ) -> None:
     """Run a frozen pretrained backbone over the catalog into a resumable feature store."""
     from prodcat.features.backbones import WeightsError
@@ -189,6 +192,7 @@ def extract(
         distributed=distributed,
         name=name,
         dedupe=dedupe,
+        tta=tta,
     )
     try:
         store = run_extract(config)

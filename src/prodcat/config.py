@@ -151,9 +151,13 @@ class ExtractConfig:
     name: str | None = None  # store name; default "<backbone>-<features>"
     # Decode and run each distinct picture once (by catalog/pictures.parquet hash); duplicates share its vector.
     dedupe: bool = True
+    # Test-time augmentation at extraction: none | flip_mean (each vector is the mean of the picture's features and
+    # its horizontal mirror's; 2x backbone cost, forwards of 2 x batch_size). Serving applies the store's mode.
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         _check(self.features in ("pooled", "spatial"), "features must be 'pooled' or 'spatial'")
+        _check(self.tta in ("none", "flip_mean"), f"tta must be 'none' or 'flip_mean', got {self.tta!r}")
         _check(self.precision in ("auto", "float32", "bfloat16"), "precision must be auto, float32 or bfloat16")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.shard_size >= 1, "shard_size must be >= 1")

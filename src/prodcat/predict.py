@@ -158,7 +158,9 @@ class Predictor:
         chunks = []
         for start in range(0, len(images), batch_size):
             # uint8 batch, normalised on the runner's device: the same path as extraction, so features match.
-            out = runner(preprocess.pack(list(images[start : start + batch_size])), spatial=spatial)
+            batch = preprocess.pack(list(images[start : start + batch_size]))
+            # The store's TTA too (its config.json; "none" before TTA existed): served rows equal stored ones.
+            out = runner(batch, spatial=spatial, tta=self.extract_config.tta)
             # Exactly what the store keeps (channels, float16 rounding), so served and evaluated scores match.
             stored = stored_features(out, self.extract_config.features, self.extract_config.spatial_channels)
             chunks.append(torch.from_numpy(stored).to(torch.float32).numpy())
