@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from prodcat.utils import atomic_write_bytes
 
@@ -165,6 +165,8 @@ def log_count_axis(axis: Axis, minor_labels: bool | None = None) -> None:
     if minor_labels:
         axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
         axis.set_minor_formatter(count_formatter())
+    else:  # matplotlib would label minor ticks as 2x10^0 on short spans
+        axis.set_minor_formatter(NullFormatter())
 
 
 def label_bars(

@@ -698,7 +698,7 @@ table.sortable th[data-order="asc"]::after { content: " ▲"; }
 .conclusions h3 { margin-top: 10px; }
 .conclusions li { margin: 4px 0; }
 table.grid-table td:not(:first-child) { text-align: right; font-variant-numeric: tabular-nums; }
-.pairs { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 12px; }
+.pairs { display: grid; grid-template-columns: 1fr; gap: 12px; }
 .pair { border: 1px solid var(--line); border-radius: 6px; padding: 8px 10px; display: grid;
         grid-template-columns: 1fr 1fr; gap: 4px 12px; font-size: 13px; }
 .pair-title { grid-column: 1 / -1; font-weight: 600; }

@@ -182,8 +182,8 @@ def per_category_table(best: BestRun) -> str:
         f"<h3>Per category ({esc(best.split)}, products)</h3><p>Recall = right among the leaf's products; precision "
         f"= right among the products predicted as it (– when none was); support = its {esc(best.split)} products. "
         f"Click a header to sort.{cut}</p>"
-        f"<details><summary>{len(shown):,} categories</summary>{table(headers, rows, 'numbers', sortable=True)}"
-        "</details>"
+        f"<details{' open' if len(shown) <= 30 else ''}><summary>{len(shown):,} categories</summary>"
+        f"{table(headers, rows, 'numbers', sortable=True)}</details>"
     )
 
 
@@ -259,7 +259,7 @@ def confused_pairs(paths: WorkPaths, best: BestRun) -> str:
         blocks.append(
             '<div class="pair">'
             f'<div class="pair-title">{esc(pair["true"]["level3"])} → {esc(pair["predicted"]["level3"])} '
-            f'<span class="muted">({num(pair["count"])} products)</span></div>'
+            f'<span class="muted">({num(pair["count"])} product{"" if pair["count"] == 1 else "s"})</span></div>'
             f'<div class="side"><div class="muted">{esc(best.split)} products of '
             f"<b>{esc(pair['true']['level3'])}</b> predicted as the other</div>{_strip(key[0], wrong[key], pictures)}"
             f'</div><div class="side"><div class="muted">training products of <b>'
