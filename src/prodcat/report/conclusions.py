@@ -99,7 +99,7 @@ def compare_conclusions(data: dict[str, Any], num_classes: int | None) -> list[s
         for other in optimizers[1:]:
             if base is not None and (loss, other) in by_cell:
                 held = f"loss ({_loss_name(loss, num_sampled)})"
-                sentences.append(_versus(by_cell[(loss, other)], base, other, optimizers[0], held))
+                sentences.append(_versus(by_cell[(loss, other)], base, f"optimizer {other}", optimizers[0], held))
     return sentences + _time_sentences(by_cell, num_classes)
 
 
