@@ -706,7 +706,7 @@ table.grid-table td:not(:first-child) { text-align: right; font-variant-numeric:
 figcaption { color: var(--muted); font-size: 12.5px; margin-top: 2px; }
 details { margin: 10px 0; }
 summary { cursor: pointer; font-weight: 600; margin-bottom: 8px; }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(380px, 1fr)); gap: 12px; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(540px, 1fr)); gap: 12px; }
 .product { border: 1px solid var(--line); border-left: 5px solid var(--line); border-radius: 6px; padding: 8px 10px;
            font-size: 13px; }
 .product.right { border-left-color: var(--right); }
