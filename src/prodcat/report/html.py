@@ -266,7 +266,7 @@ def _ms(seconds: Any) -> str:
 
 
 def _compare_body(data: dict[str, Any], num_classes: int | None) -> str:
-    arms = sorted(conclusions.compare_arms(data), key=lambda a: (natural_key(a["loss"]), natural_key(a["optimizer"])))
+    arms = conclusions.compare_arms(data)  # as trained: full softmax, the reference, first
     gpu = any(a.get("peak_cuda_mb_max") is not None for a in arms)  # peak RSS left out: one process's high-water mark
     rows = [
         (
