@@ -122,12 +122,12 @@ def _time_sentences(by_cell: dict[tuple[str, str], dict[str, Any]], num_classes:
         )
     bench = bench_results()
     if bench:
-        ratios = " and ".join(f"{r['speedup']:.1f}x at {r['num_classes']:,} classes" for r in bench)
+        ratios = " and ".join(f"{r['speedup']:.1f}x faster at {r['num_classes']:,} classes" for r in bench)
         first = bench[0]
         sentences.append(
             f"Where it does pay, measured by `make bench` (the output layer alone: dim {first['dim']}, batch "
             f"{first['batch']}, {first['num_sampled']} negatives, {first['cpus']}-core {first['device'].upper()}, "
-            f"{first['when'][:10]}): a sampled-softmax training step is {ratios} faster than the full softmax's."
+            f"{first['when'][:10]}): sampled softmax makes the training step {ratios}."
         )
     else:
         sentences.append("For what sampled softmax saves at 5,270 and 500,000 classes, see `make bench`.")
