@@ -55,3 +55,18 @@ def test_auto_accept_sentence() -> None:
     assert "(n = 168); the rest go to a person (threshold chosen on val as the lowest reaching 95% there)." in text
     metrics["confidence"] = {"threshold": None, "note": "no threshold reaches 95% on val"}
     assert auto_accept_sentence(metrics) == "Auto-accept: no threshold reaches 95% on val."
+
+
+def test_calibration_block_is_rendered_when_evaluation_writes_one() -> None:
+    from prodcat.report.insights import _calibration
+
+    html = _calibration({"calibration": {"method": "temperature", "temperature": 1.7321, "ece": {"before": 0.081}}})
+    assert "<h3>Calibration</h3>" in html and "temperature" in html and "1.732" in html and "ece · before" in html
+    assert _calibration({}) == ""
+
+
+def test_gallery_thumbnails_are_large_enough_to_judge() -> None:
+    from prodcat.report.html import _CSS
+    from prodcat.report.thumbnails import THUMBNAIL_SIZE
+
+    assert THUMBNAIL_SIZE >= 120 and ".thumbs img { width: 120px; height: 120px;" in _CSS
