@@ -149,7 +149,9 @@ def test_paired_bootstrap_and_the_table() -> None:
     hurt = lever_row("y", "d", Arm(better, None), before, label, "top1", {}, 100)
     assert hurt["verdict"].startswith("hurts")
     flat = lever_row("z", "d", before, before, label, "ece", {}, 50)
-    assert flat["verdict"].startswith("no clear change")
+    assert flat["verdict"].startswith("no clear change") and "improves" not in flat["verdict"]
+    mixed = lever_row("m", "d", before, Arm(better, before.confidence), label, "ece", {}, 100)
+    assert mixed["verdict"].startswith("no clear change (ece") and "improves top1" in mixed["verdict"]
     metrics = {"levers": {"split": "holdout", "n": 300, "rows": [row, hurt, flat], "notes": ["top-1 can drop"]}}
     page = levers_table_html(metrics, note="Demo data is synthetic.")
     assert page.count("<tr>") == 4 and "synthetic" in page and "top-1 can drop" in page

@@ -73,6 +73,14 @@ def test_deployed_numbers_are_the_formula_with_val_choices(runs: dict) -> None:
     calibration = metrics["calibration"]
     assert calibration["bins"] == 15 and sum(b["count"] for b in calibration["reliability_after"]) == len(labels)
     assert (run / "eval" / FIGURES["reliability"]).stat().st_size > 1000
+    accepted = calibration["auto_accept"]["calibrated"]
+    assert accepted["threshold"] == metrics["confidence"]["threshold"]
+    assert accepted["coverage"] == pytest.approx(metrics["confidence"]["coverage"])
+    base_threshold = metrics["selection"]["threshold_uncalibrated"]["threshold"]
+    if base_threshold is not None:
+        assert calibration["auto_accept"]["uncalibrated"]["coverage"] == pytest.approx(
+            np.mean(np.exp(scores.max(1)) >= base_threshold)
+        )
     assert "Top-1 on a test set drawn like the train split" in metrics["notes"][0]
     rows = {row["lever"]: row for row in metrics["levers"]["rows"]}
     assert {"logit adjustment", "temperature scaling", "training twins", "balanced softmax"} <= set(rows)

@@ -809,12 +809,35 @@ def _adjustment_metrics(
     }
 
 
-def _calibration_metrics(data: Collected, search: dict[str, Any], split: str) -> dict[str, Any]:
-    """Lever 4: T fitted on val; ECE (15 equal-width bins), NLL and reliability before and after on `split`."""
+def _accepted(prob: np.ndarray, correct: np.ndarray, picked: dict[str, Any]) -> dict[str, Any]:
+    """What a threshold picked on val accepts on this split."""
+    threshold = picked["threshold"]
+    accepted = np.zeros(len(prob), bool) if threshold is None else prob >= threshold
+    count = int(accepted.sum())
+    return {
+        "threshold": threshold,
+        "coverage": float(accepted.mean()) if len(prob) else 0.0,
+        "accuracy": float(correct[accepted].mean()) if count else None,
+        "accepted": count,
+    }
+
+
+def _calibration_metrics(
+    data: Collected, search: dict[str, Any], split: str, selection: dict[str, Any]
+) -> dict[str, Any]:
+    """Lever 4: T fitted on val; ECE (15 equal-width bins), NLL and reliability before and after on `split`; the
+    auto-accept threshold chosen on val with and without calibration, applied here."""
     assert data.variants is not None
     before, after = data.variants["adjusted"], data.variants["deployed"]
     correct = before.top1 == data.product_label  # temperature never changes the top-1
+    base = data.variants["base"]
+    auto_accept = {
+        "calibrated": _accepted(after.prob, correct, selection["threshold"]),
+        "uncalibrated": _accepted(base.prob, base.top1 == data.product_label, selection["threshold_uncalibrated"]),
+        "note": "each threshold chosen on val for the target accuracy; uncalibrated = no logit adjustment, no T",
+    }
     return {
+        "auto_accept": auto_accept,
         "temperature": search["temperature"],
         "fitted_on": SELECTION_SPLIT,
         "level": "product: the chosen aggregation's probabilities after the logit adjustment (not per image)",
@@ -1010,7 +1033,7 @@ def evaluate(config: EvalConfig) -> dict:
         )  # fmt: skip
     metrics, curve = compute_metrics(data, predictor.taxonomy, config, selection, train_pictures)
     metrics["logit_adjustment"] = _adjustment_metrics(data, chosen["search"], config, train_pictures)
-    metrics["calibration"] = _calibration_metrics(data, chosen["search"], config.split)
+    metrics["calibration"] = _calibration_metrics(data, chosen["search"], config.split, selection)
     predictor.aggregation = selection["aggregation"]  # the twins lever uses the aggregation chosen just now
     twins = _twin_lever(predictor, store, config)
     metrics["levers"] = _levers(run_dir, data, chosen["search"], twins, config)

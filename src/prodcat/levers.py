@@ -88,21 +88,30 @@ def paired_bootstrap(
     return result
 
 
-def _verdict(stats: dict[str, dict[str, Any]], goal: str) -> str:
-    """'helps' / 'hurts' / 'no clear change' on the lever's own goal (higher top1/macro, lower ece)."""
-    entry = stats.get(goal)
+def _direction(entry: dict[str, Any] | None, name: str) -> int | None:
+    """+1 better, -1 worse, 0 interval holds 0 (higher top1 / macro, lower ece are better); None: not measured."""
     if entry is None:
-        return "n/a"
+        return None
     interval = entry["change_ci95"]
-    sign = -1.0 if goal == "ece" else 1.0
     if interval is None:
-        return "no clear change" if entry["change"] == 0 else "n/a (no interval)"
+        return 0 if entry["change"] == 0 else None
+    sign = -1.0 if name == "ece" else 1.0
     low, high = sorted((sign * interval[0], sign * interval[1]))
-    if low > 0:
-        return f"helps ({goal})"
-    if high < 0:
-        return f"hurts ({goal})"
-    return f"no clear change ({goal}: 95% interval holds 0)"
+    return 1 if low > 0 else -1 if high < 0 else 0
+
+
+def _verdict(stats: dict[str, dict[str, Any]], goal: str) -> str:
+    """'helps' / 'hurts' / 'no clear change' on the lever's own goal, then any other number it clearly moves."""
+    direction = _direction(stats.get(goal), goal)
+    if direction is None:
+        return "n/a"
+    text = {1: f"helps ({goal})", -1: f"hurts ({goal})", 0: f"no clear change ({goal}: 95% interval holds 0)"}
+    verdict = text[direction]
+    for name in ("top1", "macro", "ece"):
+        other = _direction(stats.get(name), name) if name != goal else None
+        if other:
+            verdict += f"; {'improves' if other > 0 else 'worsens'} {name}"
+    return verdict
 
 
 def lever_row(
