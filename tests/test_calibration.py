@@ -142,6 +142,10 @@ def test_paired_bootstrap_and_the_table() -> None:
     assert stats["top1"]["change"] == pytest.approx(np.mean(better == label) - np.mean(before.pred == label))
     low, high = stats["top1"]["change_ci95"]
     assert 0 < low <= stats["top1"]["change"] <= high  # paired: a sure gain has an interval above 0
+    assert stats["ece"]["before"] == pytest.approx(expected_calibration_error(before.confidence, before.pred == label))
+    assert stats["macro"]["after"] == pytest.approx(
+        np.mean([np.mean(better[label == leaf] == leaf) for leaf in np.unique(label)])
+    )
     same = paired_bootstrap(before, before, label, resamples=50)
     assert same["top1"]["change"] == 0 and same["top1"]["change_ci95"] == [0.0, 0.0]
     row = lever_row("x", "d", before, Arm(better, None), label, "top1", {"time": "1 s"}, 100)
