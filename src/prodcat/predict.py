@@ -115,6 +115,10 @@ class Predictor:
         self.aggregation: str = metrics.get("product", {}).get("aggregation", "mean_prob")
         self.store_name = store_name or extract_config.store_name  # the feature store the head was trained on
         self.accept_threshold: float | None = metrics.get("confidence", {}).get("threshold")
+        from prodcat.calibration import load_calibration
+
+        # Logit adjustment (tau) and temperature (T) chosen on val; the threshold above is on calibrated probabilities.
+        self.calibration = load_calibration(self.run_dir, metrics)
         from prodcat.twins import load_twin_choice
 
         self.twin_choice: TwinChoice | None = load_twin_choice(self.run_dir)  # None: not chosen on val yet
@@ -238,9 +242,11 @@ class Predictor:
         product_index = np.repeat(np.arange(len(products)), [len(product) for product in products])
         image_log_probs = self.image_log_probs(images)
         product_log_probs = aggregate_products(image_log_probs, product_index, len(products), self.aggregation)
+        product_log_probs = self.calibration.adjust(product_log_probs)
         matches: list[TwinMatch | None] = [None] * len(products)
         if hashes is not None:
             product_log_probs, matches = self._with_twins(product_log_probs, hashes)
+        product_log_probs = self.calibration.temper(product_log_probs)  # last: probabilities change, ranking not
         image_scores = self.scores(image_log_probs, top_k)
         predictions = []
         for index, top in enumerate(self.scores(product_log_probs, top_k)):
@@ -420,6 +426,7 @@ def _from_store(predictor: Predictor, bson_path: Path, product_ids: np.ndarray) 
     log_probs = predictor.log_probs_from_features(store.read(valid))
     ids, product_index = np.unique(store.column("product_id")[valid], return_inverse=True)
     product_log_probs = aggregate_products(log_probs, product_index, len(ids), predictor.aggregation)
+    product_log_probs = predictor.calibration.adjust(product_log_probs)  # top-1 only: temperature cannot change it
     product_log_probs, twin_products = _store_twins(predictor, store, valid, product_index, product_log_probs)
     best = dict(
         zip(ids.tolist(), predictor.taxonomy.category_ids[product_log_probs.argmax(axis=1)].tolist(), strict=True)
