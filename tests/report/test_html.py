@@ -175,6 +175,7 @@ def test_full_report(full_workdir: Path) -> None:
     )
     assert re.search(r"\d+\.\d% \[\d+\.\d, \d+\.\d\]", evaluation)
     assert "Head, medium and tail categories" in evaluation and "train pictures per leaf" in evaluation
+    assert "Levers: what each one changes" in evaluation  # the table, or a line saying how to get it
     assert "± n/a" in sections["compare"] and "± n/a" in sections["sweep"]
     assert not re.search(r"± 0\.0\b", page)
     assert "Gallery of holdout products" in page

@@ -18,6 +18,7 @@ import numpy as np
 
 from prodcat.paths import WorkPaths
 from prodcat.report import conclusions, insights
+from prodcat.report.levers import levers_table_html
 from prodcat.report.markup import SORT_SCRIPT, cards, esc, interval, missing, natural_key, num, pct, table
 from prodcat.report.markup import figure as _embedded_figure
 from prodcat.report.thumbnails import THUMBNAIL_SIZE, thumbnails
@@ -355,7 +356,9 @@ def _protocol(metrics: dict[str, Any]) -> str:
     return f"evaluated on {metrics.get('split', '?')}, n = {metrics.get('products', '?')} products (no holdout)"
 
 
-def _evaluation(paths: WorkPaths, evaluated: list[Evaluated], best: insights.BestRun | None) -> Section:
+def _evaluation(
+    paths: WorkPaths, evaluated: list[Evaluated], best: insights.BestRun | None, synthetic: str | None = None
+) -> Section:
     if not evaluated or best is None:
         return Section(
             "evaluation",
@@ -377,6 +380,8 @@ def _evaluation(paths: WorkPaths, evaluated: list[Evaluated], best: insights.Bes
         f"<h3>Best run (by product top-1 on val): {_e(best_run.name)}</h3>",
         _headline(best_metrics),
         _confidence_text(best_metrics),
+        "<h3>Levers: what each one changes (holdout, chosen on val)</h3>",
+        levers_table_html(best_metrics, note=synthetic),
         _frequency_table(best_metrics),
         insights.per_category_table(best),
         insights.reliability_section(paths, best),
@@ -773,13 +778,14 @@ def build_report(workdir: str | Path) -> Path:
     evaluated = _evaluated(paths)
     chosen = _best(evaluated)
     best = None if chosen is None else insights.BestRun.load(paths, *chosen)
+    synthetic = _synthetic_note(paths)
     sections = [
-        _headline_section(best, _synthetic_note(paths)),
+        _headline_section(best, synthetic),
         _exploration(paths),
         _training(paths),
         _experiment(paths, "compare", "Loss x optimizer", "prodcat compare --workdir W"),
         _experiment(paths, "sweep", "Number of sampled negatives", "prodcat sweep --workdir W"),
-        _evaluation(paths, evaluated, best),
+        _evaluation(paths, evaluated, best, synthetic),
         _gallery(paths, best),
     ]
     out = paths.reports / "index.html"
