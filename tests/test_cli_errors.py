@@ -16,7 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from prodcat.cli import app
-from prodcat.errors import did_you_mean, describe
+from prodcat.errors import describe, did_you_mean
 from train_fixtures import STORE, make_workdir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,9 +77,8 @@ def test_a_misspelt_loss_fails_before_torch_is_imported(tmp_path: Path) -> None:
         "import sys\nfrom prodcat.cli import main\nsys.argv = ['prodcat', 'train', '-w', sys.argv[1], '--loss', 'x']\n"
         "try:\n    main()\nexcept SystemExit as exit:\n    print(exit.code, 'torch' in sys.modules)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "src")}
-    )
+    env = {"PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
     assert result.stdout.split() == ["2", "False"], (result.stdout, result.stderr)
     assert result.stderr.startswith("error: loss must be one of")
 
