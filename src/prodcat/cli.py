@@ -13,14 +13,19 @@ import typer
 from prodcat.config import DemoConfig, EvalConfig, ExtractConfig, IngestConfig, ServeConfig, TrainConfig
 from prodcat.errors import describe, require_catalog, require_file, require_run
 
-HELP = """prodcat sorts e-commerce products into thousands of categories from their photos.
-
-Steps, in order (each reads what the one before wrote into the working directory W):
-demo-data (or Kaggle's files) -> ingest -> explore -> extract -> train / compare / sweep -> evaluate -> predict
--> report -> serve.  `prodcat demo --workdir W` runs them all on synthetic demo data.
-Run `prodcat COMMAND --help` for the options of one step. Every command with a working directory also logs to
-W/logs/prodcat.log. Expected failures end with one line `error: ...` saying what to run next (exit code 2).
-"""
+# One paragraph per string: rich keeps a single newline as a line break.
+HELP = "\n\n".join(
+    (
+        "prodcat sorts e-commerce products into thousands of categories from their photos.",
+        "Steps, in order, each reading what the one before wrote into the working directory W: demo-data (or "
+        "Kaggle's files) -> ingest -> explore -> extract -> train / compare / sweep -> evaluate -> predict -> report "
+        "-> serve.",
+        "`prodcat demo --workdir W` runs them all on synthetic demo data (rendered objects standing in for product "
+        "photos).",
+        "Run `prodcat COMMAND --help` for the options of one step. Commands with a working directory also log to "
+        "W/logs/prodcat.log. Expected failures end with one line `error: ...` saying what to run next (exit code 2).",
+    )
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prodcat.config import DemoConfig, EvalConfig, ExtractConfig, IngestConfig, TrainConfig
 from prodcat.paths import WorkPaths
-from prodcat.utils import get_logger, write_json
+from prodcat.utils import format_seconds, get_logger, write_json
 
 __all__ = ["DemoPlan", "run_demo"]
 
@@ -75,6 +75,7 @@ def _step(name: str, timings: dict[str, float]) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - start, 1)
+    log.info("== %s: done in %s", name, format_seconds(timings[name]))
 
 
 def run_demo(workdir: str | Path, quick: bool = False) -> dict:
