@@ -51,7 +51,7 @@ def fake_run(tmp_path: Path) -> Path:
     return run
 
 
-@pytest.mark.parametrize("command", ["train", "extract", "explore", "compare", "sweep"])
+@pytest.mark.parametrize("command", ["train", "extract", "explore", "compare", "sweep", "ocr"])
 def test_an_empty_workdir_points_at_ingest(tmp_path: Path, command: str) -> None:
     for workdir in (tmp_path / "missing", tmp_path):
         one_line_error([command, "--workdir", workdir], "prodcat ingest", str(workdir))
@@ -176,6 +176,8 @@ def test_did_you_mean_and_describe() -> None:
     assert did_you_mean("zzz", ["linear", "mlp"]) == ""
     assert describe(RuntimeError("a bug")) is None  # bugs keep their traceback
     assert describe(OSError(errno.ENOSPC, "No space left on device", "/w/x")).startswith("no space left")
+    assert describe(OSError("IOError: No space left on device")).startswith("no space left")  # pyarrow's kind
+    assert describe(FileNotFoundError("W/x.parquet: no catalog; run ingest")) == "W/x.parquet: no catalog; run ingest"
 
 
 def _parameters(command: click.Command, path: str = "prodcat"):

@@ -151,8 +151,7 @@ def describe(error: BaseException) -> str | None:
     """The one line for an expected failure, or None for a bug (which keeps its traceback)."""
     if isinstance(error, UserError) or _stage_error(error):  # ConfigError is a UserError
         return " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, OSError) and error.errno is not None:
-        return _os_error(error)
-    if isinstance(error, OSError | RuntimeError) and "No space left on device" in str(error):
-        return _os_error(OSError(errno.ENOSPC, "No space left on device"))  # pyarrow / torch wrap the errno
-    return None
+    message = _os_error(error) if isinstance(error, OSError) else None
+    if message is None and isinstance(error, OSError | RuntimeError) and "No space left on device" in str(error):
+        message = _os_error(OSError(errno.ENOSPC, "No space left on device"))  # pyarrow / torch wrap the errno
+    return message
