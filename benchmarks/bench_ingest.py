@@ -1,4 +1,4 @@
-"""`index_bson` on a 1 GB Kaggle-format train.bson, side by side with a raw read and pymongo's decode_file_iter.
+"""Ingest's scan (index + picture hashes) on a 1 GB Kaggle-format train.bson, beside a raw read and decode_file_iter.
 
 The file comes from the demo generator with a shared pool of rendered pictures (fast to build) at a JPEG quality
 that puts it near Kaggle's density: the real train.bson holds about 8.2 KB per product (58 GB, 7.07 M products),
@@ -6,11 +6,15 @@ and the indexer's cost grows with the number of documents, not with bytes. It is
 $PRODCAT_BENCH_CACHE (default /tmp/prodcat-bench), so reruns skip the build.
 
 Measured interleaved on a warm page cache (a warm-up pass of each first), median of the repeats:
-  raw read          the same file in 8 MiB blocks (readinto): the I/O ceiling
-  index_bson        offsets, ids, categories and image counts of every product
-  decode_file_iter  the community loop: decode every document with pymongo, keep _id, category_id, len(imgs)
-Goals: index_bson MB/s >= 0.5 x raw read, and >= 10 x decode_file_iter. The full `ingest` (taxonomy, split,
-Parquet, report) is timed too and reported in the details.
+  raw read               the same file in 8 MiB blocks (readinto): the I/O ceiling
+  index_and_hash         what ingest scans: `index_bson` (offsets, ids, categories, image counts) then
+                         `hash_pictures` (byte range and XXH3-128 of every picture, no decoding)
+  index_bson             the index alone (the scan before picture hashing), for reference
+  decode_file_iter       the community loop: decode every document with pymongo, keep _id, category_id, len(imgs)
+  decode_file_iter_xxh3  the same loop hashing every picture too (the same work as index_and_hash)
+Goals: index_and_hash MB/s >= 0.5 x raw read, and >= 10 x decode_file_iter. The full `ingest` (taxonomy, groups,
+split, Parquet, report) is timed too and reported in the details, with the CPU and the load average (the machine
+may be shared: CPU seconds are less disturbed by other processes than wall seconds).
 
     python benchmarks/bench_ingest.py [--quick]
 """
@@ -30,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import bson
+import xxhash
 
 from prodcat.config import DemoConfig, IngestConfig
 from prodcat.data.bson_index import index_bson
 from prodcat.data.catalog import ingest
+from prodcat.data.dedupe import hash_pictures
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
@@ -86,6 +92,32 @@ def decode_file_iter(path: Path) -> list[tuple[int, int, int]]:
         return [(doc["_id"], doc["category_id"], len(doc["imgs"])) for doc in bson.decode_file_iter(handle)]
 
 
+def decode_file_iter_xxh3(path: Path) -> list[tuple[int, int, list[bytes]]]:
+    """The community loop, also hashing every picture (what a Kaggle kernel did for its MD5 twin lookup)."""
+    with open(path, "rb") as handle:
+        return [
+            (doc["_id"], doc["category_id"], [xxhash.xxh3_128_digest(image["picture"]) for image in doc["imgs"]])
+            for doc in bson.decode_file_iter(handle)
+        ]
+
+
+def index_and_hash(path: Path) -> dict:
+    """Ingest's scan of a file: the index, then every picture located and hashed."""
+    return hash_pictures(index_bson(path))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def time_ingest(data_dir: Path, repeats: int) -> tuple[float, dict[str, Any]]:
     """Median seconds of the full `ingest` into a fresh working directory."""
     times, report = [], {}
@@ -126,11 +158,16 @@ def measure(data_dir: Path, repeats: int) -> dict[str, Any]:
     index, naive = index_bson(path), decode_file_iter(path)  # also warms the page cache
     assert index.problems == [] and [row[0] for row in naive] == index.product_id.tolist(), "indexers disagree"
     assert sum(row[2] for row in naive) == int(index.num_images.sum()), "image counts disagree"
+    hashed = [bytes(h) for h in index_and_hash(path)["hash"]]
+    assert hashed == [h for row in decode_file_iter_xxh3(path) for h in row[2]], "picture hashes disagree"
+    load_before = os.getloadavg()
     wall, cpu = interleaved_wall_and_cpu(
         {
             "raw_read": lambda: raw_read(path),
+            "index_and_hash": lambda: index_and_hash(path),
             "index_bson": lambda: index_bson(path),
             "decode_file_iter": lambda: decode_file_iter(path),
+            "decode_file_iter_xxh3": lambda: decode_file_iter_xxh3(path),
         },
         repeats=repeats,
     )
@@ -139,17 +176,23 @@ def measure(data_dir: Path, repeats: int) -> dict[str, Any]:
     return {
         "file_mb": round(size_mb, 1), "products": len(index), "images": int(index.num_images.sum()),
         "bytes_per_product": round(path.stat().st_size / len(index)), "repeats": repeats,
-        "raw_read_mb_s": round(rates["raw_read"], 1), "index_bson_mb_s": round(rates["index_bson"], 1),
-        "decode_file_iter_mb_s": round(rates["decode_file_iter"], 1),
+        "mb_s": {name: round(rate, 1) for name, rate in rates.items()},
         "seconds": {name: round(seconds, 4) for name, seconds in wall.items()},
         "cpu_seconds": {name: round(seconds, 4) for name, seconds in cpu.items()},
-        "cpu_ratio_vs_raw_read": round(cpu["raw_read"] / cpu["index_bson"], 3),
-        "cpu_ratio_vs_decode_file_iter": round(cpu["decode_file_iter"] / cpu["index_bson"], 2),
+        "cpu_ratio_vs_raw_read": round(cpu["raw_read"] / cpu["index_and_hash"], 3),
+        "cpu_ratio_vs_decode_file_iter": round(cpu["decode_file_iter"] / cpu["index_and_hash"], 2),
         "ingest_seconds": round(ingest_seconds, 3), "ingest_mb_s": round(size_mb / ingest_seconds, 1),
         "ingest_products": report["files"]["train"]["products"], "ingest_problems": len(report["problems"]),
-        "ingest_vs_raw_read": round(rates["index_bson"] / rates["raw_read"], 3),
-        "ingest_vs_decode_file_iter": round(rates["index_bson"] / rates["decode_file_iter"], 2),
-        "page_cache": "warm (file read once before timing)", "measured_code_threads": 1, "demo": DEMO,
+        "ingest_duplicate_share": round(report["duplicates"]["train"]["duplicate_share"], 4),
+        "ingest_vs_raw_read": round(rates["index_and_hash"] / rates["raw_read"], 3),
+        "ingest_vs_decode_file_iter": round(rates["index_and_hash"] / rates["decode_file_iter"], 2),
+        "ingest_vs_decode_file_iter_xxh3": round(rates["index_and_hash"] / rates["decode_file_iter_xxh3"], 2),
+        "index_only_vs_raw_read": round(rates["index_bson"] / rates["raw_read"], 3),
+        "index_only_vs_decode_file_iter": round(rates["index_bson"] / rates["decode_file_iter"], 2),
+        "page_cache": "warm (file read once before timing)", "measured_code_threads": 2, "demo": DEMO,
+        "cpu_model": cpu_model(), "cpu_cores": len(os.sched_getaffinity(0)),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }  # fmt: skip
 
 

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# GPU-only benchmarks run through benchmarks/gpu_extract.sh on a lent GPU machine, never here.
-SKIP = {"bench_gpu_extract"}
+# GPU-only benchmarks run through benchmarks/gpu_extract.sh on a lent GPU machine, never here; the backbone
+# table (bench_backbones.py, several minutes) is run on its own.
+SKIP = {"bench_gpu_extract", "bench_backbones"}
 
 
 def main(argv: list[str]) -> int:

@@ -78,23 +78,41 @@ def demo_data(
         DemoConfig.categories
     ),
     seed: Seed = DemoConfig.seed,
+    stock_share: Annotated[
+        float, typer.Option(help="Share of products showing stock photos shared with others (byte-identical).")
+    ] = DemoConfig.stock_share,
+    placeholder_share: Annotated[
+        float, typer.Option(help="Share of products showing only a placeholder picture shared by all categories.")
+    ] = DemoConfig.placeholder_share,
 ) -> None:
     """Write a synthetic data set in Kaggle's Cdiscount formats (the embedded default)."""
     from prodcat.data.demo import generate_demo
 
-    summary = generate_demo(
-        out, DemoConfig(products=products, test_products=test_products, categories=categories, seed=seed)
+    config = DemoConfig(
+        products=products,
+        test_products=test_products,
+        categories=categories,
+        seed=seed,
+        stock_share=stock_share,
+        placeholder_share=placeholder_share,
     )
-    typer.echo(f"wrote {summary['train_products']} train / {summary['test_products']} test products to {out}")
+    summary = generate_demo(out, config)
+    typer.echo(
+        f"wrote {summary['train_products']} train / {summary['test_products']} test products to {out} "
+        f"({summary['train_duplicate_share']:.1%} of train pictures are copies of another)"
+    )
 
 
 @app.command()
 def ingest(
     data_dir: Annotated[Path, typer.Argument(help="Folder with train.bson and/or test.bson and category_names.csv.")],
     workdir: Workdir,
-    val_fraction: Annotated[float, typer.Option(help="Share of labelled products held out for validation.")] = (
-        IngestConfig.val_fraction
-    ),
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of train.bson products for selection (checkpoints, thresholds).")
+    ] = IngestConfig.val_fraction,
+    holdout_fraction: Annotated[
+        float, typer.Option(help="Share of train.bson products for reporting only (never tuned on).")
+    ] = IngestConfig.holdout_fraction,
     seed: Annotated[int, typer.Option(help="Seed of the split (same seed, same split).")] = IngestConfig.seed,
     strict: Annotated[bool, typer.Option(help="Stop at the first bad document instead of skipping it.")] = False,
 ) -> None:
@@ -102,10 +120,23 @@ def ingest(
     from prodcat.data.catalog import ingest as run_ingest
 
     report = run_ingest(
-        IngestConfig(data_dir=str(data_dir), workdir=str(workdir), val_fraction=val_fraction, seed=seed, strict=strict)
+        IngestConfig(
+            data_dir=str(data_dir),
+            workdir=str(workdir),
+            val_fraction=val_fraction,
+            holdout_fraction=holdout_fraction,
+            seed=seed,
+            strict=strict,
+        )
     )
     for name, part in report["files"].items():
         typer.echo(f"{name}: {part['products']} products, {part['images']} images, {part['problems']} problems")
+        duplicates = report["duplicates"][name]
+        line = f"  {duplicates['duplicate_share']:.1%} of the pictures not unique by content"
+        if "groups" in duplicates:
+            splits = " / ".join(f"{part[f'{split}_products']} {split}" for split in ("train", "val", "holdout"))
+            line += f", {duplicates['groups']} duplicate groups; split {splits} (groups kept whole)"
+        typer.echo(line)
 
 
 @app.command()

@@ -76,6 +76,8 @@ class DemoConfig:
     jpeg_quality: int = 90
     tail_power: float = 1.0  # leaf sizes = real long tail ** tail_power (1: real shape, 0: uniform)
     unique_images_per_leaf: int | None = None  # reuse a pool of rendered pictures per leaf (fast, for big files)
+    stock_share: float = 0.5  # products showing a stock set shared with ~5 others (byte-identical pictures)
+    placeholder_share: float = 0.02  # products showing only a "no picture" placeholder shared by all categories
 
     def __post_init__(self) -> None:
         _check(self.products >= 1, f"products must be >= 1, got {self.products}")
@@ -96,6 +98,14 @@ class DemoConfig:
             self.unique_images_per_leaf is None or self.unique_images_per_leaf >= 4,
             "unique_images_per_leaf must be None or >= 4 (one product shows up to 4 views of one object)",
         )
+        _check(0.0 <= self.stock_share <= 1.0, f"stock_share must be in [0, 1], got {self.stock_share}")
+        _check(
+            0.0 <= self.placeholder_share <= 1.0, f"placeholder_share must be in [0, 1], got {self.placeholder_share}"
+        )
+        _check(
+            self.stock_share + self.placeholder_share <= 1.0,
+            f"stock_share + placeholder_share must be <= 1, got {self.stock_share + self.placeholder_share}",
+        )
 
 
 @dataclasses.dataclass
@@ -104,12 +114,18 @@ class IngestConfig:
 
     data_dir: str = ""
     workdir: str = ""
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # products for selection (checkpoint, aggregation, thresholds, hyper-parameters)
+    holdout_fraction: float = 0.05  # products for reporting only: nothing is tuned on them
     seed: int = 0
     strict: bool = False
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)")
+        _check(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        _check(0.0 <= self.holdout_fraction < 1.0, f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        _check(
+            self.val_fraction + self.holdout_fraction < 1.0,
+            f"val_fraction + holdout_fraction must be < 1, got {self.val_fraction + self.holdout_fraction}",
+        )
         _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
 
 

@@ -99,7 +99,10 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict:
             DemoConfig(products=plan.products, test_products=plan.test_products, categories=plan.categories, seed=0),
         )
     with _step("ingest", timings):
-        ingest(IngestConfig(data_dir=str(data_dir), workdir=str(workdir), val_fraction=0.15, seed=0))
+        # About 350 val and 350 holdout products of the 3,000: a few hundred each.
+        ingest(
+            IngestConfig(data_dir=str(data_dir), workdir=str(workdir), val_fraction=0.12, holdout_fraction=0.12, seed=0)
+        )
     with _step("explore", timings):
         explore(workdir)
     with _step("extract", timings):
@@ -108,7 +111,7 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict:
                 workdir=str(workdir),
                 backbone="efficientnet_lite0",
                 features="pooled",
-                splits=("train", "val", "test"),
+                splits=("train", "val", "holdout", "test"),
                 batch_size=64,
             )
         )

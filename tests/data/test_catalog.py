@@ -38,11 +38,17 @@ def test_catalogs_labels_and_split(tiny_data_dir, tmp_path):
     assert np.array_equal(taxonomy.labels_of(category), labels)
     assert np.array_equal(taxonomy.leaf_level1[labels], train["level1"].to_numpy())
     assert np.array_equal(taxonomy.leaf_level2[labels], train["level2"].to_numpy())
-    assert taxonomy.train_counts.tolist() == [3, 3, 3, 3, 0, 0]  # label order follows training counts
-    parts = {split: load_catalog(workdir, "train", split)["product_id"].to_pylist() for split in ("train", "val")}
-    assert sorted(parts["train"] + parts["val"]) == list(range(100, 112))
+    # Label order follows the counts of the train split only (val and holdout never shape the model's classes).
+    in_train = train["split"].to_numpy(zero_copy_only=False) == "train"
+    assert taxonomy.train_counts.tolist() == np.bincount(labels[in_train], minlength=6).tolist()
+    assert taxonomy.train_counts.tolist() == sorted(taxonomy.train_counts.tolist(), reverse=True)
+    assert taxonomy.train_counts.sum() == in_train.sum() < 12
+    splits = ("train", "val", "holdout")
+    parts = {split: load_catalog(workdir, "train", split)["product_id"].to_pylist() for split in splits}
+    assert sorted(parts["train"] + parts["val"] + parts["holdout"]) == list(range(100, 112))
     assert not set(parts["train"]) & set(parts["val"])
     assert report["files"]["train"]["val_products"] == len(parts["val"]) > 0
+    assert report["files"]["train"]["holdout_products"] == len(parts["holdout"])
     test = load_catalog(workdir, "test")
     assert tuple(test.column_names) == TEST_COLUMNS and test["product_id"].to_pylist() == [900, 901, 902]
     assert catalog_source(workdir, "train") == (tiny_data_dir / "train.bson").resolve()
@@ -71,7 +77,7 @@ def test_split_is_deterministic(tiny_data_dir, tmp_path):
     a, b = (load_catalog(tmp_path / w, "train")["split"].to_pylist() for w in ("a", "b"))
     assert a == b
     assert set(load_catalog(tmp_path / "a", "train", "val")["product_id"].to_pylist())
-    run(tiny_data_dir, tmp_path / "c", val_fraction=0.0)
+    run(tiny_data_dir, tmp_path / "c", val_fraction=0.0, holdout_fraction=0.0)
     assert set(load_catalog(tmp_path / "c", "train")["split"].to_pylist()) == {"train"}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prodcat.data.split import stratified_split
+from prodcat.data.split import grouped_split, majority, stratified_split
 
 
 def zipf_labels(categories: int = 400, seed: int = 0) -> np.ndarray:
@@ -61,3 +61,60 @@ def test_zero_fraction_and_empty(labels):
 
 def test_zero_fraction_on_a_big_catalog():
     assert not stratified_split(zipf_labels(), 0.0, seed=1).any()
+
+
+# -- three-way, grouped ---------------------------------------------------------------------------------------------
+def grouped_labels(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Zipf labels with duplicate groups: a third of the products in groups of 2-12 (mostly one label)."""
+    rng = np.random.default_rng(seed)
+    labels = zipf_labels(seed=seed)
+    groups = np.arange(len(labels))
+    start = 0
+    while start < len(labels) // 3:
+        size = int(rng.integers(2, 13))
+        groups[start : start + size] = start
+        start += size
+    order = rng.permutation(len(labels))  # groups scattered over the catalog, ids still the smallest row
+    return labels[order], groups[order]
+
+
+def test_groups_land_on_one_side_and_fractions_hold():
+    labels, groups = grouped_labels()
+    codes = grouped_split(labels, groups, 0.1, 0.1, seed=0)
+    assert codes.shape == labels.shape and set(np.unique(codes).tolist()) == {0, 1, 2}
+    for group in np.unique(groups[groups != np.arange(len(groups))])[:500]:
+        assert len(np.unique(codes[groups == group])) == 1
+    shares = np.bincount(codes, minlength=3) / len(codes)
+    assert abs(shares[1] - 0.1) < 0.015 and abs(shares[2] - 0.1) < 0.015
+
+
+def test_grouped_split_is_stratified_and_every_label_keeps_training_products():
+    labels, groups = grouped_labels(seed=1)
+    codes = grouped_split(labels, groups, 0.1, 0.1, seed=2)
+    sizes = np.bincount(labels)
+    for side in (1, 2):
+        share = np.bincount(labels, weights=codes == side, minlength=len(sizes))
+        big = sizes >= 300
+        assert np.abs(share[big] / sizes[big] - 0.1).max() < 0.05
+    assert (np.bincount(labels, weights=codes == 0, minlength=len(sizes)) > 0).all()
+
+
+def test_a_group_larger_than_the_targets_stays_in_train():
+    labels = np.zeros(100, dtype=np.int64)
+    groups = np.where(np.arange(100) < 40, 0, np.arange(100))  # 40 products share pictures
+    for seed in range(10):
+        codes = grouped_split(labels, groups, 0.1, 0.1, seed)
+        assert not codes[:40].any() and (codes == 1).sum() > 0 and (codes == 2).sum() > 0
+
+
+def test_grouped_split_is_deterministic_and_seeded():
+    labels, groups = grouped_labels()
+    first = grouped_split(labels, groups, 0.05, 0.05, seed=4)
+    assert np.array_equal(first, grouped_split(labels.copy(), groups.copy(), 0.05, 0.05, seed=4))
+    assert not np.array_equal(first, grouped_split(labels, groups, 0.05, 0.05, seed=5))
+    assert not grouped_split(labels, groups, 0.0, 0.0, seed=4).any()
+
+
+def test_majority_label_ties_go_to_the_smallest():
+    ids, label, size = majority(np.array([5, 5, 2, 2, 2, 9]), np.array([3, 1, 4, 4, 0, 7]))
+    assert ids.tolist() == [2, 5, 9] and label.tolist() == [4, 1, 7] and size.tolist() == [3, 2, 1]

@@ -87,7 +87,7 @@ def _store_bytes(path: Path) -> dict[str, bytes]:
 def test_extract_writes_complete_store_with_masked_bad_image(workdir: Path) -> None:
     path = extract(_config(workdir))
     store = FeatureStore.open(path)
-    plan = plan_rows(workdir, ("train", "val", "test"))
+    plan = plan_rows(workdir, ("train", "val", "holdout", "test"))
     assert len(store) == plan.rows.num_rows == sum(1 + p % 3 for p in range(14)) + 4
     assert store.feature_shape == (256,)
     assert "random" in store.manifest["weights_id"]
@@ -102,7 +102,7 @@ def test_extract_writes_complete_store_with_masked_bad_image(workdir: Path) -> N
     assert errors[0]["reason"]
     features = store.read(np.flatnonzero(valid))
     assert np.isfinite(features).all() and np.abs(features).sum() > 0
-    assert set(store.column("split")) == {"train", "val", "test"}
+    assert set(store.column("split")) == {"train", "val", "holdout", "test"}
     assert (store.column("label")[store.column("split") == "test"] == -1).all()
     assert (path / "config.json").is_file()
 

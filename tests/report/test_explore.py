@@ -86,6 +86,7 @@ def write_train_catalog(
             "level1": pa.array(taxonomy.leaf_level1[labels]),
             "level2": pa.array(taxonomy.leaf_level2[labels]),
             "split": pa.array(np.where(is_val, "val", "train")).dictionary_encode(),
+            "group": pa.array(np.arange(n, dtype=np.int64)),
         }
     ).replace_schema_metadata({b"prodcat.source": b"synthetic"})
     assert tuple(table.column_names) == TRAIN_COLUMNS
@@ -188,6 +189,7 @@ def test_categories_per_level_match_brute_force(small: dict) -> None:
             "present": len(present),
             "present_train": len(in_train),
             "present_val": len(in_val),
+            "present_holdout": 0,
             "empty": len(every - present),
         }, view
     assert categories["level1"]["taxonomy"] == 4 and categories["level1"]["empty"] == 1
@@ -297,6 +299,31 @@ def test_runs_on_an_ingested_bson(tmp_path: Path) -> None:
         images[cid] += n
     check_ranked(summary, TRICKY_ROWS, products, images, 5)
     assert summary["categories"]["level3"]["present"] == len(products)
+    # Every product shows the same picture: one group of all 120, kept in train whole, the picture on top.
+    duplicates, pictures = summary["duplicates"], sum(t[2] for t in train)
+    assert duplicates["distinct_pictures"] == 1 and duplicates["duplicate_share"] == pytest.approx(1 - 1 / pictures)
+    assert duplicates["groups"] == 1 and duplicates["largest_group"] == 120
+    assert duplicates["group_sizes"]["100-999"] == 1
+    assert duplicates["most_reused"][0]["copies"] == pictures and duplicates["most_reused"][0]["products"] == 120
+    assert duplicates["most_reused"][0]["thumbnail"] is None  # not a real JPEG: listed, not drawn
+    assert duplicates["test_pictures_seen_in_train"] == duplicates["test_pictures"] == sum(t[1] for t in test)
+    assert summary["splits"]["train"]["products"] == 120
+    assert report["duplicates"]["train"]["duplicate_share"] == duplicates["duplicate_share"]
+
+
+def test_holdout_is_a_split_of_its_own(tmp_path: Path) -> None:
+    ids = np.array([row[0] for row in TRICKY_ROWS[:3]] * 4)
+    taxonomy = write_workdir(tmp_path, TRICKY_ROWS, ids, np.full(12, 2), np.zeros(12, dtype=bool))
+    table = pq.read_table(WorkPaths(tmp_path).catalog_table("train"))
+    splits = ["train"] * 6 + ["val"] * 2 + ["holdout"] * 4
+    table = table.set_column(8, "split", pa.array(splits).dictionary_encode())
+    pq.write_table(table, WorkPaths(tmp_path).catalog_table("train"))
+    summary = explore(tmp_path)
+    assert {name: part["products"] for name, part in summary["splits"].items()} == {"train": 6, "val": 2, "holdout": 4}
+    assert summary["splits"]["holdout"]["images"] == 8 and summary["labelled"]["products"] == 12
+    assert summary["categories"]["level3"]["present_holdout"] == len(set(ids[8:].tolist()))
+    assert taxonomy.num_classes == len(TRICKY_ROWS) and summary["duplicates"] is None  # no pictures.parquet here
+    assert "re-run ingest" in (WorkPaths(tmp_path).report("explore") / "index.html").read_text(encoding="utf-8")
 
 
 def real_data(*names: str) -> Path:
@@ -386,10 +413,10 @@ def test_clear_errors(tmp_path: Path) -> None:
 def test_unknown_split_value(tmp_path: Path) -> None:
     taxonomy = write_workdir(tmp_path, TRICKY_ROWS, np.array([1000000001]), np.array([1]), np.array([False]))
     table = pq.read_table(WorkPaths(tmp_path).catalog_table("train"))
-    table = table.set_column(8, "split", pa.array(["holdout"]).dictionary_encode())
+    table = table.set_column(8, "split", pa.array(["validation"]).dictionary_encode())
     pq.write_table(table, WorkPaths(tmp_path).catalog_table("train"))
     assert taxonomy.num_classes == len(TRICKY_ROWS)
-    with pytest.raises(ValueError, match="'split'.*holdout"):
+    with pytest.raises(ValueError, match="'split'.*validation"):
         explore(tmp_path)
 
 
@@ -438,6 +465,7 @@ def test_full_scale_catalog(tmp_path: Path) -> None:
         "present": 49,
         "present_train": 49,
         "present_val": 49,
+        "present_holdout": 0,
         "empty": 0,
     }
     assert summary["categories"]["level2"]["present"] == 486
@@ -482,6 +510,7 @@ def test_empty_train_catalog(tmp_path: Path) -> None:
         "present": 0,
         "present_train": 0,
         "present_val": 0,
+        "present_holdout": 0,
         "empty": 10,
     }
     for name in FIGURES.values():

@@ -51,7 +51,10 @@ def _write_data(data_dir: Path, rng: np.random.Generator, products: int = 120) -
     with open(data_dir / "train.bson", "wb") as out:
         for product in range(products):
             category = ROWS[int(rng.integers(len(ROWS)))][0]
-            pictures = [{"picture": _jpeg((40 * (category - 10), 30 * k, 200))} for k in range(product % 4 + 1)]
+            # Bytes after the JPEG end marker keep each product's pictures distinct: ingest groups byte-identical
+            # pictures and keeps a group on one side of the split.
+            tag = product.to_bytes(2, "little")
+            pictures = [{"picture": _jpeg((40 * (category - 10), 30 * k, 200)) + tag} for k in range(product % 4 + 1)]
             out.write(bson.encode({"_id": 100 + product, "imgs": pictures, "category_id": category}))
 
 

@@ -10,7 +10,8 @@ decoder. Pictures are never touched. With numba installed, large files take one 
 offsets and parses each document while its pages are hot, on two threads (one per half of the file, the split
 point confirmed by the first half's chain): 1.17 GB in ~0.06 s on 2 cores, faster than reading the file. Small
 files, and machines without numba, use the Python walk + numpy parse (see benchmarks/bench_ingest.py).
-Damage never stops the scan: a document that does not decode is reported and skipped, a broken length prefix is
+`picture_spans` gives the byte range of every picture (ingest hashes them, see dedupe.py) from element headers
+alone. Damage never stops the scan: a document that does not decode is reported and skipped, a broken length prefix is
 bridged by searching for the next document that decodes, and a frame that fails to decode is searched for the
 documents it may have swallowed (a corrupted length prefix that happens to end on a NUL byte).
 """
@@ -22,14 +23,23 @@ import dataclasses
 import mmap
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bson
 import numpy as np
 
-__all__ = ["BsonDamageError", "BsonIndex", "BsonProblem", "BsonReader", "index_bson", "read_pictures"]
+__all__ = [
+    "BsonDamageError",
+    "BsonIndex",
+    "BsonProblem",
+    "BsonReader",
+    "PictureSpans",
+    "index_bson",
+    "picture_spans",
+    "read_pictures",
+]
 
 _ID_INT32 = b"\x10_id\x00"
 _ID_INT64 = b"\x12_id\x00"
@@ -775,6 +785,202 @@ def _warn_picture(path: Path, offset: int, index: int | None, message: str) -> N
 
     where = f"picture {index}" if index is not None else "pictures"
     get_logger("prodcat.data").warning("%s: product at byte %d, %s: %s", path, offset, where, message)
+
+
+# -- where the pictures are ---------------------------------------------------------------------------------------
+_BINARY, _DOCUMENT, _ARRAY = 0x05, 0x03, 0x04
+_FIXED_SIZES = {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16, 0x7F: 0, 0xFF: 0}
+_PICTURE_KEY = b"picture\x00"
+
+
+def _compile_spans() -> tuple[Callable, Callable] | None:
+    """Compiled `picture_spans` for documents in Kaggle's layout: each `imgs` element is `{picture: binary}`.
+
+    Reads only element headers: the pictures' own bytes stay untouched. Documents laid out otherwise are flagged
+    (`ok` False) for the Python walker below.
+    """
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit(cache=True, nogil=True)
+    def le32(view: np.ndarray, at: int) -> int:
+        value = np.int64(view[at]) | np.int64(view[at + 1]) << 8 | np.int64(view[at + 2]) << 16
+        value |= np.int64(view[at + 3]) << 24
+        return value - (1 << 32) if value >= 1 << 31 else value
+
+    @numba.njit(cache=True, nogil=True)
+    def same(view: np.ndarray, at: int, expected: np.ndarray) -> bool:
+        for k in range(expected.shape[0]):
+            if view[at + k] != expected[k]:
+                return False
+        return True
+
+    @numba.njit(cache=True, nogil=True)
+    def one(view, start, end, count, row, out_offset, out_length, keys) -> bool:
+        imgs, picture = keys
+        at = start + 4 + 5 + (8 if view[start + 4] == 0x12 else 4)  # past `_id` (int32 or int64)
+        if at + 10 > end or not same(view, at, imgs):
+            return False
+        array_end = at + 6 + le32(view, at + 6) - 1  # the array's final NUL
+        at, found = at + 10, 0
+        while at < array_end and found < count and view[at] == 0x03:
+            at += 1
+            while at < array_end and view[at] != 0:  # the element's key: "0", "1", ...
+                at += 1
+            head = at + 5  # `{picture: binary}`: length, 0x05, "picture\0", length, subtype, bytes, NUL
+            if head + 14 > array_end:
+                return False
+            inner, binary, subtype = le32(view, at + 1), le32(view, head + 9), view[head + 13]
+            if view[head] != 0x05 or inner != binary + 19 or not same(view, head + 1, picture):
+                return False
+            if (subtype != 0 and subtype != 0x80) or head + 14 + binary >= array_end:
+                return False
+            out_offset[row + found], out_length[row + found] = head + 14, binary
+            at, found = at + 1 + inner, found + 1
+        return found == count and at == array_end and array_end < end
+
+    @numba.njit(cache=True, nogil=True)
+    def spans(view, offsets, lengths, counts, first, out_offset, out_length, ok, keys) -> None:
+        for doc in range(offsets.shape[0]):
+            end = offsets[doc] + lengths[doc]
+            ok[doc] = end <= view.shape[0] and one(
+                view, offsets[doc], end, counts[doc], first[doc], out_offset, out_length, keys
+            )
+
+    return spans, one
+
+
+_SPANS, SPAN_ONE = _compile_spans() or (None, None)  # SPAN_ONE: one document's spans, for fused compiled passes
+SPAN_KEYS = (np.frombuffer(b"\x04imgs\x00", dtype=np.uint8), np.frombuffer(_PICTURE_KEY, dtype=np.uint8))
+
+
+@dataclasses.dataclass
+class PictureSpans:
+    """Every picture of the indexed documents, document by document in stored order."""
+
+    document: np.ndarray  # int64 row of the document in the offsets given
+    image_index: np.ndarray  # int16 position in its `imgs` array
+    offset: np.ndarray  # int64 absolute byte offset of the picture's bytes in the file
+    length: np.ndarray  # int32
+
+    def __len__(self) -> int:
+        return len(self.document)
+
+
+def picture_spans(buf: mmap.mmap | bytes, offsets: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> PictureSpans:
+    """Byte range of every `imgs[i].picture` of the documents at `offsets` (with `counts` images each, as indexed).
+
+    A document's rows follow its own `imgs` array (the compiled walk for Kaggle's layout, `_spans_python` for any
+    other); an element without a binary `picture` gets offset -1, length 0.
+    """
+    offsets, lengths, counts, first = span_inputs(offsets, lengths, counts)
+    out_offset, out_length = np.full(first[-1], -1, dtype=np.int64), np.zeros(first[-1], dtype=np.int64)
+    ok = np.zeros(len(offsets), dtype=bool)
+    if _SPANS is not None and len(offsets):
+        view = np.frombuffer(buf, dtype=np.uint8)
+        try:
+            _SPANS(view, offsets, lengths, counts, first, out_offset, out_length, ok, SPAN_KEYS)
+        finally:
+            del view
+    return finish_spans(buf, offsets, lengths, counts, first, out_offset, out_length, ok)
+
+
+def span_inputs(offsets: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """int64 offsets, lengths, counts and each document's first output row (plus the total at the end)."""
+    offsets, lengths = np.asarray(offsets, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    counts = np.maximum(np.asarray(counts, dtype=np.int64), 0)
+    return offsets, lengths, counts, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def finish_spans(
+    buf: mmap.mmap | bytes,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    counts: np.ndarray,
+    first: np.ndarray,
+    out_offset: np.ndarray,
+    out_length: np.ndarray,
+    ok: np.ndarray,
+) -> PictureSpans:
+    """The spans the compiled walk found, with the documents it flagged (`ok` False) walked again in Python."""
+    document = np.repeat(np.arange(len(offsets), dtype=np.int64), counts)
+    image_index = np.arange(first[-1], dtype=np.int64) - first[:-1][document]
+    spans = PictureSpans(document, image_index.astype(np.int16), out_offset, out_length.astype(np.int32))
+    flagged = np.flatnonzero(~ok)
+    return _respan(buf, offsets, lengths, spans, ok, flagged) if len(flagged) else spans
+
+
+def _respan(
+    buf: mmap.mmap | bytes,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    spans: PictureSpans,
+    ok: np.ndarray,
+    rows: np.ndarray,
+) -> PictureSpans:
+    """Replace the rows of the flagged documents with what the Python walker finds (their counts may differ)."""
+    found = [_spans_python(buf, int(offsets[row]), int(lengths[row])) for row in rows]
+    keep = ok[spans.document]
+    extra = np.array([(row, i, at, size) for row, items in zip(rows, found) for i, (at, size) in enumerate(items)])
+    extra = extra.reshape(-1, 4).astype(np.int64)
+    document = np.concatenate([spans.document[keep], extra[:, 0]])
+    order = np.argsort(document, kind="stable")  # each document's rows stay in image order
+    return PictureSpans(
+        document=document[order],
+        image_index=np.concatenate([spans.image_index[keep], extra[:, 1].astype(np.int16)])[order],
+        offset=np.concatenate([spans.offset[keep], extra[:, 2]])[order],
+        length=np.concatenate([spans.length[keep], extra[:, 3].astype(np.int32)])[order],
+    )
+
+
+def _spans_python(buf: mmap.mmap | bytes, offset: int, length: int) -> list[tuple[int, int]]:
+    """(absolute offset, length) of each `imgs` element's binary `picture`, any BSON layout; [] if unreadable."""
+    try:
+        for kind, name, value, _ in _elements(buf, offset + 4, offset + length - 1):
+            if name == b"imgs" and kind in (_ARRAY, _DOCUMENT):
+                images = _elements(buf, value + 4, _end(buf, value))
+                return [_picture_in(buf, image_kind, image_at) for image_kind, _, image_at, _ in images]
+    except (ValueError, IndexError, struct.error):
+        pass
+    return []
+
+
+def _picture_in(buf: mmap.mmap | bytes, kind: int, at: int) -> tuple[int, int]:
+    if kind == _DOCUMENT:
+        for field_kind, name, value, _ in _elements(buf, at + 4, _end(buf, at)):
+            if name == b"picture" and field_kind == _BINARY:
+                (size,) = _INT32.unpack_from(buf, value)
+                skip = 4 if buf[value + 4] == 0x02 else 0  # the old binary subtype nests a second length
+                return value + 5 + skip, size - skip
+    return -1, 0
+
+
+def _end(buf: mmap.mmap | bytes, at: int) -> int:
+    (size,) = _INT32.unpack_from(buf, at)
+    return at + size - 1
+
+
+def _elements(buf: mmap.mmap | bytes, at: int, end: int) -> Iterator[tuple[int, bytes, int, int]]:
+    """(type, name, value offset, next element offset) of each element from `at` to the document's final NUL."""
+    while at < end:
+        kind, name_end = buf[at], buf.find(b"\x00", at + 1, end)
+        if name_end < 0:
+            raise ValueError(f"element name at byte {at} has no NUL")
+        value = name_end + 1
+        if kind in _FIXED_SIZES:
+            size = _FIXED_SIZES[kind]
+        elif kind in (0x02, 0x0D, 0x0E):  # strings: int32 length then the bytes
+            size = 4 + _INT32.unpack_from(buf, value)[0]
+        elif kind in (_DOCUMENT, _ARRAY, 0x0F):
+            size = _INT32.unpack_from(buf, value)[0]
+        elif kind == _BINARY:
+            size = 5 + _INT32.unpack_from(buf, value)[0]
+        else:
+            raise ValueError(f"BSON type {kind:#x} not walked")
+        yield kind, bytes(buf[at + 1 : name_end]), value, value + size
+        at = value + size
 
 
 def read_pictures(path: str | Path, offset: int, length: int) -> list[bytes]:

@@ -1,9 +1,12 @@
 """`prodcat ingest`: BSON files + taxonomy -> Parquet catalogs, labels, a product-level split and a problem report.
 
 Outputs (see `WorkPaths`):
-  catalog/train.parquet  product_id, offset, length, num_images, category_id, label, level1, level2, split
-  catalog/test.parquet   product_id, offset, length, num_images
+  catalog/train.parquet     product_id, offset, length, num_images, category_id, label, level1, level2, split, group
+  catalog/test.parquet      product_id, offset, length, num_images
+  catalog/pictures.parquet  one row per picture: source, product_id, image_index, hash, offset, length (dedupe.py)
   catalog/ingest_report.json, catalog/config.json, taxonomy.parquet
+`split` is train / val / holdout, stratified by leaf and grouped by duplicate pictures; label order, the unigram
+sampler and frequency groups count the train split only (`Taxonomy.train_counts`).
 Each catalog also records its source BSON path in the Parquet metadata (`prodcat.source`), so later stages read
 pictures back by offset without being told where the data lives.
 """
@@ -20,15 +23,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prodcat.config import IngestConfig, save_config
+from prodcat.data import dedupe
 from prodcat.data.bson_index import BsonIndex, BsonProblem, index_bson
-from prodcat.data.split import stratified_split
+from prodcat.data.split import SPLITS, grouped_split
 from prodcat.data.taxonomy import Taxonomy, TaxonomyError, read_category_csv
 from prodcat.paths import WorkPaths
 from prodcat.utils import get_logger, write_json, write_parquet
 
 __all__ = ["ingest", "IngestError", "load_catalog", "catalog_source", "TRAIN_COLUMNS", "TEST_COLUMNS"]
 
-TRAIN_COLUMNS = ("product_id", "offset", "length", "num_images", "category_id", "label", "level1", "level2", "split")
+TRAIN_COLUMNS = (
+    "product_id", "offset", "length", "num_images", "category_id", "label", "level1", "level2", "split", "group",
+)  # fmt: skip
 TEST_COLUMNS = ("product_id", "offset", "length", "num_images")
 _MAX_WARNINGS = 20
 log = get_logger("prodcat.ingest")
@@ -56,16 +62,26 @@ def ingest(config: IngestConfig) -> dict:
     for name, (_, problems) in checked.items():
         if config.strict and problems:
             raise IngestError(f"strict mode: {problems[0]}")
-    report: dict = {"data_dir": str(data_dir.resolve()), "files": {}, "problems": []}
-    counts = _category_counts(indexes["train"].category_id[checked["train"][0]]) if "train" in indexes else {}
-    taxonomy = Taxonomy.from_rows(rows, counts)
+    report: dict = {"data_dir": str(data_dir.resolve()), "files": {}, "problems": [], "duplicates": {}}
+    pictures = {name: dedupe.hash_pictures(index, np.flatnonzero(checked[name][0])) for name, index in indexes.items()}
+    split = None
+    if "train" in indexes:
+        split = _split_train(indexes["train"], checked["train"][0], pictures["train"], config)
+    counts = _category_counts(split["category_id"][split["code"] == 0]) if split is not None else {}
+    taxonomy = Taxonomy.from_rows(rows, counts)  # label order from the train split only
     taxonomy.save(paths.taxonomy)
+    tables = []
     for name, index in indexes.items():
         keep, problems = checked[name]
-        table = _train_table(index, keep, taxonomy, config) if name == "train" else _test_table(index)
+        table = _train_table(index, keep, taxonomy, split) if name == "train" else _test_table(index)
         _write_catalog(paths.catalog_table(name), table, index.path)
+        tables.append(dedupe.pictures_table(name, index.product_id[keep], pictures[name]))
         report["files"][name] = _file_summary(index, table, problems)
         report["problems"] += [dataclasses.asdict(p) for p in problems]
+        report["duplicates"][name] = _duplicate_summary(pictures[name], split if name == "train" else None)
+    if "train" in pictures and "test" in pictures:
+        report["duplicates"]["test"]["pictures_seen_in_train"] = _seen_in(pictures["test"], pictures["train"])
+    write_parquet(dedupe.pictures_path(paths.root), pa.concat_tables(tables))
     report["taxonomy"] = {"leaves": taxonomy.num_classes, "level1": taxonomy.num_level1, "level2": taxonomy.num_level2}
     report["seconds"] = round(time.perf_counter() - start, 3)
     write_json(paths.ingest_report, report)
@@ -117,9 +133,39 @@ def _category_counts(category_ids: np.ndarray) -> dict[int, int]:
     return dict(zip(values.tolist(), counts.tolist(), strict=True))
 
 
-def _train_table(index: BsonIndex, keep: np.ndarray, taxonomy: Taxonomy, config: IngestConfig) -> pa.Table:
+def _split_train(index: BsonIndex, keep: np.ndarray, pictures: dict[str, np.ndarray], config: IngestConfig) -> dict:
+    """Duplicate groups of the kept train products, and their split codes (stratified by category id)."""
+    present = pictures["length"] > 0  # an `imgs` element without a picture links nothing
+    keys, product_row = dedupe.hash_keys(pictures["hash"][present]), pictures["document"][present]
+    category_id = index.category_id[keep]
+    groups = dedupe.duplicate_groups(product_row, keys, len(category_id))
+    code = grouped_split(category_id, groups, config.val_fraction, config.holdout_fraction, config.seed)
+    return {"groups": groups, "code": code, "category_id": category_id, "keys": keys, "product_row": product_row}
+
+
+def _duplicate_summary(pictures: dict[str, np.ndarray], split: dict | None) -> dict:
+    """Duplicate statistics of one catalog's pictures; train adds groups, leaves and a check across splits."""
+    if split is None:
+        keys = dedupe.hash_keys(pictures["hash"])
+        stats = dedupe.duplicate_stats(keys, pictures["document"], np.zeros(0, dtype=np.int64))
+        return {k: stats[k] for k in ("pictures", "distinct_pictures", "duplicate_share")}
+    stats = dedupe.duplicate_stats(split["keys"], split["product_row"], split["groups"], split["category_id"])
+    code = split["code"][split["product_row"]]
+    low, high = np.full(stats["distinct_pictures"], 9, dtype=np.int8), np.zeros(stats["distinct_pictures"], np.int8)
+    np.minimum.at(low, split["keys"], code)
+    np.maximum.at(high, split["keys"], code)
+    stats["hashes_in_two_splits"] = int(np.count_nonzero(low != high))  # 0 by construction
+    return stats
+
+
+def _seen_in(pictures: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> int:
+    """How many of `pictures` have a byte-identical twin among `reference` (test pictures with a train twin)."""
+    keys = dedupe.hash_keys(np.concatenate([pictures["hash"], reference["hash"]]))
+    return int(np.isin(keys[: len(pictures["hash"])], keys[len(pictures["hash"]) :]).sum())
+
+
+def _train_table(index: BsonIndex, keep: np.ndarray, taxonomy: Taxonomy, split: dict) -> pa.Table:
     labels = taxonomy.labels_of(index.category_id[keep])
-    is_val = stratified_split(labels, config.val_fraction, config.seed)
     return pa.table(
         {
             "product_id": pa.array(index.product_id[keep]),
@@ -130,7 +176,8 @@ def _train_table(index: BsonIndex, keep: np.ndarray, taxonomy: Taxonomy, config:
             "label": pa.array(labels.astype(np.int32)),
             "level1": pa.array(taxonomy.leaf_level1[labels]),
             "level2": pa.array(taxonomy.leaf_level2[labels]),
-            "split": pa.array(np.where(is_val, "val", "train")).dictionary_encode(),
+            "split": pa.DictionaryArray.from_arrays(pa.array(split["code"]), pa.array(SPLITS)),
+            "group": pa.array(split["groups"].astype(np.int64)),
         }
     )
 
@@ -163,8 +210,8 @@ def _file_summary(index: BsonIndex, table: pa.Table, problems: list[BsonProblem]
         summary["problem_kinds"][problem.kind] = summary["problem_kinds"].get(problem.kind, 0) + 1
     if "split" in table.column_names:
         splits = table["split"].to_numpy(zero_copy_only=False)
-        summary["train_products"] = int(np.sum(splits == "train"))
-        summary["val_products"] = int(np.sum(splits == "val"))
+        for name in SPLITS:
+            summary[f"{name}_products"] = int(np.sum(splits == name))
     return summary
 
 
@@ -178,7 +225,7 @@ def _warn(problems: list[dict]) -> None:
 
 
 def load_catalog(workdir: str | Path, name: str, split: str | None = None) -> pa.Table:
-    """Read `train` or `test` catalog; `split` filters train rows to `train` or `val`."""
+    """Read `train` or `test` catalog; `split` filters train rows to `train`, `val` or `holdout`."""
     path = WorkPaths(workdir).catalog_table(name)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no catalog; run `prodcat ingest DATA_DIR --workdir {workdir}` first")

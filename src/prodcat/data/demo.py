@@ -11,6 +11,11 @@ pretrained features can learn it, without it being trivial:
 - product -> one object instance (jittered leaf parameters); its 1-4 pictures are views of that instance
   (pose, scale, position, background, clutter, lighting, noise, blur).
 
+Pictures repeat as on Cdiscount, byte for byte (only 7.77 M of the 12.37 M real train pictures are unique): half
+the products show stock photos, a set of views shared with about five other products of their leaf (one in five
+takes a sibling leaf's set, same level 2), and 2 % show one of a few "no picture" placeholders shared by every
+category. About 37 % of the train pictures are then copies of another (1 - distinct / pictures), like the real set.
+
 Everything derives from the seed through per-item generators (seed, kind, index), so the same config gives
 byte-identical files and products could be rendered in parallel.
 """
@@ -54,7 +59,7 @@ __all__ = [
 CATEGORY_HEADER = ("category_id", "category_level1", "category_level2", "category_level3")
 
 # Tags that keep the random streams of different purposes apart: default_rng([seed, TAG, index...]).
-_TAXONOMY, _COUNTS, _SPLIT, _LEVEL1, _LEVEL2, _LEAF, _TRAIN, _TEST, _POOL = range(1, 10)
+_TAXONOMY, _COUNTS, _SPLIT, _LEVEL1, _LEVEL2, _LEAF, _TRAIN, _TEST, _POOL, _REUSE, _STOCK, _PLACEHOLDER = range(1, 13)
 
 
 class CategoryRow(NamedTuple):
@@ -759,22 +764,90 @@ def _product_labels(counts: np.ndarray, test: int, seed: int) -> tuple[np.ndarra
     return train, rng.choice(len(counts), size=test, p=counts / counts.sum()).astype(np.int32)
 
 
-class _Pictures:
-    """Pictures of one product: freshly rendered, or taken from a per-leaf pool of rendered instances."""
+_PRODUCTS_PER_STOCK_SET = 6  # products expected to show one leaf's stock set (sets per leaf scale with its size)
+_SIBLING_STOCK = 0.25  # share of stock products showing any set of their level-2 group (often a sibling leaf's)
+_PLACEHOLDER_WEIGHTS = (0.6, 0.25, 0.15)  # a few "no picture" placeholders, the first the most common
 
-    def __init__(self, looks: list[Look], config: DemoConfig) -> None:
+
+class _StockSet:
+    """Views of one rendered instance, rendered on demand in a fixed order (so every product gets the same bytes)."""
+
+    def __init__(self, look: Look, rng: np.random.Generator, size: int, quality: int) -> None:
+        self.look, self.rng, self.size, self.quality = look, rng, size, quality
+        self.instance = _draw_instance(look, rng)
+        self.views: list[bytes] = []
+
+    def first(self, count: int) -> list[bytes]:
+        while len(self.views) < count:
+            self.views.append(_jpeg(_render_view(self.look, self.instance, self.rng, self.size), self.quality))
+        return self.views[:count]
+
+
+def _placeholder(index: int, seed: int, size: int, quality: int) -> bytes:
+    """A shop's "no picture" image: flat light background, a grey camera pictogram, a caption bar."""
+    rng = np.random.default_rng([seed, _PLACEHOLDER, index])
+    tone = int(rng.integers(215, 250))
+    canvas = Image.new("RGB", (size, size), (tone, tone, tone - int(rng.integers(0, 12))))
+    draw, unit = ImageDraw.Draw(canvas), size / 10
+    shade = int(rng.integers(120, 180))
+    draw.rounded_rectangle((2.5 * unit, 3.5 * unit, 7.5 * unit, 6.8 * unit), radius=unit / 2, fill=(shade,) * 3)
+    draw.rectangle((4 * unit, 2.9 * unit, 6 * unit, 3.6 * unit), fill=(shade,) * 3)
+    draw.ellipse((4 * unit, 4.1 * unit, 6 * unit, 6.1 * unit), fill=(tone,) * 3)
+    draw.rectangle((2 * unit, 7.6 * unit, (3.5 + 4.5 * rng.random()) * unit, 8.1 * unit), fill=(shade - 40,) * 3)
+    return _jpeg(canvas, quality)
+
+
+class _Pictures:
+    """Pictures of one product: freshly rendered, a leaf's stock photos, a placeholder, or from a per-leaf pool."""
+
+    def __init__(self, looks: list[Look], rows: list[CategoryRow], counts: np.ndarray, config: DemoConfig) -> None:
         self.looks, self.config = looks, config
         self.instances = None if config.unique_images_per_leaf is None else config.unique_images_per_leaf // 4
         self.pool: dict[tuple[int, int], list[bytes]] = {}
+        self.stock: dict[tuple[int, int], _StockSet] = {}
+        self.placeholders: dict[int, bytes] = {}
+        self.sets = np.maximum(1, np.round(counts * config.stock_share / _PRODUCTS_PER_STOCK_SET)).astype(np.int64)
+        by_group: dict[tuple[str, str], list[int]] = {}
+        for leaf, row in enumerate(rows):
+            by_group.setdefault((row.level1, row.level2), []).append(leaf)
+        self.siblings = [by_group[row.level1, row.level2] for row in rows]  # the leaf itself included
 
-    def __call__(self, leaf: int, rng: np.random.Generator) -> list[bytes]:
+    def __call__(self, leaf: int, rng: np.random.Generator, reuse: np.random.Generator) -> list[bytes]:
+        """`rng` renders the product's own pictures; `reuse` decides whether it shows shared ones instead."""
         views = int(rng.choice(len(IMAGES_PER_PRODUCT), p=IMAGES_PER_PRODUCT)) + 1
         size, quality = self.config.image_size, self.config.jpeg_quality
-        if self.instances is None:
-            return render_product(self.looks[leaf], rng, views, size, quality)
+        if self.instances is not None:
+            return self._pooled(leaf, rng, views)
+        roll = reuse.random()
+        if roll < self.config.placeholder_share:
+            index = int(reuse.choice(len(_PLACEHOLDER_WEIGHTS), p=_PLACEHOLDER_WEIGHTS))
+            if index not in self.placeholders:
+                self.placeholders[index] = _placeholder(index, self.config.seed, size, quality)
+            return [self.placeholders[index]]
+        if roll < self.config.placeholder_share + self.config.stock_share:
+            return self._stock(leaf, reuse, views)
+        return render_product(self.looks[leaf], rng, views, size, quality)
+
+    def _stock(self, leaf: int, reuse: np.random.Generator, views: int) -> list[bytes]:
+        siblings = self.siblings[leaf]
+        if len(siblings) > 1 and reuse.random() < _SIBLING_STOCK:
+            # Any set of the level-2 group alike: a small leaf's few sets are not flooded by a big sibling's products.
+            sets = self.sets[siblings]
+            pick = int(reuse.integers(sets.sum()))
+            at = int(np.searchsorted(np.cumsum(sets), pick, side="right"))
+            key = (siblings[at], pick - int(sets[:at].sum()))
+        else:
+            key = (leaf, int(reuse.integers(self.sets[leaf])))
+        if key not in self.stock:  # rendered on first use: sets nobody shows cost nothing
+            set_rng = np.random.default_rng([self.config.seed, _STOCK, *key])
+            self.stock[key] = _StockSet(self.looks[leaf], set_rng, self.config.image_size, self.config.jpeg_quality)
+        return self.stock[key].first(views)
+
+    def _pooled(self, leaf: int, rng: np.random.Generator, views: int) -> list[bytes]:
         key = (leaf, int(rng.integers(self.instances)))
         if key not in self.pool:  # render lazily: small leaves never pay for their whole pool
             pool_rng = np.random.default_rng([self.config.seed, _POOL, *key])
+            size, quality = self.config.image_size, self.config.jpeg_quality
             self.pool[key] = render_product(self.looks[leaf], pool_rng, 4, size, quality)
         return self.pool[key][:views]
 
@@ -787,14 +860,18 @@ def _write_bson(
     pictures: _Pictures,
     seed: int,
     tag: int,
+    seen: set[bytes],
 ) -> tuple[int, int]:
-    """Stream one BSON file (temp file then rename); returns (images, bytes)."""
+    """Stream one BSON file (temp file then rename); returns (images, bytes). Adds picture digests to `seen`."""
     import bson
+
+    from prodcat.data.dedupe import digest
 
     images = 0
     with atomic_open(path) as out:
         for index in progress(range(len(ids)), total=len(ids), desc=path.name, unit="product"):
-            jpegs = pictures(int(leaves[index]), np.random.default_rng([seed, tag, index]))
+            own, reuse = np.random.default_rng([seed, tag, index]), np.random.default_rng([seed, _REUSE, tag, index])
+            jpegs = pictures(int(leaves[index]), own, reuse)
             document: dict[str, Any] = {
                 "_id": int(ids[index]),
                 "imgs": [{"picture": bson.Binary(jpeg)} for jpeg in jpegs],
@@ -803,6 +880,7 @@ def _write_bson(
                 document["category_id"] = int(category_ids[leaves[index]])
             out.write(bson.encode(document))
             images += len(jpegs)
+            seen.update(digest(jpeg) for jpeg in jpegs)
     return images, path.stat().st_size
 
 
@@ -826,11 +904,15 @@ def generate_demo(out_dir: str | Path, config: DemoConfig) -> dict[str, Any]:
     category_ids = np.array([row.category_id for row in rows], dtype=np.int64)
     atomic_write_text(out / "category_names.csv", _csv_text(CATEGORY_HEADER, [tuple(row) for row in rows]))
 
-    pictures = _Pictures(make_looks(rows, config.seed), config)
+    pictures = _Pictures(make_looks(rows, config.seed), rows, counts, config)
+    train_seen: set[bytes] = set()
     train_images, train_bytes = _write_bson(
-        out / "train.bson", train_ids, train_leaves, category_ids, pictures, config.seed, _TRAIN
+        out / "train.bson", train_ids, train_leaves, category_ids, pictures, config.seed, _TRAIN, train_seen
     )
-    test_images, test_bytes = _write_bson(out / "test.bson", test_ids, test_leaves, None, pictures, config.seed, _TEST)
+    seen = set(train_seen)
+    test_images, test_bytes = _write_bson(
+        out / "test.bson", test_ids, test_leaves, None, pictures, config.seed, _TEST, seen
+    )
     most_frequent = int(category_ids[int(np.argmax(counts))])
     atomic_write_text(
         out / "sample_submission.csv", _csv_text(("_id", "category_id"), ((int(i), most_frequent) for i in test_ids))
@@ -841,6 +923,7 @@ def generate_demo(out_dir: str | Path, config: DemoConfig) -> dict[str, Any]:
         "level1": len({row.level1 for row in rows}), "level2": len({(row.level1, row.level2) for row in rows}),
         "largest_category_products": int(counts.max()), "median_category_products": float(np.median(counts)),
         "most_frequent_category": most_frequent, "train_bytes": train_bytes, "test_bytes": test_bytes,
-        "unique_pictures": None if pictures.instances is None else 4 * len(pictures.pool),
+        "unique_pictures": len(seen),  # distinct by content, train and test together
+        "train_duplicate_share": round(1 - len(train_seen) / max(train_images, 1), 4),  # 1 - distinct / pictures
         "seconds": round(time.perf_counter() - start, 2),
     }  # fmt: skip

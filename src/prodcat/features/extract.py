@@ -108,15 +108,10 @@ def _catalog_name(split: np.ndarray) -> np.ndarray:
 
 
 def picture_table(workdir: str | Path) -> pa.Table | None:
-    """`W/catalog/pictures.parquet` (source, product_id, image_index, hash, offset, length), None when absent.
+    """`W/catalog/pictures.parquet` (source, product_id, image_index, hash, offset, length), None when absent."""
+    from prodcat.data.dedupe import load_pictures, pictures_path
 
-    Stand-in for `prodcat.data.dedupe.load_pictures` (the ingest side owns the file's format); one reader, so the
-    swap is one line.
-    """
-    path = WorkPaths(workdir).catalog / "pictures.parquet"
-    if not path.is_file():
-        return None
-    return pq.read_table(path, columns=["source", "product_id", "image_index", "hash", "offset", "length"])
+    return load_pictures(workdir) if pictures_path(workdir).is_file() else None
 
 
 def hash_words(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import io
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 from matplotlib.axes import Axes
 
 from prodcat.config import ExploreConfig, save_config
+from prodcat.data.split import SPLITS
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.paths import WorkPaths
 from prodcat.report import figures
@@ -50,7 +52,7 @@ FIGURES = {
 }
 COVERAGE_SHARES = (0.5, 0.8, 0.9, 0.99)
 _TOP_SHARE_RANKS = (1, 10, 100, 1000)
-_SPLITS = ("train", "val")
+_SPLITS = SPLITS  # train, val, holdout: rows 0, 1, 2 of CatalogCounts.leaf_products
 log = get_logger("prodcat.explore")
 
 
@@ -58,8 +60,8 @@ log = get_logger("prodcat.explore")
 class CatalogCounts:
     """Everything explore needs, reduced from the catalogs: per-leaf and per-image-count tallies."""
 
-    leaf_products: np.ndarray  # (2, C) int64: products per leaf in train (row 0) and val (row 1)
-    leaf_images: np.ndarray  # (C,) int64 images per leaf, train + val
+    leaf_products: np.ndarray  # (3, C) int64: products per leaf in train, val and holdout (rows 0, 1, 2)
+    leaf_images: np.ndarray  # (C,) int64 images per leaf, all splits
     images_per_product: dict[str, np.ndarray]  # set name -> products having k images at index k
     test_products: int | None  # None when there is no test catalog
     test_images: int | None
@@ -77,6 +79,7 @@ def explore(workdir: str | Path, top_k: int = 5) -> dict:
     taxonomy = Taxonomy.load(paths.taxonomy)
     counts = count_catalog(paths, taxonomy.num_classes)
     summary = summarise(taxonomy, counts, top_k)
+    summary["duplicates"] = duplicate_pictures(paths, taxonomy, out)
     _draw_figures(out, taxonomy, counts, summary)
     summary["files"] = {"summary": "summary.json", "html": "index.html", "config": "config.json", **FIGURES}
     summary["seconds"] = round(time.perf_counter() - start, 3)
@@ -104,18 +107,14 @@ def count_catalog(paths: WorkPaths, num_classes: int) -> CatalogCounts:
     _check_range(train_path, "num_images", num_images, 0, None, "image counts cannot be negative")
     if table.column("split").null_count:
         raise ValueError(f"{train_path}: field 'split' has {table.column('split').null_count} null value(s)")
-    is_val = _is_val(train_path, table.column("split"))
+    codes = _split_codes(train_path, table.column("split"))
     del table
-    all_products = np.bincount(labels, minlength=num_classes)
-    val_products = np.bincount(labels[is_val], minlength=num_classes)
-    leaf_products = np.stack([all_products - val_products, val_products]).astype(np.int64)
+    leaf_products = np.stack([np.bincount(labels[codes == i], minlength=num_classes) for i in range(len(_SPLITS))])
+    leaf_products = leaf_products.astype(np.int64)
     # float64 weights are exact far past 12 M images (2**53); round only guards the float sum.
     leaf_images = np.rint(np.bincount(labels, weights=num_images, minlength=num_classes)).astype(np.int64)
     width = int(num_images.max(initial=0)) + 1
-    per_product = {
-        "train": np.bincount(num_images[~is_val], minlength=width),
-        "val": np.bincount(num_images[is_val], minlength=width),
-    }
+    per_product = {name: np.bincount(num_images[codes == i], minlength=width) for i, name in enumerate(_SPLITS)}
     test_products = test_images = None
     test_path = paths.catalog_table("test")
     if test_path.is_file():
@@ -151,27 +150,85 @@ def _check_range(path: Path, field: str, values: np.ndarray, low: int, high: int
         raise ValueError(f"{path}: row {row}: field {field!r} is {values[row]}, expected {allowed} ({why})")
 
 
-def _is_val(path: Path, column: pa.ChunkedArray) -> np.ndarray:
-    """Boolean val mask from the `split` column; dictionary chunks are read by code, not as 7 M strings."""
-    masks = [_chunk_is_val(path, chunk) for chunk in column.chunks]
-    return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+def _split_codes(path: Path, column: pa.ChunkedArray) -> np.ndarray:
+    """Index into `_SPLITS` of every row's `split`; dictionary chunks are read by code, not as 7 M strings."""
+    parts = [_chunk_codes(path, chunk) for chunk in column.chunks]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int8)
 
 
-def _chunk_is_val(path: Path, chunk: pa.Array) -> np.ndarray:
+def _chunk_codes(path: Path, chunk: pa.Array) -> np.ndarray:
     if pa.types.is_dictionary(chunk.type):
         names = np.asarray(chunk.dictionary.to_pylist(), dtype=object)
-        codes = chunk.indices.to_numpy(zero_copy_only=False)
-        used = names[np.unique(codes)] if codes.size else names[:0]
-        is_val_code = names == "val"
-        mask = is_val_code[codes] if codes.size else np.zeros(0, dtype=bool)
+        indices = chunk.indices.to_numpy(zero_copy_only=False)
+        used = names[np.unique(indices)] if indices.size else names[:0]
     else:
-        values = chunk.to_numpy(zero_copy_only=False)
-        used = np.unique(values.astype(object)) if values.size else values
-        mask = values == "val"
+        names, indices = np.unique(chunk.to_numpy(zero_copy_only=False).astype(object), return_inverse=True)
+        used = names
     unknown = sorted(set(used.tolist()) - set(_SPLITS), key=str)
     if unknown:
-        raise ValueError(f"{path}: field 'split' has value(s) {unknown}, expected train or val")
-    return np.asarray(mask, dtype=bool)
+        raise ValueError(f"{path}: field 'split' has value(s) {unknown}, expected one of {', '.join(_SPLITS)}")
+    code_of_name = np.array([_SPLITS.index(name) if name in _SPLITS else -1 for name in names.tolist()], np.int8)
+    return code_of_name[indices] if indices.size else np.zeros(0, dtype=np.int8)
+
+
+# -- duplicate pictures -----------------------------------------------------------------------------------------
+_THUMBNAILS = 8  # most reused pictures shown (decoded: only these few)
+_THUMBNAIL_SIZE = 96
+
+
+def duplicate_pictures(paths: WorkPaths, taxonomy: Taxonomy, out: Path) -> dict | None:
+    """Duplicate share, groups and the most reused train pictures (thumbnails written to `out`); None without
+    `catalog/pictures.parquet` (catalogs from before picture hashing)."""
+    from prodcat.data import dedupe
+
+    if not dedupe.pictures_path(paths.root).is_file():
+        return None
+    catalog = _read_columns(paths.catalog_table("train"), ("product_id", "label", "group"), paths.root)
+    pictures = dedupe.load_pictures(paths.root)
+    is_train = pictures["source"].to_numpy(zero_copy_only=False) == "train"
+    hashes = dedupe.hashes_of(pictures["hash"])
+    keys = dedupe.hash_keys(hashes)
+    ids = catalog["product_id"].to_numpy()
+    order = np.argsort(ids, kind="stable")
+    product_row = order[np.searchsorted(ids, pictures["product_id"].to_numpy()[is_train], sorter=order)]
+    labels, train_keys = catalog["label"].to_numpy(), dedupe.hash_keys(hashes[is_train])
+    stats = dedupe.duplicate_stats(train_keys, product_row, catalog["group"].to_numpy(), labels, _THUMBNAILS)
+    test_keys = keys[~is_train]
+    stats["test_pictures"] = int(len(test_keys))
+    stats["test_pictures_seen_in_train"] = int(np.isin(test_keys, keys[is_train]).sum())
+    train_rows = np.flatnonzero(is_train)
+    out.mkdir(parents=True, exist_ok=True)
+    offsets, lengths = pictures["offset"].to_numpy(), pictures["length"].to_numpy()
+    for rank, entry in enumerate(stats["most_reused"], start=1):
+        row = train_rows[entry["picture_row"]]
+        users = np.unique(product_row[train_keys == train_keys[entry["picture_row"]]])
+        leaves, counts = np.unique(labels[users], return_counts=True)
+        entry["top_leaves"] = [
+            {**taxonomy.describe(int(leaf)), "products": int(n)}
+            for leaf, n in sorted(zip(leaves.tolist(), counts.tolist()), key=lambda pair: -pair[1])[:3]
+        ]
+        entry["thumbnail"] = _thumbnail(paths, int(offsets[row]), int(lengths[row]), out / f"reused_{rank}.png")
+    return stats
+
+
+def _thumbnail(paths: WorkPaths, offset: int, length: int, path: Path) -> str | None:
+    """Decode one picture from the train BSON and save a small PNG; None (logged) when it does not decode."""
+    from PIL import Image
+
+    from prodcat.data.catalog import catalog_source
+
+    try:
+        with open(catalog_source(paths.root, "train"), "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(length)
+        with Image.open(io.BytesIO(data)) as picture:
+            picture = picture.convert("RGB")
+            picture.thumbnail((_THUMBNAIL_SIZE, _THUMBNAIL_SIZE))
+            picture.save(path, format="PNG")
+    except (OSError, ValueError) as error:
+        log.warning("explore: picture at byte %d of the train BSON does not decode: %s", offset, error)
+        return None
+    return path.name
 
 
 # -- numbers ----------------------------------------------------------------------------------------------------
@@ -189,7 +246,7 @@ def _level_groups(taxonomy: Taxonomy) -> dict[str, tuple[np.ndarray, int]]:
 
 
 def group_products(taxonomy: Taxonomy, leaf_products: np.ndarray) -> dict[str, np.ndarray]:
-    """Products per group at each view of the hierarchy (shape (2, groups): train, val)."""
+    """Products per group at each view of the hierarchy (shape (3, groups): train, val, holdout)."""
     result = {}
     for view, (group_of_leaf, groups) in _level_groups(taxonomy).items():
         rows = [np.bincount(group_of_leaf, weights=row, minlength=groups) for row in leaf_products]
@@ -216,8 +273,7 @@ def summarise(taxonomy: Taxonomy, counts: CatalogCounts, top_k: int) -> dict:
         categories[view] = {
             "taxonomy": int(total.size),
             "present": int(np.count_nonzero(total)),
-            "present_train": int(np.count_nonzero(per_split[0])),
-            "present_val": int(np.count_nonzero(per_split[1])),
+            **{f"present_{name}": int(np.count_nonzero(per_split[i])) for i, name in enumerate(_SPLITS)},
             "empty": int(total.size - np.count_nonzero(total)),
         }
     return {
@@ -255,8 +311,8 @@ def ranked_categories(taxonomy: Taxonomy, counts: CatalogCounts, top_k: int, lar
 
 
 def _image_sets(counts: CatalogCounts) -> dict[str, np.ndarray]:
-    train, val = counts.images_per_product["train"], counts.images_per_product["val"]
-    sets = {"labelled": train + val, "train": train, "val": val}
+    per_split = {name: counts.images_per_product[name] for name in _SPLITS}
+    sets = {"labelled": sum(per_split.values()), **per_split}
     if "test" in counts.images_per_product:
         sets["test"] = counts.images_per_product["test"]
     return sets
@@ -392,7 +448,7 @@ def _draw_log_histogram(ax: Axes, present: np.ndarray) -> None:
 
 
 def _plot_images_per_product(path: Path, sets: dict[str, np.ndarray]) -> None:
-    shown = {"train + val": sets["labelled"], **({"test": sets["test"]} if "test" in sets else {})}
+    shown = {"train.bson (all splits)": sets["labelled"], **({"test": sets["test"]} if "test" in sets else {})}
     size = (4.8 * len(shown) + 0.6, 4.0)
     with figures.png_figure(path, 1, len(shown), figsize=size, squeeze=False) as (figure, axes):
         for ax, (name, hist) in zip(axes[0], shown.items(), strict=True):
@@ -550,6 +606,7 @@ def render_html(summary: dict) -> str:
         _html_images(summary),
         _html_coverage(summary),
         _html_level1(summary),
+        _html_duplicates(summary),
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -606,13 +663,13 @@ def _html_categories(summary: dict) -> str:
             _n(part["taxonomy"]),
             _n(part["present_train"]),
             _n(part["present_val"]),
+            _n(part["present_holdout"]),
             _n(part["empty"]),
         ]
         for view, part in summary["categories"].items()
     ]
-    return "<h2>Categories per level</h2>\n" + _table(
-        ["level", "present", "in taxonomy", "present in train", "present in val", "empty"], rows, {1, 2, 3, 4, 5}
-    )
+    header = ["level", "present", "in taxonomy", "present in train", "present in val", "present in holdout", "empty"]
+    return "<h2>Categories per level</h2>\n" + _table(header, rows, {1, 2, 3, 4, 5, 6})
 
 
 def _html_figure(summary: dict, key: str, caption: str) -> str:
@@ -704,4 +761,38 @@ def _html_level1(summary: dict) -> str:
         "<h2>Level-1 categories</h2>\n"
         + _html_figure(summary, "products_per_level1", "Products per level-1 category, largest first.")
         + _table(["level 1", "products", "share", "images", "leaves present / in taxonomy"], rows, {1, 2, 3, 4})
+    )
+
+
+def _html_duplicates(summary: dict) -> str:
+    stats = summary.get("duplicates")
+    if not stats:
+        return "<h2>Duplicate pictures</h2>\n<p>No <code>catalog/pictures.parquet</code>: re-run ingest.</p>"
+    cards = [
+        ("train pictures not unique by content", _pct(stats["duplicate_share"])),
+        ("distinct train pictures", _n(stats["distinct_pictures"])),
+        ("duplicate groups (>= 2 products)", _n(stats["groups"])),
+        ("products in groups", _n(stats["products_in_groups"])),
+        ("largest group (products)", _n(stats["largest_group"])),
+        (
+            "test pictures with a train twin",
+            f"{_n(stats['test_pictures_seen_in_train'])} of {_n(stats['test_pictures'])}",
+        ),
+    ]
+    html_cards = "".join(f'<div class="card"><b>{v}</b>{_e(k)}</div>' for k, v in cards)
+    sizes = _table(["products per group", "groups"], [[_e(k), _n(v)] for k, v in stats["group_sizes"].items()], {1})
+    rows = []
+    for rank, entry in enumerate(stats["most_reused"], start=1):
+        image = f'<img src="{_e(entry["thumbnail"])}" alt="picture {rank}">' if entry.get("thumbnail") else "–"
+        leaves = "<br>".join(f"{_e(leaf['level3'])} ({_n(leaf['products'])})" for leaf in entry["top_leaves"])
+        rows.append([image, _n(entry["copies"]), _n(entry["products"]), _n(entry.get("categories")), leaves])
+    return (
+        "<h2>Duplicate pictures</h2>\n<p>Byte-identical pictures (XXH3-128 of the stored bytes). Share not unique = "
+        "1 &minus; distinct / pictures. Products sharing any picture, transitively, form a group; each group lies in "
+        "one split.</p>\n"
+        f'<div class="headline">{html_cards}</div>\n'
+        + sizes
+        + f"\n<h3>The {len(rows)} most reused train pictures</h3>\n<p>Placeholders show up here: one picture across "
+        "many categories.</p>\n"
+        + _table(["picture", "copies", "products", "leaves", "top leaves (products)"], rows, {1, 2, 3})
     )
