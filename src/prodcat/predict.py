@@ -260,16 +260,36 @@ class Predictor:
 _Batch = tuple[np.ndarray, list[list[Any]], list[list[bytes]], int]
 
 
-def _iter_product_batches(bson_path: Path, batch_size: int) -> Iterator[_Batch]:
+def _submission_rows(bson_path: Path) -> Any:
+    """The products of a test file that get a submission row: every document whose `_id` is readable (damaged
+    ones too: they get the fallback category), in file order, one per `_id` (Kaggle scores one row per test `_id`;
+    the first document with an id wins, each repeat is logged). Returns the index restricted to those rows."""
+    from prodcat.data.bson_index import index_bson
+
+    index = index_bson(bson_path, keep_damaged=True)
+    for problem in index.problems:
+        outcome = "no row: its _id is unreadable" if problem.product_id is None else "the product keeps its row"
+        log.warning("%s (%s)", problem, outcome)
+    _, first = np.unique(index.product_id, return_index=True)
+    keep = np.zeros(len(index), dtype=bool)
+    keep[first] = True
+    for row in np.flatnonzero(~keep):
+        log.warning("%s at byte %d: duplicate _id %d; the submission keeps the first document's row",
+                    bson_path, int(index.offset[row]), int(index.product_id[row]))  # fmt: skip
+    if not keep.all():
+        for column in ("product_id", "offset", "length", "num_images", "category_id"):
+            setattr(index, column, getattr(index, column)[keep])
+    return index
+
+
+def _iter_product_batches(bson_path: Path, batch_size: int, index: Any = None) -> Iterator[_Batch]:
     """(product ids, decoded images per product, picture digests per product, failed images) in file order, about
-    batch_size images at a time."""
-    from prodcat.data.bson_index import BsonReader, index_bson
+    batch_size images at a time; `index`: the rows to read (default: `_submission_rows`)."""
+    from prodcat.data.bson_index import BsonReader
     from prodcat.data.images import decode_image
     from prodcat.features.extract import picture_digest
 
-    index = index_bson(bson_path)
-    for problem in index.problems:
-        log.warning("%s (no row can be written without a readable _id)", problem)
+    index = _submission_rows(bson_path) if index is None else index
     with BsonReader(bson_path) as reader:
         ids, products, digests, count, failed = [], [], [], 0, 0
         for product_id, offset, length in zip(index.product_id, index.offset, index.length, strict=True):
@@ -296,16 +316,16 @@ def _iter_product_batches(bson_path: Path, batch_size: int) -> Iterator[_Batch]:
 
 
 def predict_bson(run_dir: str | Path, bson_path: str | Path, out: str | Path, batch_size: int = 64) -> dict:
-    """Kaggle submission `_id,category_id`: one row per product of the file, in file order.
+    """Kaggle submission `_id,category_id`: one row per readable `_id` of the file, in file order (a repeated
+    `_id` keeps its first document's row; see `_submission_rows`).
 
-    A product whose images all fail to decode gets the most frequent training category (label 0).
+    A product whose images all fail to decode, or whose document is damaged past its `_id`, gets the most frequent
+    training category (label 0).
     """
-    from prodcat.data.bson_index import index_bson
-
     predictor = Predictor.load(run_dir)
     _ensure_twin_choice(predictor)
     fallback_category = int(predictor.taxonomy.category_ids[0])
-    index = index_bson(bson_path)
+    index = _submission_rows(Path(bson_path))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["_id", "category_id"])
@@ -327,7 +347,7 @@ def predict_bson(run_dir: str | Path, bson_path: str | Path, out: str | Path, ba
     summary = {"products": 0, "fallback_products": 0, "failed_images": 0, "source": "backbone"}
     twin_products = 0
     bar = progress(total=len(index), desc="predict", unit="product")
-    for ids, products, digests, failed in _iter_product_batches(Path(bson_path), batch_size):
+    for ids, products, digests, failed in _iter_product_batches(Path(bson_path), batch_size, index):
         with_images = [i for i, product in enumerate(products) if product]
         categories = np.full(len(ids), fallback_category, dtype=np.int64)
         if with_images:

@@ -80,8 +80,9 @@ class FeatureStore:
         existing = self.manifest
         keys = ("feature_shape", "rows", "shard_size", "backbone", "weights_id", "kind", "preprocessing")
         differing = [k for k in keys if existing.get(k) != manifest.get(k)]
+        wanted = rows.select(["product_id", "image_index"])
         existing_rows = pq.read_table(self.rows_path, columns=["product_id", "image_index"])
-        if not existing_rows.equals(rows.select(["product_id", "image_index"])):
+        if not existing_rows.cast(wanted.schema).equals(wanted):  # stores written before int16 held int8
             differing.append("rows")
         if differing:
             raise StoreError(
@@ -257,7 +258,7 @@ def make_rows(
         {
             "row": pa.array(np.arange(n, dtype=np.int64)),
             "product_id": pa.array(np.asarray(product_id, dtype=np.int64)),
-            "image_index": pa.array(np.asarray(image_index, dtype=np.int8)),
+            "image_index": pa.array(np.asarray(image_index, dtype=np.int16)),  # products can have 128+ pictures
             "label": pa.array(np.asarray(label, dtype=np.int32)),
             "level1": pa.array(np.asarray(level1, dtype=np.int32)),
             "level2": pa.array(np.asarray(level2, dtype=np.int32)),
