@@ -160,6 +160,16 @@ def test_disk_full_and_read_only_workdirs(monkeypatch, tiny_data_dir: Path, tmp_
     one_line_error(["ingest", tiny_data_dir, "-w", tmp_path / "work"], fragment, "--workdir")
 
 
+def test_ingest_on_a_read_only_workdir_says_what_to_do(monkeypatch, tiny_data_dir: Path, tmp_path: Path) -> None:
+    import prodcat.data.catalog as catalog
+
+    def read_only(out, *args):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out.root / "taxonomy.parquet"))
+
+    monkeypatch.setattr(catalog, "_write_outputs", read_only)
+    one_line_error(["ingest", tiny_data_dir, "-w", tmp_path / "work"], "Read-only file system", "--workdir you can")
+
+
 def test_serve_on_a_taken_port(fake_run: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -147,10 +147,23 @@ def _os_error(error: OSError) -> str | None:
     return None
 
 
+_ADVICE = {
+    errno.ENOSPC: "free some space (or use a --workdir on a larger disk) and re-run the same command",
+    errno.EDQUOT: "free some space (or use a --workdir on a larger disk) and re-run the same command",
+    errno.EROFS: "use a --workdir you can write to",
+    errno.EACCES: "use a --workdir you can write to (or fix its permissions)",
+    errno.EPERM: "use a --workdir you can write to (or fix its permissions)",
+}
+
+
 def describe(error: BaseException) -> str | None:
     """The one line for an expected failure, or None for a bug (which keeps its traceback)."""
     if isinstance(error, UserError) or _stage_error(error):  # ConfigError is a UserError
-        return " ".join(str(error).split()) or type(error).__name__
+        message = " ".join(str(error).split()) or type(error).__name__
+        cause = error.__cause__
+        if isinstance(cause, OSError) and cause.errno in _ADVICE and _ADVICE[cause.errno] not in message:
+            message += f"; {_ADVICE[cause.errno]}"  # a stage wrapped a full disk or a read-only folder
+        return message
     message = _os_error(error) if isinstance(error, OSError) else None
     if message is None and isinstance(error, OSError | RuntimeError) and "No space left on device" in str(error):
         message = _os_error(OSError(errno.ENOSPC, "No space left on device"))  # pyarrow / torch wrap the errno
