@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prodcat.errors import UserError, did_you_mean
+
 __all__ = [
     "DemoConfig",
     "IngestConfig",
@@ -25,7 +27,7 @@ __all__ = [
 C = TypeVar("C")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is out of range or inconsistent."""
 
 
@@ -35,6 +37,16 @@ def _check(condition: bool, message: str) -> None:
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# The loss registry's names (prodcat.model.list_losses), here without torch so a typo fails at once; a test holds
+# the two equal.
+LOSS_NAMES = ("softmax", "sampled", "adaptive", "balanced_softmax")
+
+
+def _check_choice(value: str, choices: tuple[str, ...] | list[str], field: str) -> None:
+    """`value` is one of `choices`; else list them and suggest the closest ("did you mean ...?")."""
+    _check(
+        value in choices, f"{field} must be one of {', '.join(choices)}, got {value!r}{did_you_mean(value, choices)}"
+    )
 
 
 def _check_name(value: str | None, field: str) -> None:
@@ -156,9 +168,9 @@ class ExtractConfig:
     tta: str = "none"
 
     def __post_init__(self) -> None:
-        _check(self.features in ("pooled", "spatial"), "features must be 'pooled' or 'spatial'")
-        _check(self.tta in ("none", "flip_mean"), f"tta must be 'none' or 'flip_mean', got {self.tta!r}")
-        _check(self.precision in ("auto", "float32", "bfloat16"), "precision must be auto, float32 or bfloat16")
+        _check_choice(self.features, ("pooled", "spatial"), "features")
+        _check_choice(self.tta, ("none", "flip_mean"), "tta")
+        _check_choice(self.precision, ("auto", "float32", "bfloat16"), "precision")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.shard_size >= 1, "shard_size must be >= 1")
         _check(self.workers is None or self.workers >= 0, "workers must be >= 0")
@@ -167,7 +179,7 @@ class ExtractConfig:
         _check_name(self.name, "name")
         self.splits = tuple(self.splits)
         for split in self.splits:
-            _check(split in ("train", "val", "holdout", "test"), f"unknown split {split!r}")
+            _check_choice(split, ("train", "val", "holdout", "test"), "split")
 
     @property
     def store_name(self) -> str:
@@ -215,11 +227,13 @@ class TrainConfig:
     stop_after: int | None = None  # end this session after this global step (checkpointed); --resume continues
 
     def __post_init__(self) -> None:
-        _check(self.precision in ("float32", "bfloat16"), "precision must be float32 or bfloat16")
+        _check_choice(self.precision, ("float32", "bfloat16"), "precision")
         _check(self.stop_after is None or self.stop_after >= 1, "stop_after must be >= 1")
-        _check_loss(self.loss)
-        _check(self.sampler in ("uniform", "log_uniform", "unigram"), "sampler must be uniform, log_uniform, unigram")
+        # Checked before the optimizer and head, whose registries load torch: a typo here fails in well under 1 s.
+        _check_choice(self.loss, LOSS_NAMES, "loss")
+        _check_choice(self.sampler, ("uniform", "log_uniform", "unigram"), "sampler")
         _check_optimizer(self.optimizer)
+        _check_head(self.head)
         _check(self.num_sampled >= 1, "num_sampled must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
@@ -260,19 +274,19 @@ class TrainConfig:
         return self.run_name or f"{self.head}-{self.loss}-s{self.seed}"
 
 
-def _check_loss(name: str) -> None:
-    from prodcat.model import list_losses  # the package registers every loss (sampled lives in its own module)
-
-    known = list_losses()
-    _check(name in known, f"loss must be one of {', '.join(known)}, got {name!r}")
-
-
 def _check_optimizer(name: str) -> None:
     # The names live in one registry, beside the optimizers; torch is loaded anyway wherever a TrainConfig is built.
     from prodcat.model.optim import list_optimizers
 
-    known = list_optimizers()
-    _check(name in known, f"optimizer must be one of {', '.join(known)}, got {name!r}")
+    _check_choice(name, list_optimizers(), "optimizer")
+
+
+def _check_head(name: str) -> None:
+    # The registered heads plus "hier" (built by the classifier, not the registry); torch is loaded by now.
+    from prodcat.model.classifier import HIER_HEAD
+    from prodcat.model.heads import list_heads
+
+    _check_choice(name, sorted([*list_heads(), HIER_HEAD]), "head")
 
 
 @dataclasses.dataclass
@@ -298,14 +312,14 @@ class EvalConfig:
     def __post_init__(self) -> None:
         self.tau_grid = tuple(float(t) for t in self.tau_grid)
         self.compare_runs = tuple(str(r) for r in self.compare_runs)
-        _check(self.objective in ("top1", "macro"), f"objective must be top1 or macro, got {self.objective!r}")
+        _check_choice(self.objective, ("top1", "macro"), "objective")
         _check(
             len(self.tau_grid) > 0 and all(math.isfinite(t) and t >= 0 for t in self.tau_grid),
             f"tau_grid needs finite values >= 0, got {list(self.tau_grid)}",
         )
         _check(self.calibration_products >= 1, "calibration_products must be >= 1")
-        _check(self.split in ("train", "val", "holdout", "test"), f"unknown split {self.split!r}")
-        _check(self.aggregation in ("auto", "mean_prob", "mean_logprob", "vote"), "unknown aggregation")
+        _check_choice(self.split, ("train", "val", "holdout", "test"), "split")
+        _check_choice(self.aggregation, ("auto", "mean_prob", "mean_logprob", "vote"), "aggregation")
         _check(0.0 < self.target_accuracy <= 1.0, "target_accuracy must be in (0, 1]")
         _check(self.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")

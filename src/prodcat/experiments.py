@@ -29,10 +29,11 @@ import numpy as np
 
 from prodcat.config import ConfigError, TrainConfig
 from prodcat.data.taxonomy import Taxonomy
+from prodcat.errors import require_store
 from prodcat.features.store import FeatureStore
 from prodcat.paths import WorkPaths
 from prodcat.train import StepPlan, read_metrics, run_summary, train
-from prodcat.utils import atomic_write_text, get_logger, write_json
+from prodcat.utils import atomic_write_text, get_logger, log_to_file, write_json
 
 __all__ = ["compare", "sweep", "ExperimentResult", "EVALS_PER_RUN", "DEFAULT_SEEDS"]
 
@@ -65,6 +66,9 @@ def _child_train(config: dict[str, Any], threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)  # the parent's setting, not torch's default of every core
+    log_file = Path(config["workdir"]) / "logs" / "prodcat.log"
+    if log_file.is_file():  # the parent logs there (the CLI): so does this run's progress and closing line
+        log_to_file(log_file)
     train(TrainConfig(**config))
 
 
@@ -323,7 +327,8 @@ def compare(
     grid instead (e.g. the optimizer factor on two losses only). `note` is added to the report (e.g. "demo data is
     synthetic"). Returns the report folder and the run folders keyed by (loss, optimizer, seed)."""
     if not (losses or arms) or seeds < 1:
-        raise ValueError("compare needs at least one loss and one seed")
+        raise ConfigError("compare needs at least one loss and one seed")
+    require_store(workdir, features)
     if arms:
         names = _resolve_optimizers(None, [name for _, name in arms])
         cells = list(dict.fromkeys((loss, name) for loss, name in arms))
@@ -481,7 +486,8 @@ def sweep(
     """Sampled softmax for each K plus the full softmax as reference, all with the same optimizer (default
     TrainConfig's); report under `W/reports/sweep/`."""
     if not num_sampled or seeds < 1:
-        raise ValueError("sweep needs at least one num_sampled value and one seed")
+        raise ConfigError("sweep needs at least one num_sampled value and one seed")
+    require_store(workdir, features)
     (name,) = _resolve_optimizers(optimizer, None)
     paths = WorkPaths(workdir)
     num_classes = Taxonomy.load(paths.taxonomy).num_classes

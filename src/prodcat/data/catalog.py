@@ -30,7 +30,7 @@ from prodcat.data.split import SPLITS, grouped_split
 from prodcat.data.staging import StagingError, staged
 from prodcat.data.taxonomy import Taxonomy, TaxonomyError, read_category_csv
 from prodcat.paths import WorkPaths
-from prodcat.utils import get_logger, write_json, write_parquet
+from prodcat.utils import format_seconds, get_logger, write_json, write_parquet
 
 __all__ = ["ingest", "IngestError", "load_catalog", "catalog_source", "TRAIN_COLUMNS", "TEST_COLUMNS"]
 
@@ -62,6 +62,8 @@ def ingest(config: IngestConfig) -> dict:
     sources = {name: data_dir / f"{name}.bson" for name in ("train", "test") if (data_dir / f"{name}.bson").is_file()}
     if not sources:
         raise IngestError(f"{data_dir}: no train.bson or test.bson found")
+    # Signs of life: the scan is one vectorised pass (no per-item progress), minutes on the real 58 GB cold.
+    log.info("indexing %s", ", ".join(f"{path.name} ({path.stat().st_size / 1e9:.1f} GB)" for path in sources.values()))
     # Indexed leniently, then strict mode fails on the first problem by offset, before anything is written.
     # Test files keep every product whose _id is readable: a submission needs its row.
     indexes = {name: index_bson(path, keep_damaged=name == "test") for name, path in sources.items()}
@@ -77,6 +79,10 @@ def ingest(config: IngestConfig) -> dict:
         if config.strict and problems:
             raise IngestError(f"strict mode: {problems[0]}")
     pictures = {name: dedupe.select_pictures(located[name], checked[name][0]) for name in indexes}
+    found = ", ".join(
+        f"{name} {len(index):,} products / {len(pictures[name]['hash']):,} pictures" for name, index in indexes.items()
+    )
+    log.info("indexed and hashed %s in %s", found, format_seconds(time.perf_counter() - start))
     try:
         with staged(config.workdir) as out:
             report = _write_outputs(out, config, rows, indexes, checked, pictures)

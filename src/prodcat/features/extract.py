@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -37,6 +38,7 @@ from prodcat.config import ExtractConfig, save_config
 from prodcat.data.bson_index import BsonReader
 from prodcat.data.catalog import catalog_source, load_catalog
 from prodcat.distributed import DistInfo, barrier, cleanup, init_distributed
+from prodcat.errors import UserError, require_catalog
 from prodcat.features.store import FeatureStore, ShardResult, StoreError, make_rows
 from prodcat.paths import WorkPaths
 from prodcat.utils import get_logger, progress, read_json
@@ -384,6 +386,7 @@ def extract(config: ExtractConfig) -> Path:
     from prodcat.features.backbones import Preprocessor, create_backbone
     from prodcat.features.inference import InferenceRunner
 
+    config = check_inputs(config)  # before the model loads: a missing catalog fails at once
     info = init_distributed(config.distributed)
     try:
         paths = WorkPaths(config.workdir)
@@ -413,6 +416,37 @@ def extract(config: ExtractConfig) -> Path:
         return store.path
     finally:
         cleanup(info)
+
+
+def available_splits(workdir: str | Path) -> set[str]:
+    """Splits the catalog has rows for: train/val/holdout from catalog/train.parquet, test when test.bson was
+    ingested."""
+    paths = WorkPaths(workdir)
+    column = pq.read_table(paths.catalog_table("train"), columns=["split"]).column("split")
+    found = {str(value) for value in column.cast(pa.string()).unique().to_pylist() if value is not None}
+    if paths.catalog_table("test").is_file():
+        found.add("test")
+    return found
+
+
+def check_inputs(config: ExtractConfig) -> ExtractConfig:
+    """The catalog exists and the backbone name is known; splits the catalog lacks (no test.bson, no holdout) are
+    dropped with one log line. Returns the config with the splits that will be extracted."""
+    from prodcat.features.backbones import get_spec  # timm: loaded here, not on import
+
+    require_catalog(config.workdir)
+    get_spec(config.backbone)
+    present = available_splits(config.workdir)
+    kept = tuple(split for split in config.splits if split in present)
+    skipped = [split for split in config.splits if split not in present]
+    if not kept:
+        raise UserError(
+            f"{WorkPaths(config.workdir).catalog}: none of the splits {', '.join(config.splits)} is in the catalog "
+            f"(it has {', '.join(sorted(present)) or 'none'}); pass --split with some of those"
+        )
+    if skipped:
+        log.info("skipping split(s) %s: not in the catalog (test needs test.bson at ingest)", ", ".join(skipped))
+    return dataclasses.replace(config, splits=kept)
 
 
 def _open_store(

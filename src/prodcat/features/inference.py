@@ -142,8 +142,9 @@ class InferenceRunner:
         self.backbone, self.folded = self._prepare(backbone, fold)
         self._preprocess = Preprocessor(backbone.spec)
         self.calibration_cosine: float | None = None  # bf16 vs float32 on the calibration photos, when measured
+        fast = precision == "auto" and bf16_is_fast(self.device)
         if precision == "auto":
-            use_bf16 = bf16_is_fast(self.device) and self._bf16_keeps_features()
+            use_bf16 = fast and self._bf16_keeps_features()
         else:
             use_bf16 = precision == "bfloat16"
         self.dtype = torch.bfloat16 if use_bf16 else torch.float32
@@ -154,6 +155,20 @@ class InferenceRunner:
         else:
             engine = ("bf16-autocast" if use_bf16 else "fp32") + "-channels_last"
         self.mode = "-".join(part for part in (self.device.type, engine, "bn-folded" if self.folded else "") if part)
+        if precision == "auto":
+            _logger.info("%s", self._auto_reason(fast))
+
+    def _auto_reason(self, fast: bool) -> str:
+        """The promised `--precision auto` line: what was chosen and why, on every machine."""
+        where = f"{self.spec.name} on {self.device.type}"
+        if not fast:
+            native = "AVX512-BF16 or AMX" if self.device.type == "cpu" else "native bf16"
+            return f"{where}: precision auto -> float32 ({self.mode}): no {native} here, so bf16 is not measured"
+        verdict = "kept" if self.dtype == torch.bfloat16 else f"below {CALIBRATION_MIN_COSINE}, so not used"
+        return (
+            f"{where}: precision auto -> {self.mode}: bf16 features within cosine {self.calibration_cosine:.5f} of "
+            f"float32 on the calibration photos ({verdict})"
+        )
 
     @property
     def spec(self) -> BackboneSpec:
@@ -178,15 +193,7 @@ class InferenceRunner:
         reference = self._forward_torch(batch, torch.float32, spatial=False, logits=False)["pooled"]
         candidate = self._forward_torch(batch, torch.bfloat16, spatial=False, logits=False)["pooled"]
         self.calibration_cosine = F.cosine_similarity(candidate, reference).min().item()
-        keep = self.calibration_cosine >= CALIBRATION_MIN_COSINE
-        _logger.info(
-            "%s on %s: bf16 features within cosine %.5f of float32 on the calibration photos -> %s",
-            self.spec.name,
-            self.device.type,
-            self.calibration_cosine,
-            "bf16 autocast" if keep else "float32",
-        )
-        return keep
+        return self.calibration_cosine >= CALIBRATION_MIN_COSINE
 
     def __call__(
         self, batch: torch.Tensor, *, spatial: bool = False, logits: bool = False, tta: str = "none"

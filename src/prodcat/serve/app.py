@@ -651,6 +651,7 @@ def serve(config: ServeConfig) -> None:
 
     if not config.run:
         raise ValueError("serve needs a run directory (--run W/runs/NAME)")
+    check_port(config.host, config.port)  # before the model loads and before "serving on ..." is printed
     predictor = Predictor.load(config.run)
     _warm_up(predictor)
     log.info(
@@ -661,6 +662,27 @@ def serve(config: ServeConfig) -> None:
         "on" if config.micro_batching else "off",
     )
     uvicorn.run(create_app(predictor, config), **uvicorn_options(config), log_level="info")
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind and release host:port the way uvicorn will (SO_REUSEADDR), so a taken port is one clear line now."""
+    import socket
+
+    from prodcat.errors import UserError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise UserError(f"--host {host!r}: cannot resolve it ({error.strerror}); pass an address such as 127.0.0.1")
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise UserError(
+                f"cannot listen on {host}:{port} ({error.strerror}); pass another --port, or stop what uses it"
+            ) from None
 
 
 def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
