@@ -127,6 +127,10 @@ class Predictor:
         self.aggregation: str = metrics.get("product", {}).get("aggregation", default)
         self.store_name = store_name or extract_config.store_name  # the feature store the head was trained on
         self.accept_threshold: float | None = metrics.get("confidence", {}).get("threshold")
+        from prodcat.calibration import load_calibration
+
+        # Logit adjustment (tau) and temperature (T) chosen on val; the threshold above is on calibrated probabilities.
+        self.calibration = load_calibration(self.run_dir, metrics)
         from prodcat.twins import load_twin_choice
 
         self.twin_choice: TwinChoice | None = load_twin_choice(self.run_dir)  # None: not chosen on val yet
@@ -173,7 +177,9 @@ class Predictor:
         chunks = []
         for start in range(0, len(images), batch_size):
             # uint8 batch, normalised on the runner's device: the same path as extraction, so features match.
-            out = runner(preprocess.pack(list(images[start : start + batch_size])), spatial=spatial)
+            batch = preprocess.pack(list(images[start : start + batch_size]))
+            # The store's TTA too (its config.json; "none" before TTA existed): served rows equal stored ones.
+            out = runner(batch, spatial=spatial, tta=self.extract_config.tta)
             # Exactly what the store keeps (channels, float16 rounding), so served and evaluated scores match.
             stored = stored_features(out, self.extract_config.features, self.extract_config.spatial_channels)
             chunks.append(torch.from_numpy(stored).to(torch.float32).numpy())
@@ -271,6 +277,16 @@ class Predictor:
             table[prototypes.labels] = [c["category_id"] for c in prototypes.categories]
         return table[np.asarray(labels, dtype=np.int64)]
 
+    def adjust(self, product_log_probs: np.ndarray) -> np.ndarray:
+        """The val-chosen logit adjustment; added categories' columns get no prior (a neutral 0 in log prior)."""
+        extra = product_log_probs.shape[1] - self.taxonomy.num_classes
+        if extra <= 0 or self.calibration.tau == 0.0:
+            return self.calibration.adjust(product_log_probs)
+        from prodcat.calibration import adjust_logits
+
+        prior = np.r_[np.asarray(self.calibration.prior_log, dtype=np.float64), np.zeros(extra)]
+        return adjust_logits(product_log_probs, prior, self.calibration.tau)
+
     def image_log_probs(self, images: Sequence[torch.Tensor]) -> np.ndarray:
         return self.log_probs_from_features(self.image_features(images))
 
@@ -337,14 +353,20 @@ class Predictor:
         xxh3_128 digests of each product's raw photo bytes, to look up training twins."""
         images = [image for product in products for image in product]
         product_index = np.repeat(np.arange(len(products)), [len(product) for product in products])
-        features = self.image_features(images)
-        image_log_probs = self.log_probs_from_features(features)
-        product_log_probs = self.product_log_probs_from_features(
-            features, product_index, len(products), log_probs=image_log_probs
-        )
+        if self.reads_products or self.prototypes is not None:  # both need the features themselves
+            features = self.image_features(images)
+            image_log_probs = self.log_probs_from_features(features)
+            product_log_probs = self.product_log_probs_from_features(
+                features, product_index, len(products), log_probs=image_log_probs
+            )
+        else:
+            image_log_probs = self.image_log_probs(images)
+            product_log_probs = aggregate_products(image_log_probs, product_index, len(products), self.aggregation)
+        product_log_probs = self.adjust(product_log_probs)
         matches: list[TwinMatch | None] = [None] * len(products)
         if hashes is not None:
             product_log_probs, matches = self._with_twins(product_log_probs, hashes)
+        product_log_probs = self.calibration.temper(product_log_probs)  # last: probabilities change, ranking not
         image_scores = self.scores(image_log_probs, top_k)
         predictions = []
         for index, top in enumerate(self.scores(product_log_probs, top_k)):
@@ -366,16 +388,36 @@ class Predictor:
 _Batch = tuple[np.ndarray, list[list[Any]], list[list[bytes]], int]
 
 
-def _iter_product_batches(bson_path: Path, batch_size: int) -> Iterator[_Batch]:
+def _submission_rows(bson_path: Path) -> Any:
+    """The products of a test file that get a submission row: every document whose `_id` is readable (damaged
+    ones too: they get the fallback category), in file order, one per `_id` (Kaggle scores one row per test `_id`;
+    the first document with an id wins, each repeat is logged). Returns the index restricted to those rows."""
+    from prodcat.data.bson_index import index_bson
+
+    index = index_bson(bson_path, keep_damaged=True)
+    for problem in index.problems:
+        outcome = "no row: its _id is unreadable" if problem.product_id is None else "the product keeps its row"
+        log.warning("%s (%s)", problem, outcome)
+    _, first = np.unique(index.product_id, return_index=True)
+    keep = np.zeros(len(index), dtype=bool)
+    keep[first] = True
+    for row in np.flatnonzero(~keep):
+        log.warning("%s at byte %d: duplicate _id %d; the submission keeps the first document's row",
+                    bson_path, int(index.offset[row]), int(index.product_id[row]))  # fmt: skip
+    if not keep.all():
+        for column in ("product_id", "offset", "length", "num_images", "category_id"):
+            setattr(index, column, getattr(index, column)[keep])
+    return index
+
+
+def _iter_product_batches(bson_path: Path, batch_size: int, index: Any = None) -> Iterator[_Batch]:
     """(product ids, decoded images per product, picture digests per product, failed images) in file order, about
-    batch_size images at a time."""
-    from prodcat.data.bson_index import BsonReader, index_bson
+    batch_size images at a time; `index`: the rows to read (default: `_submission_rows`)."""
+    from prodcat.data.bson_index import BsonReader
     from prodcat.data.images import decode_image
     from prodcat.features.extract import picture_digest
 
-    index = index_bson(bson_path)
-    for problem in index.problems:
-        log.warning("%s (no row can be written without a readable _id)", problem)
+    index = _submission_rows(bson_path) if index is None else index
     with BsonReader(bson_path) as reader:
         ids, products, digests, count, failed = [], [], [], 0, 0
         for product_id, offset, length in zip(index.product_id, index.offset, index.length, strict=True):
@@ -402,16 +444,16 @@ def _iter_product_batches(bson_path: Path, batch_size: int) -> Iterator[_Batch]:
 
 
 def predict_bson(run_dir: str | Path, bson_path: str | Path, out: str | Path, batch_size: int = 64) -> dict:
-    """Kaggle submission `_id,category_id`: one row per product of the file, in file order.
+    """Kaggle submission `_id,category_id`: one row per readable `_id` of the file, in file order (a repeated
+    `_id` keeps its first document's row; see `_submission_rows`).
 
-    A product whose images all fail to decode gets the most frequent training category (label 0).
+    A product whose images all fail to decode, or whose document is damaged past its `_id`, gets the most frequent
+    training category (label 0).
     """
-    from prodcat.data.bson_index import index_bson
-
     predictor = Predictor.load(run_dir)
     _ensure_twin_choice(predictor)
     fallback_category = int(predictor.taxonomy.category_ids[0])
-    index = index_bson(bson_path)
+    index = _submission_rows(Path(bson_path))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["_id", "category_id"])
@@ -433,7 +475,7 @@ def predict_bson(run_dir: str | Path, bson_path: str | Path, out: str | Path, ba
     summary = {"products": 0, "fallback_products": 0, "failed_images": 0, "source": "backbone"}
     twin_products = 0
     bar = progress(total=len(index), desc="predict", unit="product")
-    for ids, products, digests, failed in _iter_product_batches(Path(bson_path), batch_size):
+    for ids, products, digests, failed in _iter_product_batches(Path(bson_path), batch_size, index):
         with_images = [i for i, product in enumerate(products) if product]
         categories = np.full(len(ids), fallback_category, dtype=np.int64)
         if with_images:
@@ -504,6 +546,7 @@ def _from_store(predictor: Predictor, bson_path: Path, product_ids: np.ndarray) 
     features = store.read(valid)
     ids, product_index = np.unique(store.column("product_id")[valid], return_inverse=True)
     product_log_probs = predictor.product_log_probs_from_features(features, product_index, len(ids))
+    product_log_probs = predictor.adjust(product_log_probs)  # top-1 only: temperature cannot change it
     product_log_probs, twin_products = _store_twins(predictor, store, valid, product_index, product_log_probs)
     best = dict(zip(ids.tolist(), predictor.category_ids(product_log_probs.argmax(axis=1)).tolist(), strict=True))
     return np.array([best.get(int(pid), -1) for pid in product_ids], dtype=np.int64), twin_products

@@ -26,6 +26,8 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from prodcat.config import ConfigError
+from prodcat.errors import did_you_mean
 from prodcat.features import weights as weights_io
 from prodcat.features.weights import PackagedWeights, WeightsError, WeightsMismatchError
 
@@ -203,8 +205,10 @@ def get_spec(name: str) -> BackboneSpec:
         return _SPECS[name]
     if timm.is_model(name):
         return _generic_spec(name)
-    raise ValueError(
-        f"unknown backbone {name!r}: registered are {', '.join(list_backbones())}, "
+    # ConfigError (a ValueError) is a one-line CLI error; the registered names are the likelier meaning of a typo.
+    hint = did_you_mean(name, list_backbones()) or did_you_mean(name, timm.list_models())
+    raise ConfigError(
+        f"unknown backbone {name!r}{hint}: registered are {', '.join(list_backbones())}, "
         "or pass any timm model name (timm.list_models())"
     )
 
