@@ -432,7 +432,9 @@ if __name__ == "__main__":
 @app.command()
 def ocr(
     workdir: Workdir,
-    split: Annotated[str, typer.Option(help="Comma-separated splits: train,val,test.")] = "train,val,test",
+    split: Annotated[
+        str, typer.Option(help="Comma-separated splits: train,val,holdout,test.")
+    ] = "train,val,holdout,test",
     workers: Annotated[int | None, typer.Option(help="OCR worker processes (default: one per core).")] = None,
     select: Annotated[str, typer.Option(help="all | text_likely (a cheap text-presence test first).")] = "all",
     engine: Annotated[str, typer.Option(help="tesseract | rapidocr")] = "tesseract",
@@ -458,3 +460,28 @@ def ocr(
         _fail(error)
         return
     typer.echo(f"ocr -> {workdir / 'ocr'}: {summary['ok']} of {summary['pictures']} pictures with text")
+
+
+@app.command("text-head")
+def text_head(
+    run: Annotated[Path, typer.Option(help="The picture run to add a text model to (W/runs/NAME).")],
+    fusion: Annotated[str, typer.Option(help="auto (better on val) | late | concat")] = "auto",
+    epochs: Annotated[int, typer.Option(help="Epochs over the train products.")] = 40,
+    n_features: Annotated[int, typer.Option(help="Hashed text vector size.")] = 2**14,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run's text model.")] = False,
+) -> None:
+    """Fuse the words `prodcat ocr` read with the run's pictures (late and concat fusion; keeps the better on val)."""
+    from prodcat.ocr.fusion import FusionConfig, train_text_model
+
+    try:
+        config = FusionConfig(run=str(run), fusion=fusion, epochs=epochs, n_features=n_features, overwrite=overwrite)
+        summary = train_text_model(config)
+    except FileNotFoundError as error:
+        _fail(error)
+        return
+    held = summary["holdout"]
+    typer.echo(
+        f"text model ({summary['kept']}, chosen on val) -> {run / 'text'}; holdout product top-1 (n = "
+        f"{held['picture']['all']['n']}): picture {held['picture']['all']['top1']:.3f}, late "
+        f"{held['late']['all']['top1']:.3f}, concat {held['concat']['all']['top1']:.3f}"
+    )
