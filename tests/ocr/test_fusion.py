@@ -74,7 +74,7 @@ def fusion_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     _build(root)
     run = train(TrainConfig(workdir=str(root), features=STORE, head="linear", loss="softmax", lr=0.05, epochs=12,
                             batch_size=32, eval_every=40, device="cpu", run_name="pictures"))  # fmt: skip
-    summary = train_text_model(FusionConfig(run=str(run), epochs=25, n_features=512, lr=0.05))
+    summary = train_text_model(FusionConfig(run=str(run), epochs=15, n_features=512, lr=0.05))
     return {"root": root, "run": Path(run), "summary": summary}
 
 
@@ -114,7 +114,7 @@ def test_late_weight_is_the_best_on_val_and_ties_go_to_the_smaller() -> None:
 
 def _cover_tensor(leaf_index: int, seed: int) -> tuple[torch.Tensor, bytes]:
     jpeg = render_cover_product(LEAVES[leaf_index], np.random.default_rng(seed), 1)[0]
-    array = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    array = np.array(Image.open(io.BytesIO(jpeg)).convert("RGB"))
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), jpeg
 
 
@@ -160,3 +160,16 @@ def test_serve_answers_with_the_words_read(fusion_run: dict, monkeypatch: pytest
         assert client.get("/health").json()["model"]["text_model"] in ("late", "concat")
     assert len(body["ocr_words"]) == 1 and body["ocr_words"][0], body
     assert body["top"][0]["level3"] == "CUISINE DU MONDE"
+
+
+def test_report_section_shows_the_fusion_table_and_examples(fusion_run: dict) -> None:
+    from prodcat.report.ocr import fusion_rows, ocr_section
+
+    section = ocr_section(fusion_run["root"], words_right=fusion_run["root"] / "absent.json")
+    assert section.id == "ocr" and section.available
+    assert "late fusion" in section.body and "± n/a" in section.body  # one seed: no spread to show
+    assert "synthetic" in section.body and any(leaf.level3 in section.body for leaf in LEAVES)  # examples
+    rows = {row["arm"]: row for row in fusion_rows([fusion_run["summary"]] * 2)}
+    assert rows["late"]["text_leaves"].endswith("± 0.000") and rows["late"]["text_leaves_n"] == 32
+    empty = ocr_section(fusion_run["root"] / "nowhere", words_right=fusion_run["root"] / "absent.json")
+    assert not empty.available and "prodcat text-head" in empty.body
