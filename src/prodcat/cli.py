@@ -68,6 +68,9 @@ def demo_data(
     placeholder_share: Annotated[
         float, typer.Option(help="Share of products showing only a placeholder picture shared by all categories.")
     ] = DemoConfig.placeholder_share,
+    text_leaves: Annotated[
+        int | None, typer.Option(help="Book/music/film/game cover leaves (default: min(8, categories // 5)).")
+    ] = DemoConfig.text_leaves,
 ) -> None:
     """Write a synthetic data set in Kaggle's Cdiscount formats (the embedded default)."""
     from prodcat.data.demo import generate_demo
@@ -80,6 +83,7 @@ def demo_data(
             seed=seed,
             stock_share=stock_share,
             placeholder_share=placeholder_share,
+            text_leaves=text_leaves,
         )
     except ConfigError as error:
         _fail(error)

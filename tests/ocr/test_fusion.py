@@ -173,3 +173,16 @@ def test_report_section_shows_the_fusion_table_and_examples(fusion_run: dict) ->
     assert rows["late"]["text_leaves"].endswith("± 0.000") and rows["late"]["text_leaves_n"] == 32
     empty = ocr_section(fusion_run["root"] / "nowhere", words_right=fusion_run["root"] / "absent.json")
     assert not empty.available and "prodcat text-head" in empty.body
+
+
+def test_without_an_ocr_engine_the_text_model_reads_nothing(fusion_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prodcat.ocr import engine
+    from prodcat.ocr.engine import EngineUnavailable
+
+    def missing(*args, **kwargs):
+        raise EngineUnavailable("Tesseract language data fra not found; install it: apt-get install tesseract-ocr")
+
+    monkeypatch.setattr(engine, "create_engine", missing)
+    model = load_text_model(fusion_run["run"])
+    cover, _ = _cover_tensor(0, 3)
+    assert model.read([cover, cover]) == [[], []]  # said once in the log; predictions use the pictures alone
