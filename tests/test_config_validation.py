@@ -103,3 +103,11 @@ def test_saved_configs_round_trip_and_are_checked_again_on_load(tmp_path) -> Non
     assert load_config(TrainConfig, save_config(config, tmp_path / "config.json")) == config
     with pytest.raises(ConfigError, match="run_name"):
         config_from_dict(TrainConfig, {"run_name": "../x", "unknown_key": 1})
+
+
+def test_loss_names_match_the_loss_registry():
+    """config.LOSS_NAMES lets a typo fail before torch loads; it must list exactly the registered losses."""
+    from prodcat.config import LOSS_NAMES
+    from prodcat.model import list_losses
+
+    assert sorted(LOSS_NAMES) == sorted(list_losses())

@@ -145,3 +145,40 @@ def test_predict_cli_never_drops_a_product_with_bad_pictures(tmp_path: Path) -> 
     rows = _submission(out)
     assert [pid for pid, _ in rows] == [7, 8, 9]
     assert "2 without decodable images" in result.output
+
+
+def _headline(val: float, reported: float) -> dict:
+    return {
+        "val_product_top1": val,
+        "val_products": 90,
+        "split": "holdout",
+        "product_top1": reported,
+        "product_top1_ci95": [reported - 0.05, reported + 0.04],
+        "products": 120,
+        "image_top1": reported - 0.02,
+        "aggregation": "mean_prob",
+    }
+
+
+def test_demo_closing_lines_rank_by_val_and_say_what_to_run_next(tmp_path: Path) -> None:
+    from prodcat.pipeline import best_run, summary_lines
+
+    # The holdout would pick "b"; the best run is chosen on val, so it is "a".
+    runs = {"a": _headline(0.81234, 0.70), "b": _headline(0.79, 0.75)}
+    assert best_run(runs) == "a"
+    summary = {
+        "runs": runs,
+        "best_run": "a",
+        "best_run_dir": str(tmp_path / "runs" / "a"),
+        "report": str(tmp_path / "reports" / "index.html"),
+        "submission": str(tmp_path / "submission.csv"),
+        "seconds": {"ingest": 1.2, "compare": 83.4},
+    }
+    text = "\n".join(summary_lines(summary))
+    assert "synthetic" in text
+    assert "best run: a, chosen on val product top-1 0.812 (n = 90 products; 2 runs compared)" in text
+    assert "holdout product top-1: 0.700, 95% interval [0.650, 0.740], n = 120 products" in text
+    assert f"written by a): {tmp_path / 'submission.csv'}" in text
+    assert f"report: file://{tmp_path}/reports/index.html" in text
+    assert f"try next: .venv/bin/prodcat serve --run {tmp_path / 'runs' / 'a'} --port 8000" in text
+    assert "compare                    83" in text and "total                      85" in text

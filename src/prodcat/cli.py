@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-import sys
+import contextlib
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from prodcat.config import ConfigError, DemoConfig, EvalConfig, ExtractConfig, IngestConfig, ServeConfig, TrainConfig
+from prodcat.config import DemoConfig, EvalConfig, ExtractConfig, IngestConfig, ServeConfig, TrainConfig
+from prodcat.errors import describe, require_catalog, require_file, require_run
 
-HELP = """prodcat sorts e-commerce products into thousands of categories from their photos.
-
-Steps, in order (each reads what the one before wrote into the working directory W):
-demo-data (or Kaggle's files) -> ingest -> explore -> extract -> train / compare / sweep -> evaluate -> predict
--> report -> serve.  `prodcat demo --workdir W` runs them all on synthetic demo data.
-Run `prodcat COMMAND --help` for the options of one step.
-"""
+# One paragraph per string: rich keeps a single newline as a line break.
+HELP = "\n\n".join(
+    (
+        "prodcat sorts e-commerce products into thousands of categories from their photos.",
+        "Steps, in order, each reading what the one before wrote into the working directory W: demo-data (or "
+        "Kaggle's files) -> ingest -> explore -> extract -> train / compare / sweep -> evaluate -> predict -> report "
+        "-> serve.",
+        "`prodcat demo --workdir W` runs them all on synthetic demo data (rendered objects standing in for product "
+        "photos).",
+        "Run `prodcat COMMAND --help` for the options of one step. Commands with a working directory also log to "
+        "W/logs/prodcat.log. Expected failures end with one line `error: ...` saying what to run next (exit code 2).",
+    )
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
 
@@ -39,16 +48,22 @@ def _root(
 
 
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Working directory holding catalog, features, runs.")]
+Run = Annotated[Path, typer.Option(help="Run directory (W/runs/NAME).")]
+Seed = Annotated[int, typer.Option(help="Random seed (same seed, same result).")]
+BatchSize = Annotated[int, typer.Option(help="Examples per batch.")]
+Epochs = Annotated[float, typer.Option(help="Passes over the train split (fractions allowed).")]
+Features = Annotated[str, typer.Option(help="Feature store name under W/features (what `prodcat extract` wrote).")]
+HEAD_HELP = "linear | mlp | conv | hier (an mlp trunk with one output per taxonomy level, decoded consistently)."
+LOSS_HELP = (
+    "softmax (full) | sampled (sampled softmax: K negatives per step) | adaptive (adaptive softmax) | "
+    "balanced_softmax (softmax on logits + log prior: long-tail training)."
+)
+NUM_SAMPLED_HELP = "Negatives K per step for --loss sampled."
 OPTIMIZER_HELP = (
     "adamw | sgd | rowwise_adamw | rowwise_sgd, for every loss and head. rowwise_*: row-wise updates of the output "
     "layers (sparse rows with the sampled loss: what makes 1 M classes fit), AdamW / SGD elsewhere."
 )
 SEEDS_HELP = "Seeds 0..N-1 per arm (default 3; one seed shows no spread)."
-
-
-def _fail(error: Exception) -> None:
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 def _csv(text: str | None) -> tuple[str, ...] | None:
@@ -58,10 +73,14 @@ def _csv(text: str | None) -> tuple[str, ...] | None:
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Folder to write train.bson, test.bson, category_names.csv into.")],
-    products: int = DemoConfig.products,
-    test_products: int = DemoConfig.test_products,
-    categories: int = DemoConfig.categories,
-    seed: int = DemoConfig.seed,
+    products: Annotated[int, typer.Option(help="Labelled products (train.bson).")] = DemoConfig.products,
+    test_products: Annotated[int, typer.Option(help="Unlabelled products (test.bson; 0 writes none).")] = (
+        DemoConfig.test_products
+    ),
+    categories: Annotated[int, typer.Option(help="Leaf categories, drawn from the real taxonomy's names.")] = (
+        DemoConfig.categories
+    ),
+    seed: Seed = DemoConfig.seed,
     stock_share: Annotated[
         float, typer.Option(help="Share of products showing stock photos shared with others (byte-identical).")
     ] = DemoConfig.stock_share,
@@ -75,19 +94,15 @@ def demo_data(
     """Write a synthetic data set in Kaggle's Cdiscount formats (the embedded default)."""
     from prodcat.data.demo import generate_demo
 
-    try:
-        config = DemoConfig(
-            products=products,
-            test_products=test_products,
-            categories=categories,
-            seed=seed,
-            stock_share=stock_share,
-            placeholder_share=placeholder_share,
-            text_leaves=text_leaves,
-        )
-    except ConfigError as error:
-        _fail(error)
-        return
+    config = DemoConfig(
+        products=products,
+        test_products=test_products,
+        categories=categories,
+        seed=seed,
+        stock_share=stock_share,
+        placeholder_share=placeholder_share,
+        text_leaves=text_leaves,
+    )
     summary = generate_demo(out, config)
     typer.echo(
         f"wrote {summary['train_products']} train / {summary['test_products']} test products to {out} "
@@ -105,27 +120,22 @@ def ingest(
     holdout_fraction: Annotated[
         float, typer.Option(help="Share of train.bson products for reporting only (never tuned on).")
     ] = IngestConfig.holdout_fraction,
-    seed: int = IngestConfig.seed,
+    seed: Annotated[int, typer.Option(help="Seed of the split (same seed, same split).")] = IngestConfig.seed,
     strict: Annotated[bool, typer.Option(help="Stop at the first bad document instead of skipping it.")] = False,
 ) -> None:
     """Index BSON files (no picture decoding) and the taxonomy into Parquet catalogs."""
-    from prodcat.data.catalog import IngestError
     from prodcat.data.catalog import ingest as run_ingest
 
-    try:
-        report = run_ingest(
-            IngestConfig(
-                data_dir=str(data_dir),
-                workdir=str(workdir),
-                val_fraction=val_fraction,
-                holdout_fraction=holdout_fraction,
-                seed=seed,
-                strict=strict,
-            )
+    report = run_ingest(
+        IngestConfig(
+            data_dir=str(data_dir),
+            workdir=str(workdir),
+            val_fraction=val_fraction,
+            holdout_fraction=holdout_fraction,
+            seed=seed,
+            strict=strict,
         )
-    except (IngestError, FileNotFoundError, ConfigError) as error:
-        _fail(error)
-        return
+    )
     for name, part in report["files"].items():
         typer.echo(f"{name}: {part['products']} products, {part['images']} images, {part['problems']} problems")
         duplicates = report["duplicates"][name]
@@ -137,7 +147,10 @@ def ingest(
 
 
 @app.command()
-def explore(workdir: Workdir, top_k: int = 5) -> None:
+def explore(
+    workdir: Workdir,
+    top_k: Annotated[int, typer.Option(help="Largest and smallest categories listed per level.")] = 5,
+) -> None:
     """Counts per level, log histograms, head and tail categories -> W/reports/explore/."""
     from prodcat.report.explore import explore as run_explore
 
@@ -148,17 +161,23 @@ def explore(workdir: Workdir, top_k: int = 5) -> None:
 @app.command()
 def extract(
     workdir: Workdir,
-    backbone: str = ExtractConfig.backbone,
+    backbone: Annotated[
+        str, typer.Option(help="efficientnet_lite0 (packaged weights) | legacy_xception | any timm model name.")
+    ] = ExtractConfig.backbone,
     weights: Annotated[Path | None, typer.Option(help="Local weights: .safetensors or a torch state dict.")] = None,
     random_init: Annotated[bool, typer.Option(help="Random weights (tests and speed runs only).")] = False,
     features: Annotated[str, typer.Option(help="pooled | spatial")] = ExtractConfig.features,
-    spatial_channels: int | None = None,
-    split: Annotated[str, typer.Option(help="Comma-separated splits: train,val,holdout,test.")] = ",".join(
-        ExtractConfig.splits
-    ),
-    batch_size: int = ExtractConfig.batch_size,
+    spatial_channels: Annotated[
+        int | None, typer.Option(help="With --features spatial: keep the first N channels (smaller store).")
+    ] = None,
+    split: Annotated[
+        str, typer.Option(help="Comma-separated splits; those the catalog lacks (e.g. no test.bson) are skipped.")
+    ] = ",".join(ExtractConfig.splits),
+    batch_size: BatchSize = ExtractConfig.batch_size,
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: auto).")] = None,
-    shard_size: int = ExtractConfig.shard_size,
+    shard_size: Annotated[int, typer.Option(help="Images per shard (the unit a re-run resumes from).")] = (
+        ExtractConfig.shard_size
+    ),
     limit: Annotated[int | None, typer.Option(help="At most this many products per split.")] = None,
     precision: Annotated[
         str,
@@ -172,9 +191,12 @@ def extract(
     dedupe: Annotated[
         bool, typer.Option(help="Run each distinct picture once (catalog/pictures.parquet); copies share it.")
     ] = ExtractConfig.dedupe,
+    tta: Annotated[
+        str, typer.Option(help="none | flip_mean (mean of the picture's and its mirror's features; 2x backbone time).")
+    ] = ExtractConfig.tta,
 ) -> None:
     """Run a frozen pretrained backbone over the catalog into a resumable feature store."""
-    from prodcat.features.backbones import WeightsError
+    require_catalog(workdir)  # before torch loads: an empty workdir fails at once, pointing at ingest
     from prodcat.features.extract import extract as run_extract
 
     config = ExtractConfig(
@@ -193,37 +215,40 @@ def extract(
         distributed=distributed,
         name=name,
         dedupe=dedupe,
+        tta=tta,
     )
-    try:
-        store = run_extract(config)
-    except WeightsError as error:
-        _fail(error)
-        return
+    store = run_extract(config)
     typer.echo(f"features -> {store}")
 
 
 @app.command()
 def train(
     workdir: Workdir,
-    features: str = TrainConfig.features,
-    head: Annotated[str, typer.Option(help="linear | mlp | conv | hier")] = TrainConfig.head,
-    loss: Annotated[str, typer.Option(help="softmax | sampled | adaptive")] = TrainConfig.loss,
-    run_name: str | None = None,
-    num_sampled: int = TrainConfig.num_sampled,
-    sampler: Annotated[str, typer.Option(help="uniform | log_uniform | unigram")] = TrainConfig.sampler,
-    with_replacement: bool = False,
+    features: Features = TrainConfig.features,
+    head: Annotated[str, typer.Option(help=HEAD_HELP)] = TrainConfig.head,
+    loss: Annotated[str, typer.Option(help=LOSS_HELP)] = TrainConfig.loss,
+    run_name: Annotated[
+        str | None, typer.Option(help="Run folder name under W/runs (default HEAD-LOSS-sSEED).")
+    ] = None,
+    num_sampled: Annotated[int, typer.Option(help=NUM_SAMPLED_HELP)] = TrainConfig.num_sampled,
+    sampler: Annotated[
+        str, typer.Option(help="How --loss sampled draws negatives: uniform | log_uniform | unigram.")
+    ] = TrainConfig.sampler,
+    with_replacement: Annotated[bool, typer.Option(help="Sampled negatives may repeat within one draw.")] = False,
     optimizer: Annotated[str, typer.Option(help=OPTIMIZER_HELP)] = TrainConfig.optimizer,
-    lr: float = TrainConfig.lr,
-    weight_decay: float = TrainConfig.weight_decay,
-    epochs: float = TrainConfig.epochs,
-    max_steps: int | None = None,
-    batch_size: int = TrainConfig.batch_size,
-    hidden_dim: int = TrainConfig.hidden_dim,
-    dropout: float = TrainConfig.dropout,
-    label_smoothing: float = TrainConfig.label_smoothing,
-    warmup_steps: int = TrainConfig.warmup_steps,
-    eval_every: int = TrainConfig.eval_every,
-    seed: int = TrainConfig.seed,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (after warm-up, then cosine decay).")] = TrainConfig.lr,
+    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay.")] = TrainConfig.weight_decay,
+    epochs: Epochs = TrainConfig.epochs,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (overrides --epochs).")] = None,
+    batch_size: BatchSize = TrainConfig.batch_size,
+    hidden_dim: Annotated[int, typer.Option(help="Width of the mlp / conv / hier trunk.")] = TrainConfig.hidden_dim,
+    dropout: Annotated[float, typer.Option(help="Dropout before the output layer.")] = TrainConfig.dropout,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the full softmax (0: none).")] = (
+        TrainConfig.label_smoothing
+    ),
+    warmup_steps: Annotated[int, typer.Option(help="Linear learning-rate warm-up steps.")] = TrainConfig.warmup_steps,
+    eval_every: Annotated[int, typer.Option(help="Validate (and checkpoint) every N steps.")] = TrainConfig.eval_every,
+    seed: Seed = TrainConfig.seed,
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
     overwrite: Annotated[
         bool, typer.Option(help="Delete the run's earlier checkpoints, metrics and evaluation, and start over.")
@@ -231,10 +256,7 @@ def train(
     distributed: Annotated[bool, typer.Option(help="DistributedDataParallel under torchrun.")] = False,
 ) -> None:
     """Train a head on cached features with full, sampled or adaptive softmax."""
-    from prodcat.checkpoint import CheckpointError
-    from prodcat.train import TrainingDiverged
-    from prodcat.train import train as run_train
-
+    # The config is checked before prodcat.train (and torch) is imported: a misspelt --loss fails at once.
     config = TrainConfig(
         workdir=str(workdir),
         features=features,
@@ -260,24 +282,23 @@ def train(
         overwrite=overwrite,
         distributed=distributed,
     )
-    try:
-        run_dir = run_train(config)
-    except (ConfigError, CheckpointError, TrainingDiverged) as error:
-        _fail(error)
-        return
-    typer.echo(f"run -> {run_dir}")
+    from prodcat.train import train as run_train
+
+    typer.echo(f"run -> {run_train(config)}")
 
 
 @app.command()
 def compare(
     workdir: Workdir,
-    features: str = TrainConfig.features,
-    head: str = TrainConfig.head,
-    losses: str = "softmax,sampled,adaptive",
+    features: Features = TrainConfig.features,
+    head: Annotated[str, typer.Option(help=HEAD_HELP)] = TrainConfig.head,
+    losses: Annotated[str, typer.Option(help=f"Comma-separated losses compared. {LOSS_HELP}")] = (
+        "softmax,sampled,adaptive"
+    ),
     seeds: Annotated[int | None, typer.Option(help=SEEDS_HELP)] = None,
-    epochs: float = 5.0,
-    num_sampled: int = 64,
-    batch_size: int = TrainConfig.batch_size,
+    epochs: Epochs = 5.0,
+    num_sampled: Annotated[int, typer.Option(help=NUM_SAMPLED_HELP)] = 64,
+    batch_size: BatchSize = TrainConfig.batch_size,
     optimizer: Annotated[
         str | None, typer.Option(help=f"Held fixed across arms (default {TrainConfig.optimizer}). {OPTIMIZER_HELP}")
     ] = None,
@@ -306,13 +327,13 @@ def compare(
 @app.command()
 def sweep(
     workdir: Workdir,
-    features: str = TrainConfig.features,
-    head: str = TrainConfig.head,
+    features: Features = TrainConfig.features,
+    head: Annotated[str, typer.Option(help=HEAD_HELP)] = TrainConfig.head,
     num_sampled: Annotated[str, typer.Option(help="Comma-separated sampled negatives.")] = "8,32,128,512,2048",
-    sampler: str = TrainConfig.sampler,
-    epochs: float = 5.0,
+    sampler: Annotated[str, typer.Option(help="uniform | log_uniform | unigram.")] = TrainConfig.sampler,
+    epochs: Epochs = 5.0,
     seeds: Annotated[int | None, typer.Option(help=SEEDS_HELP)] = None,
-    batch_size: int = TrainConfig.batch_size,
+    batch_size: BatchSize = TrainConfig.batch_size,
     optimizer: Annotated[
         str | None,
         typer.Option(help=f"Every K and the full-softmax line (default {TrainConfig.optimizer}). {OPTIMIZER_HELP}"),
@@ -338,7 +359,7 @@ def sweep(
 
 @app.command()
 def evaluate(
-    run: Annotated[Path, typer.Option(help="Run directory (W/runs/NAME).")],
+    run: Run,
     split: Annotated[
         str, typer.Option(help="Split reported on: holdout (default) or val (the selection split: optimistic).")
     ] = EvalConfig.split,
@@ -348,27 +369,42 @@ def evaluate(
     target_accuracy: Annotated[
         float, typer.Option(help="Auto-accept threshold: the lowest reaching this product accuracy on val.")
     ] = EvalConfig.target_accuracy,
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="What the logit adjustment's tau maximises on val: top1 (test drawn like train, as "
+            "Kaggle's) | macro (every leaf alike). Top-1 can drop while macro rises."
+        ),
+    ] = EvalConfig.objective,
+    compare_runs: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated evaluated runs one change apart (e.g. a balanced_softmax run): "
+            "each becomes a row of the levers table."
+        ),
+    ] = "",
 ) -> None:
     """Choose on val, report on the holdout: metrics with n and 95% intervals -> RUN/eval/metrics.json, figures."""
-    from prodcat.evaluate import SplitError, summary_lines
+    config = EvalConfig(
+        run=str(run), split=split, aggregation=aggregation, target_accuracy=target_accuracy, objective=objective,
+        compare_runs=tuple(_csv(compare_runs) or ()),
+    )  # fmt: skip
     from prodcat.evaluate import evaluate as run_evaluate
+    from prodcat.evaluate import summary_lines
 
-    config = EvalConfig(run=str(run), split=split, aggregation=aggregation, target_accuracy=target_accuracy)
-    try:
-        metrics = run_evaluate(config)
-    except (SplitError, FileNotFoundError) as error:
-        _fail(error)
+    metrics = run_evaluate(config)
     typer.echo("\n".join(summary_lines(metrics)))
 
 
 @app.command()
 def predict(
-    run: Annotated[Path, typer.Option(help="Run directory (W/runs/NAME).")],
+    run: Run,
     bson: Annotated[Path, typer.Option(help="A Kaggle BSON file (test.bson).")],
     out: Annotated[Path, typer.Option(help="Submission CSV: _id,category_id.")] = Path("submission.csv"),
-    batch_size: int = 64,
+    batch_size: Annotated[int, typer.Option(help="Products per forward.")] = 64,
 ) -> None:
     """Predict every product of a BSON file into a Kaggle submission, in input order."""
+    require_file(bson, "BSON")
     from prodcat.predict import predict_bson
 
     summary = predict_bson(run, bson, out, batch_size=batch_size)
@@ -388,11 +424,15 @@ def report(workdir: Workdir) -> None:
 
 @app.command()
 def serve(
-    run: Annotated[Path, typer.Option(help="Run directory (W/runs/NAME).")],
-    host: str = ServeConfig.host,
-    port: int = ServeConfig.port,
-    top_k: int = ServeConfig.top_k,
-    micro_batching: bool = True,
+    run: Run,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default; 0.0.0.0 for every one).")] = (
+        ServeConfig.host
+    ),
+    port: Annotated[int, typer.Option(help="TCP port (checked before the model loads).")] = ServeConfig.port,
+    top_k: Annotated[int, typer.Option(help="Categories returned per product.")] = ServeConfig.top_k,
+    micro_batching: Annotated[
+        bool, typer.Option(help="Batch concurrent requests into one forward (off: one forward per request).")
+    ] = True,
 ) -> None:
     """HTTP API (POST /v1/classify) and a web page to categorise a product's photos."""
     from prodcat.serve.app import serve as run_serve
@@ -411,28 +451,6 @@ def demo(
     run_demo(workdir, quick=quick)
 
 
-def main() -> None:
-    """Console entry point: bad option values and unusable checkpoints end with one clear line, not a traceback."""
-    try:
-        app()
-    except Exception as error:
-        if not _is_user_error(error):
-            raise
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        raise SystemExit(2) from None
-
-
-def _is_user_error(error: Exception) -> bool:
-    # CheckpointError's module loads torch, which `--help` should not wait for; it is looked up only if loaded,
-    # which it must have been for one to be raised (evaluate, predict, serve load checkpoints).
-    checkpoint = sys.modules.get("prodcat.checkpoint")
-    return isinstance(error, ConfigError) or (checkpoint is not None and isinstance(error, checkpoint.CheckpointError))
-
-
-if __name__ == "__main__":
-    main()
-
-
 @app.command()
 def ocr(
     workdir: Workdir,
@@ -446,8 +464,7 @@ def ocr(
     shard_size: Annotated[int, typer.Option(help="Pictures per shard (the resume unit).")] = 256,
 ) -> None:
     """Read the words on the pictures (covers) into W/ocr/words.parquet; resumable."""
-    from prodcat.ocr.engine import EngineUnavailable
-    from prodcat.ocr.stage import OcrConfig, OcrError, run_ocr
+    from prodcat.ocr.stage import OcrConfig, run_ocr
 
     config = OcrConfig(
         workdir=str(workdir),
@@ -458,11 +475,7 @@ def ocr(
         limit=limit,
         shard_size=shard_size,
     )
-    try:
-        summary = run_ocr(config)
-    except (EngineUnavailable, OcrError, FileNotFoundError) as error:
-        _fail(error)
-        return
+    summary = run_ocr(config)
     typer.echo(f"ocr -> {workdir / 'ocr'}: {summary['ok']} of {summary['pictures']} pictures with text")
 
 
@@ -477,15 +490,68 @@ def text_head(
     """Fuse the words `prodcat ocr` read with the run's pictures (late and concat fusion; keeps the better on val)."""
     from prodcat.ocr.fusion import FusionConfig, train_text_model
 
-    try:
-        config = FusionConfig(run=str(run), fusion=fusion, epochs=epochs, n_features=n_features, overwrite=overwrite)
-        summary = train_text_model(config)
-    except FileNotFoundError as error:
-        _fail(error)
-        return
+    config = FusionConfig(run=str(run), fusion=fusion, epochs=epochs, n_features=n_features, overwrite=overwrite)
+    summary = train_text_model(config)
     held = summary["holdout"]
     typer.echo(
         f"text model ({summary['kept']}, chosen on val) -> {run / 'text'}; holdout product top-1 (n = "
         f"{held['picture']['all']['n']}): picture {held['picture']['all']['top1']:.3f}, late "
         f"{held['late']['all']['top1']:.3f}, concat {held['concat']['all']['top1']:.3f}"
     )
+
+
+MAKES_WORKDIR = ("ingest", "demo")  # the others log to W/logs only where W already exists (no folder for a typo)
+
+
+def _log_file(command: str, arguments: dict[str, object]) -> None:
+    """W/logs/prodcat.log for commands with a workdir (or a run inside W/runs/NAME)."""
+    from prodcat.utils import log_to_file
+
+    workdir = arguments.get("workdir")
+    run = arguments.get("run")
+    if isinstance(run, Path) and run.parent.name == "runs" and (run / "checkpoints").is_dir():
+        workdir = run.parent.parent
+    if isinstance(workdir, Path) and (workdir.is_dir() or command in MAKES_WORKDIR):
+        with contextlib.suppress(OSError):  # a read-only W fails where the stage writes, with its own message
+            log_to_file(workdir / "logs" / "prodcat.log")
+
+
+def _one_line_errors(command: str, callback: Callable[..., None]) -> Callable[..., None]:
+    """Each command's expected failures end as one line `error: ...` and exit code 2 (bugs keep the traceback)."""
+
+    @functools.wraps(callback)
+    def wrapper(**arguments: object) -> None:
+        try:
+            if isinstance(arguments.get("run"), Path):
+                require_run(arguments["run"])  # type: ignore[arg-type]
+            _log_file(command, arguments)
+            callback(**arguments)
+        except Exception as error:
+            message = describe(error)
+            if message is None:
+                raise
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+# One place for every command (including any added above): typer reads the callbacks when the app runs.
+for _info in app.registered_commands:
+    _info.callback = _one_line_errors(_info.name or _info.callback.__name__.replace("_", "-"), _info.callback)
+
+
+def main() -> None:
+    """Console entry point; the commands' own errors are handled by `_one_line_errors`, this catches the rest."""
+    try:
+        app()
+    except Exception as error:
+        message = describe(error)
+        if message is None:
+            raise
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prodcat.errors import UserError, did_you_mean
+
 __all__ = [
     "DemoConfig",
     "IngestConfig",
@@ -25,7 +27,7 @@ __all__ = [
 C = TypeVar("C")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is out of range or inconsistent."""
 
 
@@ -35,6 +37,16 @@ def _check(condition: bool, message: str) -> None:
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# The loss registry's names (prodcat.model.list_losses), here without torch so a typo fails at once; a test holds
+# the two equal.
+LOSS_NAMES = ("softmax", "sampled", "adaptive", "balanced_softmax")
+
+
+def _check_choice(value: str, choices: tuple[str, ...] | list[str], field: str) -> None:
+    """`value` is one of `choices`; else list them and suggest the closest ("did you mean ...?")."""
+    _check(
+        value in choices, f"{field} must be one of {', '.join(choices)}, got {value!r}{did_you_mean(value, choices)}"
+    )
 
 
 def _check_name(value: str | None, field: str) -> None:
@@ -163,10 +175,14 @@ class ExtractConfig:
     name: str | None = None  # store name; default "<backbone>-<features>"
     # Decode and run each distinct picture once (by catalog/pictures.parquet hash); duplicates share its vector.
     dedupe: bool = True
+    # Test-time augmentation at extraction: none | flip_mean (each vector is the mean of the picture's features and
+    # its horizontal mirror's; 2x backbone cost, forwards of 2 x batch_size). Serving applies the store's mode.
+    tta: str = "none"
 
     def __post_init__(self) -> None:
-        _check(self.features in ("pooled", "spatial"), "features must be 'pooled' or 'spatial'")
-        _check(self.precision in ("auto", "float32", "bfloat16"), "precision must be auto, float32 or bfloat16")
+        _check_choice(self.features, ("pooled", "spatial"), "features")
+        _check_choice(self.tta, ("none", "flip_mean"), "tta")
+        _check_choice(self.precision, ("auto", "float32", "bfloat16"), "precision")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.shard_size >= 1, "shard_size must be >= 1")
         _check(self.workers is None or self.workers >= 0, "workers must be >= 0")
@@ -175,7 +191,7 @@ class ExtractConfig:
         _check_name(self.name, "name")
         self.splits = tuple(self.splits)
         for split in self.splits:
-            _check(split in ("train", "val", "holdout", "test"), f"unknown split {split!r}")
+            _check_choice(split, ("train", "val", "holdout", "test"), "split")
 
     @property
     def store_name(self) -> str:
@@ -189,7 +205,7 @@ class TrainConfig:
     workdir: str = ""
     features: str = "efficientnet_lite0-pooled"
     head: str = "linear"  # linear | mlp | conv | hier
-    loss: str = "softmax"  # softmax | sampled | adaptive
+    loss: str = "softmax"  # softmax | sampled | adaptive | balanced_softmax (prodcat.model.losses registry)
     run_name: str | None = None
     hidden_dim: int = 1024
     dropout: float = 0.2
@@ -223,11 +239,13 @@ class TrainConfig:
     stop_after: int | None = None  # end this session after this global step (checkpointed); --resume continues
 
     def __post_init__(self) -> None:
-        _check(self.precision in ("float32", "bfloat16"), "precision must be float32 or bfloat16")
+        _check_choice(self.precision, ("float32", "bfloat16"), "precision")
         _check(self.stop_after is None or self.stop_after >= 1, "stop_after must be >= 1")
-        _check(self.loss in ("softmax", "sampled", "adaptive"), "loss must be softmax, sampled or adaptive")
-        _check(self.sampler in ("uniform", "log_uniform", "unigram"), "sampler must be uniform, log_uniform, unigram")
+        # Checked before the optimizer and head, whose registries load torch: a typo here fails in well under 1 s.
+        _check_choice(self.loss, LOSS_NAMES, "loss")
+        _check_choice(self.sampler, ("uniform", "log_uniform", "unigram"), "sampler")
         _check_optimizer(self.optimizer)
+        _check_head(self.head)
         _check(self.num_sampled >= 1, "num_sampled must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
@@ -272,8 +290,15 @@ def _check_optimizer(name: str) -> None:
     # The names live in one registry, beside the optimizers; torch is loaded anyway wherever a TrainConfig is built.
     from prodcat.model.optim import list_optimizers
 
-    known = list_optimizers()
-    _check(name in known, f"optimizer must be one of {', '.join(known)}, got {name!r}")
+    _check_choice(name, list_optimizers(), "optimizer")
+
+
+def _check_head(name: str) -> None:
+    # The registered heads plus "hier" (built by the classifier, not the registry); torch is loaded by now.
+    from prodcat.model.classifier import HIER_HEAD
+    from prodcat.model.heads import list_heads
+
+    _check_choice(name, sorted([*list_heads(), HIER_HEAD]), "head")
 
 
 @dataclasses.dataclass
@@ -286,10 +311,27 @@ class EvalConfig:
     target_accuracy: float = 0.95
     batch_size: int = 4096
     bootstrap_resamples: int = 1000  # resamples of products for the intervals that are not a binomial proportion
+    # What the logit adjustment's tau maximises on val: top1 (a test set drawn like train, as Kaggle's) or macro
+    # (every leaf alike). Top-1 can drop while macro accuracy rises.
+    objective: str = "top1"
+    tau_grid: tuple[float, ...] = tuple(round(0.1 * step, 1) for step in range(21))  # 0.0 .. 2.0; (0.0,): off
+    calibrate: bool = True  # temperature scaling of product probabilities, T fitted on val
+    calibration_products: int = 10_000  # val products (at random) whose full distributions fit T
+    # Other runs one training change apart (e.g. the balanced_softmax run of the same seed), already evaluated on
+    # the same split: each becomes a row of the levers table.
+    compare_runs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _check(self.split in ("train", "val", "holdout", "test"), f"unknown split {self.split!r}")
-        _check(self.aggregation in ("auto", "mean_prob", "mean_logprob", "vote"), "unknown aggregation")
+        self.tau_grid = tuple(float(t) for t in self.tau_grid)
+        self.compare_runs = tuple(str(r) for r in self.compare_runs)
+        _check_choice(self.objective, ("top1", "macro"), "objective")
+        _check(
+            len(self.tau_grid) > 0 and all(math.isfinite(t) and t >= 0 for t in self.tau_grid),
+            f"tau_grid needs finite values >= 0, got {list(self.tau_grid)}",
+        )
+        _check(self.calibration_products >= 1, "calibration_products must be >= 1")
+        _check_choice(self.split, ("train", "val", "holdout", "test"), "split")
+        _check_choice(self.aggregation, ("auto", "mean_prob", "mean_logprob", "vote"), "aggregation")
         _check(0.0 < self.target_accuracy <= 1.0, "target_accuracy must be in (0, 1]")
         _check(self.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")

@@ -29,10 +29,11 @@ import numpy as np
 
 from prodcat.config import ConfigError, TrainConfig
 from prodcat.data.taxonomy import Taxonomy
+from prodcat.errors import require_store
 from prodcat.features.store import FeatureStore
 from prodcat.paths import WorkPaths
 from prodcat.train import StepPlan, read_metrics, run_summary, train
-from prodcat.utils import atomic_write_text, get_logger, write_json
+from prodcat.utils import atomic_write_text, get_logger, log_to_file, write_json
 
 __all__ = ["compare", "sweep", "ExperimentResult", "EVALS_PER_RUN", "DEFAULT_SEEDS"]
 
@@ -65,6 +66,9 @@ def _child_train(config: dict[str, Any], threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)  # the parent's setting, not torch's default of every core
+    log_file = Path(config["workdir"]) / "logs" / "prodcat.log"
+    if log_file.is_file():  # the parent logs there (the CLI): so does this run's progress and closing line
+        log_to_file(log_file)
     train(TrainConfig(**config))
 
 
@@ -221,7 +225,11 @@ def _write_tables(
 ) -> None:
     notes_md = "".join(f"\n- {n}" for n in notes)
     atomic_write_text(out / f"{name}.md", f"# {title}\n\n" + _markdown(headers, rows) + notes_md + "\n")
-    atomic_write_text(out / f"{name}.html", _html_page(title, f"{name}.png", headers, rows, notes))
+    from prodcat.report.markup import png_data_uri
+
+    figure = out / f"{name}.png"  # embedded: the page stands alone like the report
+    source = png_data_uri(figure) if figure.is_file() else figure.name
+    atomic_write_text(out / f"{name}.html", _html_page(title, source, headers, rows, notes))
 
 
 def _band(ax: Any, x: np.ndarray, mean: np.ndarray, std: np.ndarray | None, label: str) -> None:
@@ -241,9 +249,8 @@ COMPARE_HEADERS = (
     "val loss",
     "s / epoch",
     "ms / step",
-    "peak RSS (MB)",
     "peak GPU (MB)",
-)
+)  # peak RSS stays in the JSON only: in one process it is the process's high-water mark, the same for every run
 
 
 def _arm_label(loss: str, optimizer: str) -> str:
@@ -261,7 +268,6 @@ def _compare_row(agg: dict[str, Any]) -> list[str]:
         f"{agg['val_loss_mean']:.4f}",
         _fmt(agg["seconds_per_epoch_mean"]),
         _fmt(agg["step_seconds_mean"], 1000, 2),
-        _fmt(agg["peak_rss_mb_max"], digits=0),
         _fmt(agg["peak_cuda_mb_max"], digits=0),
     ]
 
@@ -321,7 +327,8 @@ def compare(
     grid instead (e.g. the optimizer factor on two losses only). `note` is added to the report (e.g. "demo data is
     synthetic"). Returns the report folder and the run folders keyed by (loss, optimizer, seed)."""
     if not (losses or arms) or seeds < 1:
-        raise ValueError("compare needs at least one loss and one seed")
+        raise ConfigError("compare needs at least one loss and one seed")
+    require_store(workdir, features)
     if arms:
         names = _resolve_optimizers(None, [name for _, name in arms])
         cells = list(dict.fromkeys((loss, name) for loss, name in arms))
@@ -356,9 +363,9 @@ def compare(
     }
     notes = _compare_notes(head, features, epochs, batch_size, seeds, num_sampled, cells)
     notes.append(
-        "Peak RSS: each run's own process (max over seeds)."
+        "Peak RSS (compare.json only): each run's own process (max over seeds)."
         if isolate
-        else "Peak RSS: runs shared one process, so it is the process peak up to that run."
+        else "Peak RSS (compare.json only): runs shared one process, so it is the process peak up to that run."
     )
     notes += [note] if note else []
     write_json(
@@ -420,9 +427,17 @@ def _sweep_row(label: str, optimizer: str, agg: dict[str, Any]) -> list[str]:
     ]
 
 
-def _plot_sweep(
-    path: Path, points: list[dict[str, Any]], reference: dict[str, Any], optimizer: str, title: str
-) -> None:
+def _k_ticks(ax: Any, ks: Sequence[int]) -> None:
+    """Ticks at the K values tried (2, 4, 8, 16, 32) on the log axis, written as plain numbers."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator(list(ks)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _plot_sweep(path: Path, points: list[dict[str, Any]], reference: dict[str, Any], optimizer: str, title: str) -> Any:
+    """Accuracy and step time against K; returns the matplotlib Figure (already saved to `path`)."""
     from prodcat.report.figures import png_figure
 
     ks = [p["num_sampled"] for p in points]
@@ -448,8 +463,10 @@ def _plot_sweep(
             time_axes.axhline(reference_ms, linestyle="--", color="#555555", label=reference_label)
         time_axes.set(xscale="log", xlabel="sampled negatives K", ylabel="ms per training step", title="step time vs K")
         for ax in (acc_axes, time_axes):
+            _k_ticks(ax, ks)
             ax.legend()
         figure.suptitle(title)
+    return figure
 
 
 def sweep(
@@ -469,7 +486,8 @@ def sweep(
     """Sampled softmax for each K plus the full softmax as reference, all with the same optimizer (default
     TrainConfig's); report under `W/reports/sweep/`."""
     if not num_sampled or seeds < 1:
-        raise ValueError("sweep needs at least one num_sampled value and one seed")
+        raise ConfigError("sweep needs at least one num_sampled value and one seed")
+    require_store(workdir, features)
     (name,) = _resolve_optimizers(optimizer, None)
     paths = WorkPaths(workdir)
     num_classes = Taxonomy.load(paths.taxonomy).num_classes

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prodcat.config import DemoConfig, EvalConfig, ExtractConfig, IngestConfig, TrainConfig
 from prodcat.paths import WorkPaths
-from prodcat.utils import get_logger, write_json
+from prodcat.utils import format_seconds, get_logger, write_json
 
 __all__ = ["DemoPlan", "run_demo"]
 
@@ -75,6 +75,7 @@ def _step(name: str, timings: dict[str, float]) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - start, 1)
+    log.info("== %s: done in %s", name, format_seconds(timings[name]))
 
 
 def run_demo(workdir: str | Path, quick: bool = False) -> dict:
@@ -162,37 +163,79 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict:
                     )
                 )
             )
-    headline = {}
     with _step("evaluate", timings):
-        for run in runs:
-            metrics = evaluate(EvalConfig(run=str(run)))
-            headline[run.name] = {
-                "image_top1": metrics["image"]["top1"],
-                "product_top1": metrics["product"]["top1"],
-                "aggregation": metrics["product"]["aggregation"],
-            }
-    best = max(headline, key=lambda name: headline[name]["product_top1"])
+        headline = {run.name: headline_numbers(evaluate(EvalConfig(run=str(run)))) for run in runs}
+    best = best_run(headline)
     with _step("predict test.bson", timings):
         predict_bson(paths.run(best), data_dir / "test.bson", Path(workdir) / "submission.csv")
     with _step("report", timings):
         report = build_report(workdir)
     summary = {
-        "report": str(report),
+        "report": str(Path(report).resolve()),
         "best_run": best,
+        "best_run_dir": str(paths.run(best).resolve()),
+        "chosen_by": "product top-1 on val (the selection split); the holdout is only reported",
         "runs": headline,
         "seconds": timings,
-        "submission": str(Path(workdir) / "submission.csv"),
+        "submission": str((Path(workdir) / "submission.csv").resolve()),
+        "note": SYNTHETIC_NOTE,
     }
     write_json(paths.reports / "demo_summary.json", summary)
     _print_summary(summary)
     return summary
 
 
+def headline_numbers(metrics: dict) -> dict:
+    """One run's numbers for the closing lines: val product top-1 (what the best run is chosen on) and the
+    reported split's product/image top-1 with n and 95% interval (evaluate's metrics.json keys)."""
+    selection, product = metrics["selection"], metrics["product"]
+    return {
+        "val_product_top1": selection["aggregation_top1"][selection["aggregation"]],
+        "val_products": selection["n"],
+        "split": metrics["split"],
+        "product_top1": product["top1"],
+        "product_top1_ci95": product["top1_ci95"],
+        "products": product.get("n", metrics["products"]),
+        "image_top1": metrics["image"]["top1"],
+        "aggregation": product["aggregation"],
+    }
+
+
+def best_run(headline: dict[str, dict]) -> str:
+    """The best run by val product top-1: chosen on the selection split, never on the reported one."""
+    return max(headline, key=lambda name: headline[name]["val_product_top1"])
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The demo's closing lines: the answer, where it came from, what to run next, stage times."""
+    runs, best = summary["runs"], summary["best_run"]
+    top = runs[best]
+    lo, hi = top["product_top1_ci95"]
+    lines = [
+        "",
+        f"prodcat demo done. {SYNTHETIC_NOTE}",
+        f"best run: {best}, chosen on val product top-1 {top['val_product_top1']:.3f} "
+        f"(n = {top['val_products']:,} products; {len(runs)} runs compared)",
+        f"{top['split']} product top-1: {top['product_top1']:.3f}, 95% interval [{lo:.3f}, {hi:.3f}], "
+        f"n = {top['products']:,} products (image top-1 {top['image_top1']:.3f})",
+        f"submission.csv (test.bson, written by {best}): {summary['submission']}",
+        f"report: {Path(summary['report']).resolve().as_uri()}",
+        f"try next: .venv/bin/prodcat serve --run {summary['best_run_dir']} --port 8000",
+        "",
+        f"{'run':<36} {'val product':>11} {top['split'] + ' product [95%]':>30} {'image':>6}  aggregation",
+    ]
+    for name, numbers in runs.items():
+        lo, hi = numbers["product_top1_ci95"]
+        reported = f"{numbers['product_top1']:.3f} [{lo:.3f}, {hi:.3f}]"
+        lines.append(
+            f"{name:<36} {numbers['val_product_top1']:>11.3f} {reported:>30} {numbers['image_top1']:>6.3f}  "
+            f"{numbers['aggregation']}"
+        )
+    lines += ["", f"{'stage':<20} {'seconds':>8}"]
+    lines += [f"{stage:<20} {seconds:>8.0f}" for stage, seconds in summary["seconds"].items()]
+    lines.append(f"{'total':<20} {sum(summary['seconds'].values()):>8.0f}")
+    return lines
+
+
 def _print_summary(summary: dict) -> None:
-    print("\nprodcat demo: headline numbers (validation, seed 0; synthetic demo data)")
-    print(f"{'run':<36} {'image top-1':>12} {'product top-1':>14}  aggregation")
-    for name, numbers in summary["runs"].items():
-        print(f"{name:<36} {numbers['image_top1']:>12.3f} {numbers['product_top1']:>14.3f}  {numbers['aggregation']}")
-    print(f"seconds per stage: {summary['seconds']}")
-    print(f"submission: {summary['submission']}")
-    print(f"report: {summary['report']}")
+    print("\n".join(summary_lines(summary)))

@@ -52,6 +52,7 @@ from prodcat.checkpoint import (
 from prodcat.config import ConfigError, TrainConfig, save_config
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.distributed import DistInfo, cleanup, init_distributed
+from prodcat.errors import require_store
 from prodcat.features.store import FeatureStore, StoreError
 from prodcat.paths import WorkPaths
 from prodcat.utils import atomic_write_bytes, atomic_write_text, get_logger, progress, read_json, write_json
@@ -428,11 +429,13 @@ def setup(config: TrainConfig) -> Run:
     paths = WorkPaths(config.workdir)
     store = FeatureStore.open(paths.feature_store(config.features))
     taxonomy = Taxonomy.load(paths.taxonomy)
-    model = build_model(config, store.feature_shape, taxonomy).to(device)
+    train_rows = _split_rows(store, "train", taxonomy.num_classes)
+    # The train split's own label counts (not the catalog's, which include val and holdout products).
+    prior_counts = np.bincount(store.column("label")[train_rows].astype(np.int64), minlength=taxonomy.num_classes)
+    model = build_model(config, store.feature_shape, taxonomy, prior_counts=prior_counts).to(device)
     sparse = _sparse_output(config, info)
     optimizer = _build_optimizer(model, config, sparse)
     limit = config.memory_limit_gb * 1e9
-    train_rows = _split_rows(store, "train", taxonomy.num_classes)
     run = Run(
         config=config,
         run_dir=paths.run(config.name),
@@ -791,10 +794,13 @@ def _finish(run: Run, session_start: float, step_times: list[float]) -> dict[str
 
 def train(config: TrainConfig) -> Path:
     """Train a head on cached features; returns the run directory `W/runs/<config.name>`."""
+    require_store(config.workdir, config.features)  # lists the stores there (or says to ingest / extract first)
     run = setup(config)
     try:
         with _deterministic_cuda() if run.device.type == "cuda" else contextlib.nullcontext():
-            fit(run)
+            summary = fit(run)
+        if run.dist.is_main:
+            log.info("%s", closing_line(summary))
         return run.run_dir
     finally:
         if run.owns_process_group:
@@ -819,6 +825,15 @@ def _deterministic_cuda() -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.utils.deterministic.fill_uninitialized_memory = before[2]
+
+
+def closing_line(summary: dict[str, Any]) -> str:
+    """'compare-softmax-adamw-s0: val top-1 0.746 (best 0.751 at step 400), 83 s': the end of one run in a log."""
+    final, best = summary.get("final") or {}, summary.get("best") or {}
+    text = f"{summary['run']}: val top-1 {final.get('val_top1', float('nan')):.3f}"
+    if best and best.get("step") != summary.get("step"):
+        text += f" (best {best['value']:.3f} at step {best['step']})"
+    return f"{text}, {summary['seconds']:.0f} s"
 
 
 def run_summary(run_dir: str | Path) -> dict[str, Any]:

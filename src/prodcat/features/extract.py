@@ -6,6 +6,10 @@ torchrun job takes the missing shards k with k % world_size == r; rank 0 writes 
 Reading + decoding + preprocessing happen in DataLoader workers (or, with 0 workers, on one thread a batch ahead)
 while the main process runs the forward pass.
 
+TTA (issue 14): with `tta="flip_mean"` every computed row is the mean of the picture's features and its mirror's
+(the runner runs both in one batch), so the store layout, dedupe copies and every reader stay as they are; the
+manifest and config.json record the mode, and the Predictor applies the same one.
+
 Dedupe (issue 10): with `catalog/pictures.parquet` (one xxh3_128 hash per picture, written by ingest), each distinct
 picture is decoded and run once, by the row that holds it first in the plan (its owner); every other row holding it
 gets a copy of that vector, so the store layout and every reader stay unchanged. Owner rows are fixed by the plan,
@@ -26,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -33,6 +38,7 @@ from prodcat.config import ExtractConfig, save_config
 from prodcat.data.bson_index import BsonReader
 from prodcat.data.catalog import catalog_source, load_catalog
 from prodcat.distributed import DistInfo, barrier, cleanup, init_distributed
+from prodcat.errors import UserError, require_catalog
 from prodcat.features.store import FeatureStore, ShardResult, StoreError, make_rows
 from prodcat.paths import WorkPaths
 from prodcat.utils import get_logger, progress, read_json
@@ -380,6 +386,7 @@ def extract(config: ExtractConfig) -> Path:
     from prodcat.features.backbones import Preprocessor, create_backbone
     from prodcat.features.inference import InferenceRunner
 
+    config = check_inputs(config)  # before the model loads: a missing catalog fails at once
     info = init_distributed(config.distributed)
     try:
         paths = WorkPaths(config.workdir)
@@ -411,6 +418,37 @@ def extract(config: ExtractConfig) -> Path:
         cleanup(info)
 
 
+def available_splits(workdir: str | Path) -> set[str]:
+    """Splits the catalog has rows for: train/val/holdout from catalog/train.parquet, test when test.bson was
+    ingested."""
+    paths = WorkPaths(workdir)
+    column = pq.read_table(paths.catalog_table("train"), columns=["split"]).column("split")
+    found = {str(value) for value in column.cast(pa.string()).unique().to_pylist() if value is not None}
+    if paths.catalog_table("test").is_file():
+        found.add("test")
+    return found
+
+
+def check_inputs(config: ExtractConfig) -> ExtractConfig:
+    """The catalog exists and the backbone name is known; splits the catalog lacks (no test.bson, no holdout) are
+    dropped with one log line. Returns the config with the splits that will be extracted."""
+    from prodcat.features.backbones import get_spec  # timm: loaded here, not on import
+
+    require_catalog(config.workdir)
+    get_spec(config.backbone)
+    present = available_splits(config.workdir)
+    kept = tuple(split for split in config.splits if split in present)
+    skipped = [split for split in config.splits if split not in present]
+    if not kept:
+        raise UserError(
+            f"{WorkPaths(config.workdir).catalog}: none of the splits {', '.join(config.splits)} is in the catalog "
+            f"(it has {', '.join(sorted(present)) or 'none'}); pass --split with some of those"
+        )
+    if skipped:
+        log.info("skipping split(s) %s: not in the catalog (test needs test.bson at ingest)", ", ".join(skipped))
+    return dataclasses.replace(config, splits=kept)
+
+
 def _open_store(
     path: Path, plan: RowPlan, shape: tuple[int, ...], backbone: Any, runner: Any, config: ExtractConfig, info: DistInfo
 ) -> FeatureStore:
@@ -432,9 +470,12 @@ def _open_store(
         "bf16_calibration_cosine": runner.calibration_cosine,
         # Rows computed (one per distinct picture) vs copied from an identical picture's row.
         "dedupe": plan.dedupe,
+        # Test-time augmentation baked into every vector; the Predictor applies the same (from config.json).
+        "tta": config.tta,
     }
     if info.is_main:
         _check_dedupe_matches(path, plan.dedupe)
+        _check_tta_matches(path, config.tta)
         FeatureStore.create(path, plan.rows, shape, config.shard_size, meta)
         save_config(config, path / "config.json")
     barrier(info)
@@ -452,6 +493,19 @@ def _check_dedupe_matches(path: Path, dedupe: dict[str, Any]) -> None:
             f"{path} was started with dedupe {'on' if before else 'off'} and this run has it "
             f"{'on' if dedupe.get('enabled') else 'off'}; re-run with {'--dedupe' if before else '--no-dedupe'} "
             "or choose another --name"
+        )
+
+
+def _check_tta_matches(path: Path, tta: str) -> None:
+    """A store's vectors all have one TTA mode: resuming with another would mix two kinds of feature."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return
+    before = read_json(manifest).get("tta", "none")  # stores from before TTA existed are plain
+    if before != tta:
+        raise StoreError(
+            f"{path} was started with --tta {before} and this run asks for --tta {tta}; "
+            f"re-run with --tta {before} or choose another --name"
         )
 
 
@@ -496,9 +550,8 @@ def _run_shards(
         first, last = store.shard_rows(shard)
         result = pending.setdefault(shard, ShardResult(np.zeros((last - first, *store.feature_shape), np.float16), []))
         if item["batch"] is not None:
-            features = stored_features(
-                runner(item["batch"], spatial=config.features == "spatial"), config.features, config.spatial_channels
-            )
+            out = runner(item["batch"], spatial=config.features == "spatial", tta=config.tta)
+            features = stored_features(out, config.features, config.spatial_channels)
             result.features[np.asarray(item["rows"]) - first] = features
         result.invalid += [(row - first, reason) for row, reason in item["invalid"]]
         bar.update(int(item["count"]))

@@ -32,9 +32,19 @@ from torch import nn
 
 from prodcat.features.backbones import Backbone, BackboneSpec, Preprocessor
 
-__all__ = ["InferenceRunner", "fold_batchnorm", "bf16_is_fast", "calibration_images", "PRECISIONS"]
+__all__ = [
+    "InferenceRunner",
+    "fold_batchnorm",
+    "bf16_is_fast",
+    "calibration_images",
+    "flip_mean",
+    "PRECISIONS",
+    "TTA_MODES",
+]
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+# Test-time augmentation: flips only (the third-place Kaggle team found crops and transposes hurt).
+TTA_MODES = ("none", "flip_mean")
 _logger = logging.getLogger("prodcat.features.inference")
 
 
@@ -132,8 +142,9 @@ class InferenceRunner:
         self.backbone, self.folded = self._prepare(backbone, fold)
         self._preprocess = Preprocessor(backbone.spec)
         self.calibration_cosine: float | None = None  # bf16 vs float32 on the calibration photos, when measured
+        fast = precision == "auto" and bf16_is_fast(self.device)
         if precision == "auto":
-            use_bf16 = bf16_is_fast(self.device) and self._bf16_keeps_features()
+            use_bf16 = fast and self._bf16_keeps_features()
         else:
             use_bf16 = precision == "bfloat16"
         self.dtype = torch.bfloat16 if use_bf16 else torch.float32
@@ -144,6 +155,20 @@ class InferenceRunner:
         else:
             engine = ("bf16-autocast" if use_bf16 else "fp32") + "-channels_last"
         self.mode = "-".join(part for part in (self.device.type, engine, "bn-folded" if self.folded else "") if part)
+        if precision == "auto":
+            _logger.info("%s", self._auto_reason(fast))
+
+    def _auto_reason(self, fast: bool) -> str:
+        """The promised `--precision auto` line: what was chosen and why, on every machine."""
+        where = f"{self.spec.name} on {self.device.type}"
+        if not fast:
+            native = "AVX512-BF16 or AMX" if self.device.type == "cpu" else "native bf16"
+            return f"{where}: precision auto -> float32 ({self.mode}): no {native} here, so bf16 is not measured"
+        verdict = "kept" if self.dtype == torch.bfloat16 else f"below {CALIBRATION_MIN_COSINE}, so not used"
+        return (
+            f"{where}: precision auto -> {self.mode}: bf16 features within cosine {self.calibration_cosine:.5f} of "
+            f"float32 on the calibration photos ({verdict})"
+        )
 
     @property
     def spec(self) -> BackboneSpec:
@@ -168,34 +193,40 @@ class InferenceRunner:
         reference = self._forward_torch(batch, torch.float32, spatial=False, logits=False)["pooled"]
         candidate = self._forward_torch(batch, torch.bfloat16, spatial=False, logits=False)["pooled"]
         self.calibration_cosine = F.cosine_similarity(candidate, reference).min().item()
-        keep = self.calibration_cosine >= CALIBRATION_MIN_COSINE
-        _logger.info(
-            "%s on %s: bf16 features within cosine %.5f of float32 on the calibration photos -> %s",
-            self.spec.name,
-            self.device.type,
-            self.calibration_cosine,
-            "bf16 autocast" if keep else "float32",
-        )
-        return keep
+        return self.calibration_cosine >= CALIBRATION_MIN_COSINE
 
-    def __call__(self, batch: torch.Tensor, *, spatial: bool = False, logits: bool = False) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, batch: torch.Tensor, *, spatial: bool = False, logits: bool = False, tta: str = "none"
+    ) -> dict[str, torch.Tensor]:
         """Batch (N, 3, H, W) -> dict of float32 CPU tensors.
 
         The batch is either normalised float (Preprocessor's `__call__`) or uint8 (its `pack`): uint8 is moved to the
         device as is and normalised there, a quarter of the bytes over the host-to-device link.
+        `tta="flip_mean"`: every output is the mean over the picture and its horizontal mirror (see `flip_mean`).
         """
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected a (N, 3, H, W) batch, got {tuple(batch.shape)}")
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+        images = self._on_device(batch)
+        if tta == "flip_mean":
+            # Mirrors made on the device from the normalised batch (no second host copy or host-to-device transfer);
+            # one forward of 2N pictures rather than two of N; activation memory is that of a 2N batch.
+            images = torch.cat([images, images.flip(-1)])
+        if self._onnx is not None:
+            out = self._onnx(images, spatial=spatial, logits=logits)
+        else:
+            out = self._forward_torch(images, self.dtype, spatial=spatial, logits=logits)
+        return flip_mean(out, len(batch)) if tta == "flip_mean" else out
+
+    def _on_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """The batch normalised, as float32 on the runner's device."""
         if self._onnx is not None:
             # ONNX Runtime reads plain NCHW: reorder now, while the batch is uint8 (a quarter of the float bytes).
             batch = batch.contiguous()
         if batch.dtype == torch.uint8:
-            images = self._preprocess.normalize(batch.to(self.device, non_blocking=True))
-        else:
-            images = batch.to(self.device, dtype=torch.float32, non_blocking=True)
-        if self._onnx is not None:
-            return self._onnx(images, spatial=spatial, logits=logits)
-        return self._forward_torch(images, self.dtype, spatial=spatial, logits=logits)
+            return self._preprocess.normalize(batch.to(self.device, non_blocking=True))
+        return batch.to(self.device, dtype=torch.float32, non_blocking=True)
 
     def _forward_torch(
         self, images: torch.Tensor, dtype: torch.dtype, *, spatial: bool, logits: bool
@@ -211,6 +242,21 @@ class InferenceRunner:
                 # channels_last maps make this permute a free view; .contiguous() is then a plain copy.
                 out["spatial"] = feature_map.float().permute(0, 2, 3, 1).contiguous()
         return {key: value.cpu() for key, value in out.items()}
+
+
+def flip_mean(out: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Outputs of [pictures; their mirrors] (2N rows) -> the mean of each picture's and its mirror's, N rows.
+
+    A mirror's spatial map is flipped back along its width first, so the two maps average position by position.
+    Means are taken in float32, before the store's float16 rounding.
+    """
+    merged = {}
+    for key, value in out.items():
+        original, mirrored = value[:count], value[count:]
+        if key == "spatial":
+            mirrored = mirrored.flip(2)  # (N, h, w, C): w is dim 2
+        merged[key] = (original.float() + mirrored.float()) * 0.5
+    return merged
 
 
 class _OnnxEngine:
