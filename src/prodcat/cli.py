@@ -90,6 +90,9 @@ def demo_data(
     placeholder_share: Annotated[
         float, typer.Option(help="Share of products showing only a placeholder picture shared by all categories.")
     ] = DemoConfig.placeholder_share,
+    text_leaves: Annotated[
+        int | None, typer.Option(help="Book/music/film/game cover leaves (default: min(8, categories // 5)).")
+    ] = DemoConfig.text_leaves,
 ) -> None:
     """Write a synthetic data set in Kaggle's Cdiscount formats (the embedded default)."""
     from prodcat.data.demo import generate_demo
@@ -101,6 +104,7 @@ def demo_data(
         seed=seed,
         stock_share=stock_share,
         placeholder_share=placeholder_share,
+        text_leaves=text_leaves,
     )
     summary = generate_demo(out, config)
     typer.echo(
@@ -453,7 +457,9 @@ def demo(
 @app.command()
 def ocr(
     workdir: Workdir,
-    split: Annotated[str, typer.Option(help="Comma-separated splits: train,val,test.")] = "train,val,test",
+    split: Annotated[
+        str, typer.Option(help="Comma-separated splits: train,val,holdout,test.")
+    ] = "train,val,holdout,test",
     workers: Annotated[int | None, typer.Option(help="OCR worker processes (default: one per core).")] = None,
     select: Annotated[str, typer.Option(help="all | text_likely (a cheap text-presence test first).")] = "all",
     engine: Annotated[str, typer.Option(help="tesseract | rapidocr")] = "tesseract",
@@ -501,6 +507,27 @@ def add_category(
     typer.echo(f"category {entry['category_id']} ({' > '.join(entry['names'])}) -> {run} as label {entry['label']}, "
                f"from {entry['products']} products / {entry['pictures']} pictures; scale {entry['scale']:g}, bias "
                f"{entry['bias']:.3f} ({entry['chosen_by']})")  # fmt: skip
+
+
+@app.command("text-head")
+def text_head(
+    run: Annotated[Path, typer.Option(help="The picture run to add a text model to (W/runs/NAME).")],
+    fusion: Annotated[str, typer.Option(help="auto (better on val) | late | concat")] = "auto",
+    epochs: Annotated[int, typer.Option(help="Epochs over the train products.")] = 40,
+    n_features: Annotated[int, typer.Option(help="Hashed text vector size.")] = 2**14,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run's text model.")] = False,
+) -> None:
+    """Fuse the words `prodcat ocr` read with the run's pictures (late and concat fusion; keeps the better on val)."""
+    from prodcat.ocr.fusion import FusionConfig, train_text_model
+
+    config = FusionConfig(run=str(run), fusion=fusion, epochs=epochs, n_features=n_features, overwrite=overwrite)
+    summary = train_text_model(config)
+    held = summary["holdout"]
+    typer.echo(
+        f"text model ({summary['kept']}, chosen on val) -> {run / 'text'}; holdout product top-1 (n = "
+        f"{held['picture']['all']['n']}): picture {held['picture']['all']['top1']:.3f}, late "
+        f"{held['late']['all']['top1']:.3f}, concat {held['concat']['all']['top1']:.3f}"
+    )
 
 
 MAKES_WORKDIR = ("ingest", "demo")  # the others log to W/logs only where W already exists (no folder for a typo)

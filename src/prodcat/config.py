@@ -81,8 +81,20 @@ class DemoConfig:
     unique_images_per_leaf: int | None = None  # reuse a pool of rendered pictures per leaf (fast, for big files)
     stock_share: float = 0.5  # products showing a stock set shared with ~5 others (byte-identical pictures)
     placeholder_share: float = 0.02  # products showing only a "no picture" placeholder shared by all categories
+    # Leaves that are book/music/film/game covers (prodcat.data.covers): alike in picture, told apart by their
+    # printed words. None: min(8, categories // 5), none below 10 categories.
+    text_leaves: int | None = None
+
+    def resolved_text_leaves(self) -> int:
+        if self.text_leaves is not None:
+            return self.text_leaves
+        return min(8, self.categories // 5) if self.categories >= 10 else 0
 
     def __post_init__(self) -> None:
+        _check(
+            self.text_leaves is None or 0 <= self.text_leaves <= min(12, self.categories - 2),
+            f"text_leaves must be None or in 0..{min(12, self.categories - 2)}, got {self.text_leaves}",
+        )
         _check(self.products >= 1, f"products must be >= 1, got {self.products}")
         _check(self.test_products >= 0, f"test_products must be >= 0, got {self.test_products}")
         _check(self.categories >= 2, f"categories must be >= 2, got {self.categories}")

@@ -60,6 +60,7 @@ class ProductPrediction:
     threshold: float | None
     aggregation: str
     training_matches: TwinMatch | None = None  # photos byte-identical to training pictures (None: no match)
+    ocr_words: list[list[str]] | None = None  # words read on each picture (None: the run has no text model)
 
 
 def aggregate_products(log_probs: np.ndarray, product_index: np.ndarray, num_products: int, method: str) -> np.ndarray:
@@ -138,6 +139,9 @@ class Predictor:
         self._prototypes: Prototypes | None = None
         self._prototype_signature: tuple[int, int] | None = None
         self.refresh_prototypes()
+        from prodcat.ocr.fusion import load_text_model
+
+        self.text_model = load_text_model(self.run_dir)  # R/text/ (prodcat text-head); None: pictures alone
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None, which: str = "best") -> Predictor:
@@ -353,7 +357,8 @@ class Predictor:
         xxh3_128 digests of each product's raw photo bytes, to look up training twins."""
         images = [image for product in products for image in product]
         product_index = np.repeat(np.arange(len(products)), [len(product) for product in products])
-        if self.reads_products or self.prototypes is not None:  # both need the features themselves
+        features = None
+        if self.reads_products or self.prototypes is not None or self.text_model is not None:  # need the features
             features = self.image_features(images)
             image_log_probs = self.log_probs_from_features(features)
             product_log_probs = self.product_log_probs_from_features(
@@ -362,6 +367,9 @@ class Predictor:
         else:
             image_log_probs = self.image_log_probs(images)
             product_log_probs = aggregate_products(image_log_probs, product_index, len(products), self.aggregation)
+        words: list[list[list[str]]] | None = None
+        if self.text_model is not None and features is not None and len(images):
+            product_log_probs, words = self._with_text(images, features, product_index, product_log_probs)
         product_log_probs = self.adjust(product_log_probs)
         matches: list[TwinMatch | None] = [None] * len(products)
         if hashes is not None:
@@ -374,10 +382,27 @@ class Predictor:
             per_image = [image_scores[i] for i in np.flatnonzero(product_index == index)]
             predictions.append(
                 ProductPrediction(
-                    top, per_image, bool(accepted), self.accept_threshold, self.aggregation, matches[index]
+                    top,
+                    per_image,
+                    bool(accepted),
+                    self.accept_threshold,
+                    self.aggregation,
+                    matches[index],
+                    None if words is None else words[index],
                 )
             )
         return predictions
+
+    def _with_text(
+        self, images: Sequence[torch.Tensor], features: np.ndarray, product_index: np.ndarray, log_probs: np.ndarray
+    ) -> tuple[np.ndarray, list[list[list[str]]]]:
+        """OCR the text-likely pictures and fuse their words with the picture scores (prodcat.ocr.fusion)."""
+        read = self.text_model.read(images)
+        words = [[read[i] for i in np.flatnonzero(product_index == p)] for p in range(len(log_probs))]
+        counts = np.maximum(np.bincount(product_index, minlength=len(log_probs)), 1)[:, None]
+        mean = _sum_by_product(features.reshape(len(images), -1), product_index, len(log_probs)) / counts
+        texts = [" ".join(w for picture in product for w in picture) for product in words]
+        return self.text_model.fuse(log_probs, mean, texts), words
 
     def predict_product(
         self, images: Sequence[torch.Tensor], top_k: int = 5, hashes: Sequence[bytes] | None = None
@@ -546,6 +571,10 @@ def _from_store(predictor: Predictor, bson_path: Path, product_ids: np.ndarray) 
     features = store.read(valid)
     ids, product_index = np.unique(store.column("product_id")[valid], return_inverse=True)
     product_log_probs = predictor.product_log_probs_from_features(features, product_index, len(ids))
+    if predictor.text_model is not None:  # the words `prodcat ocr` read on these test pictures
+        from prodcat.ocr.fusion import fuse_stored
+
+        product_log_probs = fuse_stored(predictor, ids, product_index, features, product_log_probs)
     product_log_probs = predictor.adjust(product_log_probs)  # top-1 only: temperature cannot change it
     product_log_probs, twin_products = _store_twins(predictor, store, valid, product_index, product_log_probs)
     best = dict(zip(ids.tolist(), predictor.category_ids(product_log_probs.argmax(axis=1)).tolist(), strict=True))

@@ -43,6 +43,7 @@ from prodcat.data._demo_stats import (
     REAL_LEVEL1,
     REAL_LEVEL2,
 )
+from prodcat.data.covers import COVER_LEAVES, TEXT_DEPARTMENTS, CoverLeaf, render_cover_product
 from prodcat.utils import atomic_open, atomic_write_text, progress
 
 __all__ = [
@@ -89,8 +90,8 @@ def _spread(total: int, groups: int, sigma: float, rng: np.random.Generator) -> 
     return (extra + 1).tolist()
 
 
-def _level1_names(count: int, rng: np.random.Generator) -> list[str]:
-    pool = list(names.LEVEL1)
+def _level1_names(count: int, rng: np.random.Generator, reserved: set[str] = frozenset()) -> list[str]:
+    pool = [name for name in names.LEVEL1 if name not in reserved]
     picked = [pool[i] for i in rng.permutation(len(pool))[: min(count, len(pool))]]
     # Past the vocabulary (more leaves than Cdiscount has), number the families.
     picked += [f"{pool[i % len(pool)]} {2 + i // len(pool)}" for i in range(count - len(picked))]
@@ -144,17 +145,23 @@ def _leaf_names(count: int, rng: np.random.Generator) -> list[str]:
     return chosen
 
 
-def make_taxonomy(categories: int, seed: int = 0) -> list[CategoryRow]:
-    """The synthetic category_names.csv rows, sorted by names as Kaggle's file is; ids are 10-digit, distinct."""
+def make_taxonomy(categories: int, seed: int = 0, text_leaves: int = 0) -> list[CategoryRow]:
+    """The synthetic category_names.csv rows, sorted by names as Kaggle's file is; ids are 10-digit, distinct.
+    `text_leaves` of them are the cover leaves of prodcat.data.covers (books, music, films, games); the other
+    leaves then never use those departments' names."""
     if categories < 2:
         raise ValueError(f"categories must be >= 2, got {categories}")
+    if not 0 <= text_leaves <= min(len(COVER_LEAVES), categories - 2):
+        raise ValueError(f"text_leaves must be in 0..{min(len(COVER_LEAVES), categories - 2)}, got {text_leaves}")
     rng = np.random.default_rng([seed, _TAXONOMY])
-    level1_count, level2_count = taxonomy_shape(categories)
+    ordinary = categories - text_leaves
+    level1_count, level2_count = taxonomy_shape(ordinary)
     groups_per_level1 = _spread(level2_count, level1_count, 0.9, rng)
-    leaves_per_group = iter(_spread(categories, level2_count, 0.8, rng))
+    leaves_per_group = iter(_spread(ordinary, level2_count, 0.8, rng))
     used: set[str] = set()
-    triples = []
-    for level1 in _level1_names(level1_count, rng):
+    triples = [(leaf.level1, leaf.level2, leaf.level3) for leaf in COVER_LEAVES[:text_leaves]]
+    reserved = set(TEXT_DEPARTMENTS) if text_leaves else set()
+    for level1 in _level1_names(level1_count, rng, reserved):
         for level2 in _level2_names(groups_per_level1.pop(0), used, rng):
             triples += [(level1, level2, leaf) for leaf in _leaf_names(next(leaves_per_group), rng)]
     triples.sort()
@@ -797,11 +804,28 @@ def _placeholder(index: int, seed: int, size: int, quality: int) -> bytes:
     return _jpeg(canvas, quality)
 
 
+class _CoverStock:
+    """A cover leaf's stock set: four photos of one cover, rendered at first use."""
+
+    def __init__(self, leaf: CoverLeaf, rng: np.random.Generator, size: int, quality: int) -> None:
+        self.views = render_cover_product(leaf, rng, 4, size, quality)
+
+    def first(self, count: int) -> list[bytes]:
+        return self.views[:count]
+
+
+def cover_leaves(rows: list[CategoryRow]) -> dict[int, CoverLeaf]:
+    """Taxonomy row index -> its cover leaf, for the rows that are text-heavy cover leaves."""
+    by_names = {(leaf.level1, leaf.level2, leaf.level3): leaf for leaf in COVER_LEAVES}
+    return {k: by_names[tuple(row[1:])] for k, row in enumerate(rows) if tuple(row[1:]) in by_names}
+
+
 class _Pictures:
     """Pictures of one product: freshly rendered, a leaf's stock photos, a placeholder, or from a per-leaf pool."""
 
     def __init__(self, looks: list[Look], rows: list[CategoryRow], counts: np.ndarray, config: DemoConfig) -> None:
         self.looks, self.config = looks, config
+        self.covers = cover_leaves(rows) if config.resolved_text_leaves() else {}
         self.instances = None if config.unique_images_per_leaf is None else config.unique_images_per_leaf // 4
         self.pool: dict[tuple[int, int], list[bytes]] = {}
         self.stock: dict[tuple[int, int], _StockSet] = {}
@@ -826,6 +850,12 @@ class _Pictures:
             return [self.placeholders[index]]
         if roll < self.config.placeholder_share + self.config.stock_share:
             return self._stock(leaf, reuse, views)
+        return self._render(leaf, rng, views)
+
+    def _render(self, leaf: int, rng: np.random.Generator, views: int) -> list[bytes]:
+        size, quality = self.config.image_size, self.config.jpeg_quality
+        if leaf in self.covers:
+            return render_cover_product(self.covers[leaf], rng, views, size, quality)
         return render_product(self.looks[leaf], rng, views, size, quality)
 
     def _stock(self, leaf: int, reuse: np.random.Generator, views: int) -> list[bytes]:
@@ -840,15 +870,18 @@ class _Pictures:
             key = (leaf, int(reuse.integers(self.sets[leaf])))
         if key not in self.stock:  # rendered on first use: sets nobody shows cost nothing
             set_rng = np.random.default_rng([self.config.seed, _STOCK, *key])
-            self.stock[key] = _StockSet(self.looks[leaf], set_rng, self.config.image_size, self.config.jpeg_quality)
+            size, quality = self.config.image_size, self.config.jpeg_quality
+            if key[0] in self.covers:  # a cover set prints its own leaf's words, whoever shows it
+                self.stock[key] = _CoverStock(self.covers[key[0]], set_rng, size, quality)
+            else:
+                self.stock[key] = _StockSet(self.looks[leaf], set_rng, size, quality)
         return self.stock[key].first(views)
 
     def _pooled(self, leaf: int, rng: np.random.Generator, views: int) -> list[bytes]:
         key = (leaf, int(rng.integers(self.instances)))
         if key not in self.pool:  # render lazily: small leaves never pay for their whole pool
             pool_rng = np.random.default_rng([self.config.seed, _POOL, *key])
-            size, quality = self.config.image_size, self.config.jpeg_quality
-            self.pool[key] = render_product(self.looks[leaf], pool_rng, 4, size, quality)
+            self.pool[key] = self._render(leaf, pool_rng, 4)
         return self.pool[key][:views]
 
 
@@ -897,7 +930,7 @@ def generate_demo(out_dir: str | Path, config: DemoConfig) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = make_taxonomy(config.categories, config.seed)
+    rows = make_taxonomy(config.categories, config.seed, config.resolved_text_leaves())
     counts = category_counts(config.categories, config.products, config.seed, config.tail_power)
     train_leaves, test_leaves = _product_labels(counts, config.test_products, config.seed)
     train_ids, test_ids = _product_ids(config.products, config.test_products, config.seed)

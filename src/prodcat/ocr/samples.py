@@ -8,13 +8,14 @@ Deterministic from the seed.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import re
 import unicodedata
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from prodcat.data.covers import find_fonts
 
 __all__ = ["COVER_WORDS", "RenderedCover", "render_cover", "find_fonts", "ground_truth_words", "words_right"]
 
@@ -26,11 +27,6 @@ COVER_WORDS = (
     "PREMIÈRE ANNÉE GUIDE PRATIQUE DICTIONNAIRE ANGLAIS MATHÉMATIQUES CAHIER D'EXERCICES POCHE GRAND FORMAT "
     "LIVRE AUDIO ÉCOLE COLLÈGE LYCÉE CÉLÈBRE DÉCOUVERTE NATURE ANIMAUX VOYAGE PÂTISSERIE SANTÉ BIEN-ÊTRE"
 ).split()
-
-
-def find_fonts() -> list[str]:
-    """DejaVu TrueType files from Debian's fonts-dejavu-core (empty when not installed)."""
-    return sorted(glob.glob("/usr/share/fonts/truetype/dejavu/DejaVu*.ttf"))
 
 
 @dataclasses.dataclass(frozen=True)

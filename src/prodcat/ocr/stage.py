@@ -88,7 +88,7 @@ class OcrConfig:
     """OCR over catalog pictures into W/ocr/ (defaults shared with the CLI)."""
 
     workdir: str = ""
-    splits: tuple[str, ...] = ("train", "val", "test")
+    splits: tuple[str, ...] = ("train", "val", "holdout", "test")
     engine: str = DEFAULT_ENGINE
     select: str = "all"  # all | text_likely (see prodcat.ocr.select)
     workers: int | None = None  # OCR worker processes; None = one per core, 0 = in this process
@@ -99,8 +99,8 @@ class OcrConfig:
     def __post_init__(self) -> None:
         self.splits = tuple(self.splits)
         for split in self.splits:
-            if split not in ("train", "val", "test"):
-                raise ConfigError(f"unknown split {split!r}; use train, val, test")
+            if split not in ("train", "val", "holdout", "test"):
+                raise ConfigError(f"unknown split {split!r}; use train, val, holdout, test")
         if self.engine not in list_engines():
             raise ConfigError(f"unknown OCR engine {self.engine!r}; known: {', '.join(list_engines())}")
         if self.select not in list_selectors():
@@ -146,7 +146,7 @@ class PicturePlan:
 
 
 def plan_pictures(workdir: str | Path, splits: tuple[str, ...], limit: int | None = None) -> PicturePlan:
-    """Expand catalog products into one entry per picture: train/val from train.bson, test from test.bson."""
+    """Expand catalog products into one entry per picture: train/val/holdout from train.bson, test from test.bson."""
     sources: list[str] = []
     parts: list[dict[str, np.ndarray]] = []
     for split in splits:

@@ -289,6 +289,8 @@ def _classify_json(
         "aggregation": prediction.aggregation,
         # Photos byte-identical to training pictures, and how many training products hold them (null: none).
         "training_matches": None if matches is None else matches.as_json(),
+        # Words read on each picture when the run has a text model (prodcat text-head); null otherwise.
+        "ocr_words": getattr(prediction, "ocr_words", None),
         "images": per_image,
         "batch": {"products": info.products, "images": info.images},
         "timing_ms": {
@@ -513,6 +515,7 @@ def _model_info(predictor: Predictor, config: ServeConfig) -> dict[str, Any]:
         ("backbone", getattr(extract_config, "backbone", None)),
         ("aggregation", getattr(predictor, "aggregation", None)),
         ("device", getattr(predictor, "device", None)),
+        ("text_model", getattr(getattr(predictor, "text_model", None), "kind", None)),  # late | concat | absent
     ):
         if value is not None:
             info[key] = str(value)

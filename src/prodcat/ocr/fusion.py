@@ -1,0 +1,449 @@
+"""Words read on a product's covers, fused with its picture features: two ways, both trained here, one kept.
+
+- `late`: a text head (linear over the hashed text vector) beside the run's picture head; the product's
+  log-probabilities are picture + w * text (products with no words read keep the picture's), w chosen on val.
+- `concat`: one linear product head over [standardised mean picture features ; hashed text vector] (a product-level
+  input), trained here on the train split's products.
+
+`prodcat text-head --run R` trains both with the run's seed and AdamW, picks the better on val (`--fusion auto`),
+and saves it into R/text/ in the checkpoint format of prodcat runs (safetensors + JSON sidecar with sha256, no
+pickle); R/text/fusion.json holds val and holdout numbers of picture-only, late, concat and a picture-only product
+head (the concat head without text: the comparison that changes one thing). The Predictor loads R/text/ when it
+is there (`load_text_model`) and then reads the words on the pictures itself (text-likely ones, Tesseract).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prodcat.config import ConfigError, config_from_dict
+from prodcat.ocr.text_features import TextFeatureConfig, product_texts, text_features
+from prodcat.utils import get_logger, write_json
+
+__all__ = [
+    "FusionConfig",
+    "ProductSet",
+    "FusedLinear",
+    "TextModel",
+    "TEXT_DIR",
+    "product_set",
+    "fit_head",
+    "choose_late_weight",
+    "train_text_model",
+    "load_text_model",
+    "text_leaf_mask",
+]
+
+TEXT_DIR = "text"  # R/text/checkpoints/best.json + best.000000.safetensors, R/text/fusion.json
+FUSIONS = ("auto", "late", "concat")
+log = get_logger("prodcat.ocr.fusion")
+
+
+@dataclasses.dataclass
+class FusionConfig:
+    """Train a text model beside a picture run (saved with it, so serving fuses the same way)."""
+
+    run: str = ""
+    fusion: str = "auto"  # auto (better product top-1 on val) | late | concat
+    n_features: int = 2**14  # hashed text vector size (the head has n_features x classes weights)
+    min_confidence: float = 0.5  # words the engine is less sure of are dropped
+    epochs: int = 40
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    seed: int | None = None  # None: the picture run's seed
+    late_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+    overwrite: bool = False  # replace R/text/ when it exists
+
+    def __post_init__(self) -> None:
+        self.late_weights = tuple(float(w) for w in self.late_weights)
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"unknown fusion {self.fusion!r}; use {', '.join(FUSIONS)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
+        if not self.late_weights or min(self.late_weights) < 0:
+            raise ConfigError(f"late_weights must be non-negative and not empty, got {self.late_weights}")
+        TextFeatureConfig(n_features=self.n_features, min_confidence=self.min_confidence)  # checks those two
+
+
+@dataclasses.dataclass
+class ProductSet:
+    """One split at product level: picture head log-probs, mean picture features, the words read, labels."""
+
+    product_id: np.ndarray  # (P,)
+    label: np.ndarray  # (P,)
+    picture_log_probs: np.ndarray  # (P, C) the run's head, aggregated as evaluate chose on val
+    picture_mean: np.ndarray  # (P, D) mean of the product's stored picture features
+    texts: list[str]  # words read (confidence-filtered), "" when none
+
+    @property
+    def has_text(self) -> np.ndarray:
+        return np.array([bool(text.strip()) for text in self.texts], dtype=bool)
+
+
+class FusedLinear(nn.Module):
+    """Linear scores over [standardised picture features ; hashed text]: either part may be absent (size 0). The
+    text part is an EmbeddingBag over the sparse vector's (index, value) pairs: exact, and cheap at 2^14+ columns."""
+
+    def __init__(self, picture_dim: int, n_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.picture_dim, self.n_features = picture_dim, n_features
+        self.picture = nn.Linear(picture_dim, num_classes) if picture_dim else None
+        self.text = nn.EmbeddingBag(n_features, num_classes, mode="sum") if n_features else None
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        self.register_buffer("mean", torch.zeros(picture_dim))
+        self.register_buffer("scale", torch.ones(picture_dim))
+        if self.text is not None:
+            nn.init.zeros_(self.text.weight)  # no words, no opinion: starts at the bias alone
+
+    def forward(self, picture: torch.Tensor | None, text: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        scores = self.bias.expand(len(picture) if picture is not None else len(text[1]), -1)
+        if self.picture is not None and picture is not None:
+            scores = scores + self.picture((picture - self.mean) / self.scale)
+        if self.text is not None and text is not None:
+            indices, offsets, values = text
+            scores = scores + self.text(indices, offsets, per_sample_weights=values)
+        return torch.log_softmax(scores, dim=1)
+
+
+def _bag(matrix: Any, rows: np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
+    """(indices, offsets, values) of CSR rows for nn.EmbeddingBag."""
+    part = matrix if rows is None else matrix[rows]
+    return (
+        torch.from_numpy(part.indices.astype(np.int64)),
+        torch.from_numpy(part.indptr[:-1].astype(np.int64)),
+        torch.from_numpy(part.data.astype(np.float32)),
+    )
+
+
+# -- data ------------------------------------------------------------------------------------------------------------
+def _split_products(store: Any, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(store rows sorted by product, product index of each row, product ids, product labels)."""
+    rows = store.split_indices(split)
+    if not len(rows):
+        raise ConfigError(f"{store.path}: no valid {split!r} pictures in the feature store")
+    product = store.column("product_id")[rows]
+    order = np.argsort(product, kind="stable")
+    rows, product = rows[order], product[order]
+    ids, index = np.unique(product, return_inverse=True)
+    labels = np.zeros(len(ids), dtype=np.int64)
+    labels[index] = store.column("label")[rows]
+    return rows, index, ids, labels
+
+
+def product_set(predictor: Any, split: str, texts: dict[int, str]) -> ProductSet:
+    """The products of `split` from the run's feature store, with the words of `texts` (product -> text)."""
+    from prodcat.features.store import FeatureStore
+    from prodcat.paths import WorkPaths
+    from prodcat.predict import _sum_by_product, aggregate_products
+
+    store = FeatureStore.open(WorkPaths(predictor.extract_config.workdir).feature_store(predictor.store_name))
+    rows, index, ids, labels = _split_products(store, split)
+    features = store.read(rows).reshape(len(rows), -1)
+    log_probs = predictor.log_probs_from_features(store.read(rows))
+    counts = np.maximum(np.bincount(index, minlength=len(ids)), 1)[:, None]
+    return ProductSet(
+        product_id=ids,
+        label=labels,
+        picture_log_probs=aggregate_products(log_probs, index, len(ids), predictor.aggregation),
+        picture_mean=(_sum_by_product(features, index, len(ids)) / counts).astype(np.float32),
+        texts=[texts.get(int(pid), "") for pid in ids],
+    )
+
+
+def read_texts(workdir: str | Path, min_confidence: float) -> dict[int, str]:
+    """product_id -> words read by `prodcat ocr` (W/ocr/words.parquet); a clear error when it has not run."""
+    import pyarrow.parquet as pq
+
+    path = Path(workdir) / "ocr" / "words.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `prodcat ocr --workdir {workdir} --select text_likely` first")
+    return product_texts(pq.read_table(path), min_confidence)
+
+
+# -- training --------------------------------------------------------------------------------------------------------
+def _inputs(data: ProductSet, text_config: TextFeatureConfig | None, picture: bool) -> tuple[Any, Any]:
+    matrix = None if text_config is None else text_features(data.texts, text_config).tocsr()
+    return (torch.from_numpy(data.picture_mean) if picture else None), matrix
+
+
+def _forward(model: FusedLinear, picture: torch.Tensor | None, matrix: Any, rows: np.ndarray) -> torch.Tensor:
+    return model(None if picture is None else picture[rows], None if matrix is None else _bag(matrix, rows))
+
+
+def fit_head(
+    train: ProductSet, val: ProductSet, config: FusionConfig, picture: bool, text: bool, seed: int
+) -> tuple[FusedLinear, dict[str, Any]]:
+    """Train a FusedLinear on `train` products with AdamW; keep the epoch with the best val product top-1."""
+    text_config = TextFeatureConfig(n_features=config.n_features, min_confidence=config.min_confidence)
+    tc = text_config if text else None
+    train_picture, train_text = _inputs(train, tc, picture)
+    val_picture, val_text = _inputs(val, tc, picture)
+    torch.manual_seed(seed)
+    model = FusedLinear(train.picture_mean.shape[1] if picture else 0, config.n_features if text else 0,
+                        train.picture_log_probs.shape[1])  # fmt: skip
+    if picture:
+        model.mean.copy_(train_picture.mean(0))
+        model.scale.copy_(train_picture.std(0).clamp_min(1e-3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    labels = torch.from_numpy(train.label)
+    generator = np.random.default_rng(seed)
+    best, best_state, best_epoch = -1.0, None, 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = generator.permutation(len(train.label))
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start : start + config.batch_size]
+            loss = nn.functional.nll_loss(_forward(model, train_picture, train_text, rows), labels[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            top1 = float((_forward(model, val_picture, val_text, np.arange(len(val.label))).argmax(1).numpy()
+                          == val.label).mean())  # fmt: skip
+        if top1 > best:
+            best, best_epoch = top1, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return model.eval(), {"val_top1": best, "epoch": best_epoch, "epochs": config.epochs}
+
+
+@torch.no_grad()
+def head_log_probs(model: FusedLinear, data: ProductSet, text_config: TextFeatureConfig) -> np.ndarray:
+    picture, matrix = _inputs(data, text_config if model.n_features else None, bool(model.picture_dim))
+    return _forward(model, picture, matrix, np.arange(len(data.label))).numpy()
+
+
+def late_fuse(picture: np.ndarray, text: np.ndarray, has_text: np.ndarray, weight: float) -> np.ndarray:
+    """picture + weight * text on products with words, picture alone elsewhere (renormalised)."""
+    fused = picture + weight * np.where(has_text[:, None], text, 0.0)
+    fused = fused - fused.max(axis=1, keepdims=True)
+    return fused - np.log(np.exp(fused).sum(axis=1, keepdims=True))
+
+
+def choose_late_weight(
+    picture: np.ndarray, text: np.ndarray, has_text: np.ndarray, label: np.ndarray, weights: Sequence[float]
+) -> tuple[float, dict[str, float]]:
+    """The weight with the best product top-1 on these (val) products; ties go to the smaller weight."""
+    scores = {float(w): float((late_fuse(picture, text, has_text, w).argmax(1) == label).mean()) for w in weights}
+    best = max(scores.values())
+    return min(w for w, s in scores.items() if s == best), scores
+
+
+# -- measuring -------------------------------------------------------------------------------------------------------
+def text_leaf_mask(taxonomy: Any) -> np.ndarray:
+    """(C,) True for leaves of the text-heavy departments (books, music, films, games; the real names)."""
+    from prodcat.data.covers import TEXT_DEPARTMENTS
+
+    return np.array([taxonomy.names(label)[0] in TEXT_DEPARTMENTS for label in range(taxonomy.num_classes)])
+
+
+def _top1(log_probs: np.ndarray, data: ProductSet, text_leaves: np.ndarray) -> dict[str, Any]:
+    from prodcat.evaluate import proportion_ci
+
+    hit = log_probs.argmax(1) == data.label
+    on_text = text_leaves[data.label]
+    block: dict[str, Any] = {}
+    for name, mask in (("all", np.ones(len(hit), bool)), ("text_leaves", on_text), ("with_words", data.has_text)):
+        n, right = int(mask.sum()), int(hit[mask].sum())
+        block[name] = {"top1": right / n if n else None, "top1_ci95": proportion_ci(right, n) if n else None, "n": n}
+    return block
+
+
+# -- the whole fit ---------------------------------------------------------------------------------------------------
+def _fit_all(predictor: Any, config: FusionConfig, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train late (text head) and concat heads and the picture-only product head; numbers on val and holdout."""
+    texts = read_texts(predictor.extract_config.workdir, config.min_confidence)
+    sets = {split: product_set(predictor, split, texts) for split in ("train", "val", "holdout")}
+    text_config = TextFeatureConfig(n_features=config.n_features, min_confidence=config.min_confidence)
+    train_with_text = _subset(sets["train"], sets["train"].has_text)
+    val_with_text = _subset(sets["val"], sets["val"].has_text)
+    if not len(train_with_text.label) or not len(val_with_text.label):
+        raise ConfigError("no train or val product has words read: run `prodcat ocr` on train and val first")
+    text_head, text_fit = fit_head(train_with_text, val_with_text, config, picture=False, text=True, seed=seed)
+    concat, concat_fit = fit_head(sets["train"], sets["val"], config, picture=True, text=True, seed=seed)
+    picture_head, picture_fit = fit_head(sets["train"], sets["val"], config, picture=True, text=False, seed=seed)
+    val = sets["val"]
+    weight, weight_scores = choose_late_weight(val.picture_log_probs, head_log_probs(text_head, val, text_config),
+                                               val.has_text, val.label, config.late_weights)  # fmt: skip
+    leaves = text_leaf_mask(predictor.taxonomy)
+    metrics: dict[str, Any] = {}
+    fused: dict[str, np.ndarray] = {}
+    for split in ("val", "holdout"):
+        data = sets[split]
+        fused = {
+            "late": late_fuse(data.picture_log_probs, head_log_probs(text_head, data, text_config), data.has_text,
+                              weight),
+            "concat": head_log_probs(concat, data, text_config),
+        }  # fmt: skip
+        metrics[split] = {
+            "picture": _top1(data.picture_log_probs, data, leaves),
+            **{kind: _top1(log_probs, data, leaves) for kind, log_probs in fused.items()},
+            "picture_product_head": _top1(head_log_probs(picture_head, data, text_config), data, leaves),
+            "products_with_words": int(data.has_text.sum()),
+        }
+    fits = {"text_head": text_fit, "concat": concat_fit, "picture_product_head": picture_fit,
+            "late_weight": weight, "late_weight_val_top1": weight_scores}  # fmt: skip
+    return {"late": text_head, "concat": concat}, {
+        "metrics": metrics,
+        "fits": fits,
+        "holdout": (sets["holdout"], fused),
+    }
+
+
+def _examples(data: ProductSet, picture: np.ndarray, fused: np.ndarray, count: int = 9) -> list[dict[str, Any]]:
+    """Holdout products with words read for the report: those the text changed first, then a few others."""
+    before, after = picture.argmax(1), fused.argmax(1)
+    with_words = np.flatnonzero(data.has_text)
+    changed = with_words[before[with_words] != after[with_words]]
+    same = with_words[before[with_words] == after[with_words]]
+    chosen = np.concatenate([changed[: count - min(3, len(same))], same[:3]])[:count]
+    return [
+        {"product_id": int(data.product_id[i]), "label": int(data.label[i]), "words": data.texts[i],
+         "picture_top": int(before[i]), "fused_top": int(after[i])}
+        for i in chosen
+    ]  # fmt: skip
+
+
+def _subset(data: ProductSet, mask: np.ndarray) -> ProductSet:
+    where = np.flatnonzero(mask)
+    return ProductSet(data.product_id[where], data.label[where], data.picture_log_probs[where],
+                      data.picture_mean[where], [data.texts[i] for i in where])  # fmt: skip
+
+
+def train_text_model(config: FusionConfig) -> dict[str, Any]:
+    """Fit both fusions beside the run, keep the better on val (or the one asked for) in R/text/; the summary."""
+    from prodcat.predict import Predictor
+
+    run_dir = Path(config.run)
+    target = run_dir / TEXT_DIR
+    if target.exists() and not config.overwrite:
+        raise ConfigError(f"{target} exists: pass --overwrite to train the text model again")
+    predictor = Predictor.load(run_dir)
+    predictor.text_model = None  # the picture head alone
+    seed = config.seed if config.seed is not None else int(predictor.meta.get("config", {}).get("seed", 0))
+    models, found = _fit_all(predictor, config, seed)
+    val = found["metrics"]["val"]
+    kind = config.fusion
+    if kind == "auto":  # selection on val; holdout numbers only reported
+        kind = "concat" if val["concat"]["all"]["top1"] > val["late"]["all"]["top1"] else "late"
+    holdout, fused = found["holdout"]
+    summary = {"run": str(run_dir), "seed": seed, "kept": kind, "chosen_on": "val", **found["fits"],
+               **found["metrics"], "config": dataclasses.asdict(config),
+               "examples": _examples(holdout, holdout.picture_log_probs, fused[kind])}  # fmt: skip
+    _save(target, models[kind], kind, found["fits"]["late_weight"], config, predictor, seed)
+    write_json(target / "fusion.json", summary)
+    log.info("text model (%s, chosen on val) -> %s", kind, target)
+    return summary
+
+
+def _save(target: Path, model: FusedLinear, kind: str, weight: float, config: FusionConfig, predictor: Any,
+          seed: int) -> None:  # fmt: skip
+    from prodcat.checkpoint import save_checkpoint
+
+    meta = {
+        "step": 0, "config": dataclasses.asdict(config), "kind": kind, "late_weight": weight, "seed": seed,
+        "in_shape": [model.picture_dim, model.n_features], "num_classes": int(predictor.taxonomy.num_classes),
+        "taxonomy": "../taxonomy.parquet",  # the picture run's copy: one taxonomy for both heads
+        "text_features": dataclasses.asdict(TextFeatureConfig(config.n_features, min_confidence=config.min_confidence)),
+    }  # fmt: skip
+    save_checkpoint(target, "best", model, None, meta)
+
+
+# -- loading and predicting -----------------------------------------------------------------------------------------
+class TextModel:
+    """A run's text model: reads words on pictures (text-likely ones) and fuses them with the picture head."""
+
+    def __init__(self, model: FusedLinear, kind: str, late_weight: float, text_config: TextFeatureConfig) -> None:
+        self.model, self.kind, self.late_weight, self.text_config = model.eval(), kind, late_weight, text_config
+        self._engine: Any = None
+        self._lock = threading.Lock()  # one Tesseract handle: calls from several threads take turns
+
+    def fuse(self, picture_log_probs: np.ndarray, picture_mean: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """Product log-probabilities with the words `texts` (one string per product)."""
+        data = ProductSet(np.zeros(len(texts)), np.zeros(len(texts), np.int64), picture_log_probs,
+                          np.asarray(picture_mean, np.float32).reshape(len(texts), -1), list(texts))  # fmt: skip
+        if self.kind == "concat":
+            return head_log_probs(self.model, data, self.text_config)
+        return late_fuse(picture_log_probs, head_log_probs(self.model, data, self.text_config), data.has_text,
+                         self.late_weight)  # fmt: skip
+
+    def read(self, images: Sequence[torch.Tensor]) -> list[list[str]]:
+        """Words read (confident enough) on each decoded uint8 (3, H, W) image; [] for pictures the text-presence
+        test passes over, or when no OCR engine is installed (said once in the log)."""
+        from PIL import Image
+
+        from prodcat.ocr.select import text_likely
+
+        found: list[list[str]] = []
+        for image in images:
+            picture = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+            engine = self._ocr_engine() if text_likely(picture) else None
+            if engine is None:
+                found.append([])
+                continue
+            with self._lock:
+                words = engine.read(picture)
+            found.append([w.text for w in words if w.confidence >= self.text_config.min_confidence])
+        return found
+
+    def _ocr_engine(self) -> Any:
+        if self._engine is None:
+            from prodcat.ocr.engine import EngineUnavailable, create_engine
+
+            try:
+                self._engine = create_engine()
+            except EngineUnavailable as error:
+                log.warning("text model without OCR: %s; predictions use the pictures alone", error)
+                self._engine = False
+        return self._engine or None
+
+
+def load_text_model(run_dir: str | Path) -> TextModel | None:
+    """R/text/'s model, checked (format, sha256); None when the run has none."""
+    import safetensors.torch
+
+    from prodcat.checkpoint import CheckpointError, checkpoint_dir, verify_checkpoint
+
+    folder = Path(run_dir) / TEXT_DIR
+    if not (checkpoint_dir(folder) / "best.json").is_file():
+        return None
+    meta = verify_checkpoint(folder, "best")
+    picture_dim, n_features = (int(v) for v in meta["in_shape"])
+    model = FusedLinear(picture_dim, n_features, int(meta["num_classes"]))
+    path = checkpoint_dir(folder) / meta["files"]["weights"]
+    try:
+        model.load_state_dict(safetensors.torch.load_file(str(path)))
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: text model weights do not fit ({error})") from None
+    text_config = config_from_dict(TextFeatureConfig, meta["text_features"])
+    return TextModel(model, meta["kind"], float(meta["late_weight"]), text_config)
+
+
+def fuse_stored(
+    predictor: Any, ids: np.ndarray, product_index: np.ndarray, features: np.ndarray, log_probs: np.ndarray
+) -> np.ndarray:
+    """Fuse stored products (ids, their rows' features) with the words W/ocr/words.parquet holds for them; the
+    picture scores unchanged (and a warning) when `prodcat ocr` has not run."""
+    from prodcat.predict import _sum_by_product
+
+    model = predictor.text_model
+    try:
+        texts = read_texts(predictor.extract_config.workdir, model.text_config.min_confidence)
+    except FileNotFoundError as error:
+        log.warning("text model not used: %s", error)
+        return log_probs
+    counts = np.maximum(np.bincount(product_index, minlength=len(ids)), 1)[:, None]
+    mean = _sum_by_product(features.reshape(len(features), -1), product_index, len(ids)) / counts
+    found = [texts.get(int(pid), "") for pid in ids]
+    log.info("text model (%s): %d of %d products have words read", model.kind, sum(map(bool, found)), len(ids))
+    return model.fuse(log_probs, mean, found)
