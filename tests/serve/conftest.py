@@ -13,18 +13,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serve_rows import ROWS  # a module of its own: tests import it, and `conftest` is ambiguous across folders
 
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.predict import CategoryScore, ProductPrediction
-
-ROWS = [
-    (1000010653, "INFORMATIQUE", "STOCKAGE", "CLE USB"),
-    (1000010667, "INFORMATIQUE", "STOCKAGE", "DISQUE DUR EXTERNE"),
-    (1000004079, "INFORMATIQUE", "PERIPHERIQUE", "SOURIS"),
-    (1000004141, "MAISON", "CUISINE", "CAFETIERE"),
-    (1000015309, "MAISON", "CUISINE", "BOUILLOIRE"),
-    (1000018290, "MAISON", "DECORATION", "VASE"),
-]
 
 
 class FakePredictor:

@@ -11,8 +11,8 @@ import pytest
 import torch
 import xxhash
 from fastapi.testclient import TestClient
+from serve_rows import ROWS
 
-from conftest import ROWS
 from prodcat.config import ExtractConfig, ServeConfig
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.paths import WorkPaths

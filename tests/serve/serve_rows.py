@@ -1,0 +1,10 @@
+"""The small real-taxonomy rows the serve tests build their taxonomy from."""
+
+ROWS = [
+    (1000010653, "INFORMATIQUE", "STOCKAGE", "CLE USB"),
+    (1000010667, "INFORMATIQUE", "STOCKAGE", "DISQUE DUR EXTERNE"),
+    (1000004079, "INFORMATIQUE", "PERIPHERIQUE", "SOURIS"),
+    (1000004141, "MAISON", "CUISINE", "CAFETIERE"),
+    (1000015309, "MAISON", "CUISINE", "BOUILLOIRE"),
+    (1000018290, "MAISON", "DECORATION", "VASE"),
+]
