@@ -69,6 +69,10 @@ class DemoConfig:
     unique_images_per_leaf: int | None = None  # reuse a pool of rendered pictures per leaf (fast, for big files)
     stock_share: float = 0.5  # products showing a stock set shared with ~5 others (byte-identical pictures)
     placeholder_share: float = 0.02  # products showing only a "no picture" placeholder shared by all categories
+    # Real shape sources (the scale rehearsal): a Kaggle category_names.csv used as the taxonomy (`categories` must
+    # equal its rows) and a {category_id: images} JSON whose counts set the products per leaf (the real long tail).
+    taxonomy_csv: str | None = None
+    category_counts_json: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.products >= 1, f"products must be >= 1, got {self.products}")
