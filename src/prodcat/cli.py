@@ -469,7 +469,7 @@ def rehearsal(
     taxonomy_csv: Annotated[str | None, typer.Option(help="Kaggle's category_names.csv as the taxonomy.")] = None,
     counts_json: Annotated[str | None, typer.Option(help="images_per_category.json: the real long tail.")] = None,
     seeds: int = 3,
-    epochs: float = 6.0,
+    epochs: float = 5.0,
     num_sampled: int = 1024,
     in_process: Annotated[bool, typer.Option(help="Run stages in this process (peak RSS not per stage).")] = False,
 ) -> None:

@@ -39,7 +39,7 @@ class RehearsalPlan:
     # 0.6, not the demo's 0.5: at ~8 products per leaf fewer stock sets are shared; 0.6 gives ~37 % copies.
     stock_share: float = 0.6
     seeds: int = 3
-    epochs: float = 6.0
+    epochs: float = 5.0
     num_sampled: int = 1024
     optimizer: str = "adamw"  # the same for every loss
     lr: float = 1e-3

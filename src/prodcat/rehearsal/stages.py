@@ -152,7 +152,7 @@ def synthetic_stage(workdir: str, plan: dict[str, Any]) -> dict[str, Any]:
     return {"items": summary["rows"], "unit": "feature rows", **summary}
 
 
-def predict_store_stage(run: str, out: str, chunk_rows: int = 16_384) -> dict[str, Any]:
+def predict_store_stage(run: str, out: str, chunk_rows: int = 4096) -> dict[str, Any]:
     summary = predict_from_store(run, out, chunk_rows)
     return {"items": summary["products"], "unit": "test products", **summary}
 
@@ -163,7 +163,7 @@ def _test_order(workdir: str) -> np.ndarray:
     return load_catalog(workdir, "test")["product_id"].to_numpy()
 
 
-def predict_from_store(run: str, out: str, chunk_rows: int = 16_384) -> dict[str, Any]:
+def predict_from_store(run: str, out: str, chunk_rows: int = 4096) -> dict[str, Any]:
     """Submission `_id,category_id` for every test product of the catalog, in catalog order, from the stored test
     features (no pictures decoded), a chunk of products at a time so memory stays flat at any catalog size.
 
