@@ -147,3 +147,25 @@ def test_full_plan_refuses_a_store_the_disk_cannot_hold(tmp_path: Path, monkeypa
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**9, 10**9))
     with pytest.raises(OSError, match=r"needs about 4\d\.\d GB; free space or pass --dim \d+"):
         check_disk(tmp_path, FullPlan())
+
+
+def test_cli_rehearsal_commands_refuse_bad_sizes_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from prodcat.cli import app
+
+    result = CliRunner().invoke(app, ["rehearsal", "--workdir", str(tmp_path), "--products", "10"])
+    assert result.exit_code == 2 and "must be >= categories" in result.output
+    result = CliRunner().invoke(app, ["rehearsal-full", "--workdir", str(tmp_path), "--steps", "0"])
+    assert result.exit_code == 2 and "must be >= 1" in result.output
+    assert not (tmp_path / "features").exists()  # refused before writing anything
+
+
+def test_directory_bytes_counts_a_hard_link_once(tmp_path: Path) -> None:
+    from prodcat.rehearsal.records import directory_bytes
+
+    (tmp_path / "last.pt").write_bytes(b"x" * 1000)
+    (tmp_path / "best.pt").hardlink_to(tmp_path / "last.pt")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "other").write_bytes(b"y" * 24)
+    assert directory_bytes(tmp_path) == 1024 and directory_bytes(tmp_path / "missing") == 0

@@ -46,14 +46,18 @@ class StageRecord:
 
 
 def directory_bytes(path: str | Path) -> int:
-    """Bytes of the regular files under `path` (0 when it does not exist yet)."""
-    total = 0
+    """Bytes of the regular files under `path` (0 when it does not exist yet); a hard-linked file counts once
+    (checkpoints link `best` to `last`)."""
+    total, seen = 0, set()
     for root, _, files in os.walk(path):
         for name in files:
             try:
-                total += os.lstat(os.path.join(root, name)).st_size
+                info = os.lstat(os.path.join(root, name))
             except FileNotFoundError:  # a temp file renamed between listing and stat
-                pass
+                continue
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_size
     return total
 
 
