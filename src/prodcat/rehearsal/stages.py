@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from prodcat.paths import WorkPaths
-from prodcat.utils import atomic_open, read_json
+from prodcat.utils import atomic_open, progress, read_json
 
 __all__ = [
     "probe_stage",
@@ -177,12 +177,11 @@ def predict_from_store(run: str, out: str, chunk_rows: int = 4096) -> dict[str, 
     store = FeatureStore.open(WorkPaths(workdir).feature_store(predictor.store_name))
     rows = store.split_indices("test", valid_only=True)
     row_product = store.column("product_id")[rows]
-    if len(rows) > 1 and np.any(np.diff(rows) < 0):
-        raise ValueError(f"{store.path}: test rows are not in increasing order")
     starts = np.flatnonzero(np.r_[True, row_product[1:] != row_product[:-1]])  # a product's rows are consecutive
     ids, best = row_product[starts], np.empty(len(starts), dtype=np.int64)
     bounds = np.r_[starts, len(rows)]
     first = 0
+    bar = progress(total=len(rows), desc="predict test (store)", unit="image")
     while first < len(starts):
         last = int(np.searchsorted(bounds, bounds[first] + chunk_rows, side="right")) - 1
         last = min(max(last, first + 1), len(starts))
@@ -190,7 +189,9 @@ def predict_from_store(run: str, out: str, chunk_rows: int = 4096) -> dict[str, 
         log_probs = predictor.log_probs_from_features(store.read(rows[lo:hi]))
         index = np.repeat(np.arange(last - first), np.diff(bounds[first : last + 1]))
         best[first:last] = aggregate_products(log_probs, index, last - first, predictor.aggregation).argmax(axis=1)
+        bar.update(hi - lo)
         first = last
+    bar.close()
     order = _test_order(workdir)
     category = np.full(len(order), predictor.taxonomy.category_ids[0], dtype=np.int64)
     found = np.zeros(len(order), dtype=bool)
