@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# GPU-only benchmarks run through benchmarks/gpu_extract.sh on a lent GPU machine, never here.
-SKIP = {"bench_gpu_extract"}
+# GPU-only benchmarks run through benchmarks/gpu_extract.sh on a lent GPU machine, never here; the backbone
+# table (bench_backbones.py) and the flip TTA comparison (bench_tta.py), several minutes each, are run on their own.
+SKIP = {"bench_gpu_extract", "bench_backbones", "bench_tta"}
 
 
 def main(argv: list[str]) -> int:

@@ -180,8 +180,11 @@ def _brute_macro(pred: np.ndarray, label: np.ndarray) -> float:
 
 def test_metrics_match_brute_force(workdir: dict) -> None:
     taxonomy, store = workdir["taxonomy"], workdir["store"]
-    metrics = evaluate(EvalConfig(run=str(workdir["runs"]["flat"]), target_accuracy=0.9))
+    # Levers off (tau fixed at 0, no temperature): the plain per-picture head and aggregation, against loops.
+    config = EvalConfig(run=str(workdir["runs"]["flat"]), target_accuracy=0.9, tau_grid=(0.0,), calibrate=False)
+    metrics = evaluate(config)
     assert metrics["split"] == "holdout" and metrics["selection_split"] == "val" and not metrics["optimistic"]
+    assert metrics["logit_adjustment"]["tau"] == 0.0 and metrics["calibration"]["temperature"] == 1.0
     log_probs, labels, product_ids, _ = _split_log_probs(workdir["runs"]["flat"], store, "holdout")
     pred = log_probs.argmax(axis=1)
     assert metrics["images"] == len(labels) and metrics["products"] == len(np.unique(product_ids)) == 64
@@ -388,11 +391,13 @@ def test_holdout_labels_never_change_a_choice(workdir: dict, tmp_path: Path) -> 
 
     build_workdir(tmp_path, permute_holdout=True)
     shuffled_run = train(TrainConfig(head="linear", loss="softmax", run_name="flat", workdir=str(tmp_path), **COMMON))
-    config = dict(target_accuracy=0.8)
+    config = dict(target_accuracy=0.8, objective="macro")  # macro: a tau > 0 is likely, so it is tested too
     original = evaluate(EvalConfig(run=str(workdir["runs"]["flat"]), **config))
     shuffled = evaluate(EvalConfig(run=str(shuffled_run), **config))
-    for key in ("checkpoint", "aggregation", "aggregation_top1", "threshold"):
+    for key in ("checkpoint", "aggregation", "aggregation_top1", "threshold", "tau", "temperature", "objective"):
         assert shuffled["selection"][key] == original["selection"][key], key
+    assert shuffled["logit_adjustment"]["val"] == original["logit_adjustment"]["val"]
+    assert shuffled["calibration"]["val_nll_after"] == original["calibration"]["val_nll_after"]
     assert shuffled["checkpoint_step"] == original["checkpoint_step"]
     assert shuffled["product"]["aggregation"] == original["product"]["aggregation"]
     assert shuffled["confidence"]["threshold"] == original["confidence"]["threshold"]

@@ -56,7 +56,7 @@ def test_compare_writes_the_report(tmp_path: Path) -> None:
         assert seconds[0] == 0 and seconds == sorted(seconds)
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     page = (out / "compare.html").read_text()
-    assert page.count("<tr>") == 4 and "compare.png" in page
+    assert page.count("<tr>") == 4 and 'src="data:image/png;base64,' in page  # the figure is embedded
     table = (out / "compare.md").read_text()
     assert "| sampled | adamw | " in table and "(2 seeds)" in table and "± n/a" not in table
     assert "same optimizer for every loss: adamw" in table

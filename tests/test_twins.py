@@ -189,7 +189,12 @@ def test_predict_bson_looks_up_training_twins(tmp_path: Path) -> None:
 
     torch.set_num_threads(2)
     data, workdir = tmp_path / "data", tmp_path / "W"
-    generate_demo(data, DemoConfig(products=40, test_products=6, categories=4, seed=1, image_size=64))
+    generate_demo(  # no stock photos: the only twins are the ones made below
+        data,
+        DemoConfig(
+            products=40, test_products=6, categories=4, seed=1, image_size=64, stock_share=0.0, placeholder_share=0.0
+        ),
+    )
     with open(data / "train.bson", "rb") as source:
         documents = {int(doc["_id"]): doc for doc in bson.decode_file_iter(source)}
     with open(data / "test.bson", "rb") as source:

@@ -63,8 +63,11 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def build_model(config: TrainConfig, in_shape: tuple[int, ...], taxonomy: Any) -> nn.Module:
-    """The classifier a config describes (the only place training and loading build one)."""
+def build_model(
+    config: TrainConfig, in_shape: tuple[int, ...], taxonomy: Any, prior_counts: np.ndarray | None = None
+) -> nn.Module:
+    """The classifier a config describes (the only place training and loading build one). `prior_counts`: the
+    train split's pictures per leaf, for the balanced softmax (a loaded run reads its saved prior instead)."""
     from prodcat.model import build_classifier
 
     return build_classifier(
@@ -77,6 +80,7 @@ def build_model(config: TrainConfig, in_shape: tuple[int, ...], taxonomy: Any) -
         num_sampled=config.num_sampled,
         sampler=config.sampler,
         class_counts=np.asarray(taxonomy.train_counts),
+        prior_counts=prior_counts,
         unigram_alpha=config.unigram_alpha,
         with_replacement=config.sample_with_replacement,
         remove_accidental_hits=config.remove_accidental_hits,

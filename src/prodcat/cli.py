@@ -168,6 +168,9 @@ def extract(
     dedupe: Annotated[
         bool, typer.Option(help="Run each distinct picture once (catalog/pictures.parquet); copies share it.")
     ] = ExtractConfig.dedupe,
+    tta: Annotated[
+        str, typer.Option(help="none | flip_mean (mean of the picture's and its mirror's features; 2x backbone time).")
+    ] = ExtractConfig.tta,
 ) -> None:
     """Run a frozen pretrained backbone over the catalog into a resumable feature store."""
     from prodcat.features.backbones import WeightsError
@@ -189,6 +192,7 @@ def extract(
         distributed=distributed,
         name=name,
         dedupe=dedupe,
+        tta=tta,
     )
     try:
         store = run_extract(config)
@@ -203,7 +207,7 @@ def train(
     workdir: Workdir,
     features: str = TrainConfig.features,
     head: Annotated[str, typer.Option(help="linear | mlp | conv | hier")] = TrainConfig.head,
-    loss: Annotated[str, typer.Option(help="softmax | sampled | adaptive")] = TrainConfig.loss,
+    loss: Annotated[str, typer.Option(help="softmax | sampled | adaptive | balanced_softmax")] = TrainConfig.loss,
     run_name: str | None = None,
     num_sampled: int = TrainConfig.num_sampled,
     sampler: Annotated[str, typer.Option(help="uniform | log_uniform | unigram")] = TrainConfig.sampler,
@@ -344,12 +348,29 @@ def evaluate(
     target_accuracy: Annotated[
         float, typer.Option(help="Auto-accept threshold: the lowest reaching this product accuracy on val.")
     ] = EvalConfig.target_accuracy,
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="What the logit adjustment's tau maximises on val: top1 (test drawn like train, as "
+            "Kaggle's) | macro (every leaf alike). Top-1 can drop while macro rises."
+        ),
+    ] = EvalConfig.objective,
+    compare_runs: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated evaluated runs one change apart (e.g. a balanced_softmax run): "
+            "each becomes a row of the levers table."
+        ),
+    ] = "",
 ) -> None:
     """Choose on val, report on the holdout: metrics with n and 95% intervals -> RUN/eval/metrics.json, figures."""
     from prodcat.evaluate import SplitError, summary_lines
     from prodcat.evaluate import evaluate as run_evaluate
 
-    config = EvalConfig(run=str(run), split=split, aggregation=aggregation, target_accuracy=target_accuracy)
+    config = EvalConfig(
+        run=str(run), split=split, aggregation=aggregation, target_accuracy=target_accuracy, objective=objective,
+        compare_runs=tuple(_csv(compare_runs) or ()),
+    )  # fmt: skip
     try:
         metrics = run_evaluate(config)
     except (SplitError, FileNotFoundError) as error:

@@ -155,9 +155,13 @@ class ExtractConfig:
     name: str | None = None  # store name; default "<backbone>-<features>"
     # Decode and run each distinct picture once (by catalog/pictures.parquet hash); duplicates share its vector.
     dedupe: bool = True
+    # Test-time augmentation at extraction: none | flip_mean (each vector is the mean of the picture's features and
+    # its horizontal mirror's; 2x backbone cost, forwards of 2 x batch_size). Serving applies the store's mode.
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         _check(self.features in ("pooled", "spatial"), "features must be 'pooled' or 'spatial'")
+        _check(self.tta in ("none", "flip_mean"), f"tta must be 'none' or 'flip_mean', got {self.tta!r}")
         _check(self.precision in ("auto", "float32", "bfloat16"), "precision must be auto, float32 or bfloat16")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.shard_size >= 1, "shard_size must be >= 1")
@@ -181,7 +185,7 @@ class TrainConfig:
     workdir: str = ""
     features: str = "efficientnet_lite0-pooled"
     head: str = "linear"  # linear | mlp | conv | hier
-    loss: str = "softmax"  # softmax | sampled | adaptive
+    loss: str = "softmax"  # softmax | sampled | adaptive | balanced_softmax (prodcat.model.losses registry)
     run_name: str | None = None
     hidden_dim: int = 1024
     dropout: float = 0.2
@@ -217,7 +221,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.precision in ("float32", "bfloat16"), "precision must be float32 or bfloat16")
         _check(self.stop_after is None or self.stop_after >= 1, "stop_after must be >= 1")
-        _check(self.loss in ("softmax", "sampled", "adaptive"), "loss must be softmax, sampled or adaptive")
+        _check_loss(self.loss)
         _check(self.sampler in ("uniform", "log_uniform", "unigram"), "sampler must be uniform, log_uniform, unigram")
         _check_optimizer(self.optimizer)
         _check(self.num_sampled >= 1, "num_sampled must be >= 1")
@@ -260,6 +264,13 @@ class TrainConfig:
         return self.run_name or f"{self.head}-{self.loss}-s{self.seed}"
 
 
+def _check_loss(name: str) -> None:
+    from prodcat.model import list_losses  # the package registers every loss (sampled lives in its own module)
+
+    known = list_losses()
+    _check(name in known, f"loss must be one of {', '.join(known)}, got {name!r}")
+
+
 def _check_optimizer(name: str) -> None:
     # The names live in one registry, beside the optimizers; torch is loaded anyway wherever a TrainConfig is built.
     from prodcat.model.optim import list_optimizers
@@ -278,8 +289,25 @@ class EvalConfig:
     target_accuracy: float = 0.95
     batch_size: int = 4096
     bootstrap_resamples: int = 1000  # resamples of products for the intervals that are not a binomial proportion
+    # What the logit adjustment's tau maximises on val: top1 (a test set drawn like train, as Kaggle's) or macro
+    # (every leaf alike). Top-1 can drop while macro accuracy rises.
+    objective: str = "top1"
+    tau_grid: tuple[float, ...] = tuple(round(0.1 * step, 1) for step in range(21))  # 0.0 .. 2.0; (0.0,): off
+    calibrate: bool = True  # temperature scaling of product probabilities, T fitted on val
+    calibration_products: int = 10_000  # val products (at random) whose full distributions fit T
+    # Other runs one training change apart (e.g. the balanced_softmax run of the same seed), already evaluated on
+    # the same split: each becomes a row of the levers table.
+    compare_runs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.tau_grid = tuple(float(t) for t in self.tau_grid)
+        self.compare_runs = tuple(str(r) for r in self.compare_runs)
+        _check(self.objective in ("top1", "macro"), f"objective must be top1 or macro, got {self.objective!r}")
+        _check(
+            len(self.tau_grid) > 0 and all(math.isfinite(t) and t >= 0 for t in self.tau_grid),
+            f"tau_grid needs finite values >= 0, got {list(self.tau_grid)}",
+        )
+        _check(self.calibration_products >= 1, "calibration_products must be >= 1")
         _check(self.split in ("train", "val", "holdout", "test"), f"unknown split {self.split!r}")
         _check(self.aggregation in ("auto", "mean_prob", "mean_logprob", "vote"), "unknown aggregation")
         _check(0.0 < self.target_accuracy <= 1.0, "target_accuracy must be in (0, 1]")

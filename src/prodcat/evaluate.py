@@ -20,6 +20,7 @@ split (about 600k images x 5,270 categories) fits in a few hundred MB.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,26 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from prodcat import levers
+from prodcat.calibration import (
+    ECE_BINS,
+    PRIOR_FILE,
+    ProductCalibration,
+    choose_tau,
+    expected_calibration_error,
+    fit_temperature,
+    log_prior,
+    nll,
+    reliability,
+    save_prior,
+)
 from prodcat.config import EvalConfig, TrainConfig, config_from_dict, load_config, save_config
 from prodcat.data.catalog import load_catalog
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import FeatureStore
 from prodcat.paths import WorkPaths
 from prodcat.predict import AGGREGATIONS, Predictor, aggregate_products
-from prodcat.utils import get_logger, progress, write_json, write_parquet
+from prodcat.utils import atomic_write_text, get_logger, progress, write_json, write_parquet
 
 __all__ = [
     "evaluate",
@@ -56,6 +70,8 @@ __all__ = [
     "confidence_curve",
     "choose_threshold",
     "select",
+    "Variant",
+    "search_val",
     "compute_metrics",
     "FIGURES",
     "TOP_K",
@@ -72,10 +88,12 @@ FULL_SCALE_PICTURES_PER_LEAF = 12_371_293 / 5_270
 FULL_SCALE_THRESHOLDS = (100.0, 1000.0)  # (tail below, head above), pictures per leaf
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 COVERAGE_POINTS = (0.5, 0.8, 0.9, 1.0)
+LEVERS_FILE = "levers.md"  # the levers table as Markdown (the report includes report.levers.levers_table_html)
 FIGURES = {
     "confidence": "confidence.png",
     "by_num_images": "accuracy_by_num_images.png",
     "taxonomy": "taxonomy.png",
+    "reliability": "reliability.png",
 }
 log = get_logger("prodcat.evaluate")
 
@@ -98,6 +116,17 @@ class Collected:
     product_top_prob: dict[str, np.ndarray]  # aggregation -> (P, k) probabilities
     product_true_logprob: dict[str, np.ndarray]  # aggregation -> (P,)
     heads: dict[str, np.ndarray] | None = None  # hier: "image_<out>" (N,) and "<aggregation>_<out>" (P,) argmax
+    variants: dict[str, Variant] | None = None  # the chosen aggregation under other calibrations (levers)
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds spent applying each variant
+
+
+@dataclasses.dataclass
+class Variant:
+    """Top-1 of the chosen aggregation under one calibration: label, probability and the true leaf's log-prob."""
+
+    top1: np.ndarray  # (P,)
+    prob: np.ndarray  # (P,)
+    true_logprob: np.ndarray  # (P,)
 
 
 # -- small exact pieces (tested against brute force) -----------------------------------------------------------------
@@ -357,10 +386,21 @@ def _head_argmax(
 
 
 def collect(
-    predictor: Predictor, store: FeatureStore, split: str, batch_size: int = 4096, heads: bool = False
+    predictor: Predictor,
+    store: FeatureStore,
+    split: str,
+    batch_size: int = 4096,
+    heads: bool = False,
+    calibration: ProductCalibration | None = None,
+    variants: dict[str, ProductCalibration] | None = None,
+    aggregation: str | None = None,
 ) -> Collected:
-    """One pass over `split`: image log-probs through the Predictor, products combined by every aggregation."""
+    """One pass over `split`: image log-probs through the Predictor, products combined by every aggregation, then
+    `calibration` (logit adjustment, temperature) applied to each; `variants` keeps the top-1 of `aggregation` under
+    other calibrations too (the levers' arms)."""
     rows, product_id, starts, product_label = _product_rows(store, split)
+    calibration = calibration or ProductCalibration()
+    timing: dict[str, float] = {}
     counts = np.diff(np.r_[starts, len(rows)])
     parts: dict[str, list[np.ndarray]] = {}
 
@@ -378,7 +418,10 @@ def collect(
         keep("image_true", log_probs[np.arange(len(labels)), labels])
         product_index = np.repeat(np.arange(last - first), counts[first:last])
         for method in AGGREGATIONS:
-            aggregated = aggregate_products(log_probs, product_index, last - first, method)
+            raw = aggregate_products(log_probs, product_index, last - first, method)
+            if method == aggregation:
+                _keep_variants(raw, product_label[first:last], variants or {}, keep, timing)
+            aggregated = calibration(raw)
             labels_top, scores_top = top_k(aggregated, TOP_K)
             keep(f"{method}_top", labels_top)
             keep(f"{method}_prob", np.exp(scores_top))
@@ -390,6 +433,11 @@ def collect(
     bar.close()
     joined = {name: np.concatenate(value) for name, value in parts.items()}
     head_parts = {name[5:]: value for name, value in joined.items() if name.startswith("head:")}
+    kept = {
+        name: Variant(joined[f"variant:{name}:top1"], joined[f"variant:{name}:prob"], joined[f"variant:{name}:true"])
+        for name in (variants or {})
+        if aggregation is not None
+    }
     return Collected(
         image_label=np.repeat(product_label, counts),
         image_top=joined["image_top"],
@@ -401,7 +449,28 @@ def collect(
         product_top_prob={m: joined[f"{m}_prob"] for m in AGGREGATIONS},
         product_true_logprob={m: joined[f"{m}_true"] for m in AGGREGATIONS},
         heads=head_parts or None,
+        variants=kept or None,
+        timing=timing,
     )
+
+
+def _keep_variants(
+    raw: np.ndarray,
+    labels: np.ndarray,
+    variants: dict[str, ProductCalibration],
+    keep: Callable[[str, np.ndarray], None],
+    timing: dict[str, float],
+) -> None:
+    """Top-1 label, probability and true log-prob of one chunk's products under each variant (timed)."""
+    for name, variant in variants.items():
+        start = time.perf_counter()
+        scores = variant(raw)
+        timing[name] = timing.get(name, 0.0) + time.perf_counter() - start
+        best = scores.argmax(axis=1)
+        rows = np.arange(len(labels))
+        keep(f"variant:{name}:top1", best)
+        keep(f"variant:{name}:prob", np.exp(scores[rows, best]))
+        keep(f"variant:{name}:true", scores[rows, labels])
 
 
 # -- selection on val ------------------------------------------------------------------------------------------------
@@ -432,6 +501,61 @@ def select(data: Collected, config: EvalConfig) -> dict[str, Any]:
         "aggregation_top1": top1,
         "threshold": choose_threshold(curve, config.target_accuracy),
     }
+
+
+def search_val(
+    predictor: Predictor, store: FeatureStore, aggregation: str, prior_log: np.ndarray, config: EvalConfig
+) -> dict[str, Any]:
+    """One pass over val with the chosen aggregation: product top-1 and macro accuracy for every tau of the grid
+    (tau picked for `config.objective`), then T fitted on the tau-adjusted product log-probabilities of up to
+    `config.calibration_products` val products drawn at random (the NLL of one scalar needs no more)."""
+    start = time.perf_counter()
+    rows, _, starts, product_label = _product_rows(store, SELECTION_SPLIT)
+    counts = np.diff(np.r_[starts, len(rows)])
+    grid = config.tau_grid
+    hits = np.zeros((len(grid), len(starts)), dtype=bool)
+    rng = np.random.default_rng(0)
+    kept_index = np.sort(rng.choice(len(starts), min(len(starts), config.calibration_products), replace=False))
+    kept = np.zeros((len(kept_index), predictor.taxonomy.num_classes), np.float32)
+    shift = -prior_log[None, :]
+    for first, last in _chunks(starts, len(rows), config.batch_size):
+        lo, hi = int(starts[first]), int(starts[last]) if last < len(starts) else len(rows)
+        log_probs = predictor.log_probs_from_features(store.read(rows[lo:hi]), config.batch_size)
+        product_index = np.repeat(np.arange(last - first), counts[first:last])
+        aggregated = aggregate_products(log_probs, product_index, last - first, aggregation)
+        for index, tau in enumerate(grid):  # argmax needs no renormalisation
+            hits[index, first:last] = (aggregated + tau * shift).argmax(axis=1) == product_label[first:last]
+        mine = kept_index[(kept_index >= first) & (kept_index < last)]
+        kept[np.searchsorted(kept_index, mine)] = aggregated[mine - first]
+    ones = np.ones(len(starts))
+    top1 = hits.mean(axis=1)
+    macro = np.array([macro_accuracy(hit.astype(np.float64), ones, product_label) for hit in hits])
+    tau = choose_tau(grid, top1, macro, config.objective)
+    search_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    adjusted = ProductCalibration(tau, prior_log).adjust(kept)
+    kept_labels = product_label[kept_index]
+    temperature = fit_temperature(adjusted, kept_labels) if config.calibrate else 1.0
+    return {
+        "tau": tau,
+        "temperature": temperature,
+        "grid": list(grid),
+        "val_top1": top1.tolist(),
+        "val_macro": macro.tolist(),
+        "val_products": int(len(starts)),
+        "tau_seconds": search_seconds,
+        "fit_products": int(len(kept_index)),
+        "fit_seconds": time.perf_counter() - start,
+        "fit_memory_mb": kept.nbytes / 2**20,
+        "val_nll_before": nll(adjusted, kept_labels),
+        "val_nll_after": nll(adjusted, kept_labels, temperature),
+    }
+
+
+def _calibrated_threshold(data: Collected, chosen: str, target: float) -> dict[str, Any]:
+    """The auto-accept threshold, chosen on val's calibrated product probabilities."""
+    curve = confidence_curve(data.product_top_prob[chosen][:, 0], _product_hits(data, chosen)[0])
+    return choose_threshold(curve, target)
 
 
 # -- metrics on the reported split -----------------------------------------------------------------------------------
@@ -640,6 +764,195 @@ def compute_metrics(
     return metrics, curve
 
 
+def _group_accuracy(correct: np.ndarray, label: np.ndarray, group: np.ndarray) -> dict[str, Any]:
+    """Product top-1 per head / medium / tail group (leaves by train pictures), with its n."""
+    result = {}
+    for index, name in enumerate(FREQUENCY_GROUPS):
+        mine = group[label] == index
+        result[name] = {"products": int(mine.sum()), "top1": float(correct[mine].mean()) if mine.any() else None}
+    return result
+
+
+def _arm_block(variant: Variant, label: np.ndarray, group: np.ndarray) -> dict[str, Any]:
+    correct = variant.top1 == label
+    return {
+        "top1": float(correct.mean()) if len(label) else 0.0,
+        "macro": macro_accuracy(correct.astype(np.float64), np.ones(len(label)), label),
+        "groups": _group_accuracy(correct, label, group),
+    }
+
+
+def _adjustment_metrics(
+    data: Collected, search: dict[str, Any], config: EvalConfig, train_pictures: np.ndarray
+) -> dict[str, Any]:
+    """Lever 3 (long tail): tau chosen on val for the objective; top-1, macro and head / medium / tail before and
+    after on the reported split."""
+    assert data.variants is not None
+    group = frequency_groups(train_pictures)
+    return {
+        "tau": search["tau"],
+        "objective": config.objective,
+        "chosen_on": SELECTION_SPLIT,
+        "formula": "log_softmax(product log-prob - tau * log prior), before twins and temperature",
+        "prior": f"train-split pictures per leaf (a leaf without any counts as 1), RUN/eval/{PRIOR_FILE}",
+        "val": {
+            "n": search["val_products"],
+            "grid": search["grid"],
+            "top1": search["val_top1"],
+            "macro": search["val_macro"],
+        },
+        "split": config.split,
+        "n": int(len(data.product_label)),
+        "before": _arm_block(data.variants["base"], data.product_label, group),
+        "after": _arm_block(data.variants["adjusted"], data.product_label, group),
+        "note": levers.LEVERS_NOTE,
+    }
+
+
+def _accepted(prob: np.ndarray, correct: np.ndarray, picked: dict[str, Any]) -> dict[str, Any]:
+    """What a threshold picked on val accepts on this split."""
+    threshold = picked["threshold"]
+    accepted = np.zeros(len(prob), bool) if threshold is None else prob >= threshold
+    count = int(accepted.sum())
+    return {
+        "threshold": threshold,
+        "coverage": float(accepted.mean()) if len(prob) else 0.0,
+        "accuracy": float(correct[accepted].mean()) if count else None,
+        "accepted": count,
+    }
+
+
+def _calibration_metrics(
+    data: Collected, search: dict[str, Any], split: str, selection: dict[str, Any]
+) -> dict[str, Any]:
+    """Lever 4: T fitted on val; ECE (15 equal-width bins), NLL and reliability before and after on `split`; the
+    auto-accept threshold chosen on val with and without calibration, applied here."""
+    assert data.variants is not None
+    before, after = data.variants["adjusted"], data.variants["deployed"]
+    correct = before.top1 == data.product_label  # temperature never changes the top-1
+    base = data.variants["base"]
+    auto_accept = {
+        "calibrated": _accepted(after.prob, correct, selection["threshold"]),
+        "uncalibrated": _accepted(base.prob, base.top1 == data.product_label, selection["threshold_uncalibrated"]),
+        "note": "each threshold chosen on val for the target accuracy; uncalibrated = no logit adjustment, no T",
+    }
+    return {
+        "auto_accept": auto_accept,
+        "temperature": search["temperature"],
+        "fitted_on": SELECTION_SPLIT,
+        "level": "product: the chosen aggregation's probabilities after the logit adjustment (not per image)",
+        "fit": "T minimising the val NLL of softmax(product log-prob / T)",
+        "fit_products": search["fit_products"],
+        "val_nll_before": search["val_nll_before"],
+        "val_nll_after": search["val_nll_after"],
+        "split": split,
+        "n": int(len(correct)),
+        "bins": ECE_BINS,
+        "ece_before": expected_calibration_error(before.prob, correct),
+        "ece_after": expected_calibration_error(after.prob, correct),
+        "nll_before": float(-before.true_logprob.mean()) if len(correct) else 0.0,
+        "nll_after": float(-after.true_logprob.mean()) if len(correct) else 0.0,
+        "reliability_before": reliability(before.prob, correct),
+        "reliability_after": reliability(after.prob, correct),
+        "threshold": "the auto-accept threshold is chosen on val's calibrated probabilities",
+    }
+
+
+def _twin_lever(predictor: Predictor, store: FeatureStore, config: EvalConfig) -> dict[str, Any]:
+    """Twins chosen on val (RUN/eval/twins.json), their effect measured on the reported split."""
+    from prodcat.twins import TwinChoice, choose_twins, load_twin_choice, twin_predictions
+
+    start = time.perf_counter()
+    try:
+        summary = choose_twins(predictor, SELECTION_SPLIT, store)
+        choice = load_twin_choice(predictor.run_dir) or TwinChoice()
+        predictor.twin_choice = choice
+        arms = [TwinChoice()] + ([choice] if choice.name != TwinChoice().name else [])  # one entry per name
+        results = twin_predictions(predictor, config.split, store, choices=arms)
+    except (ValueError, FileNotFoundError) as error:
+        return {"summary": {"note": f"twins not measured: {error}"}, "arms": None, "seconds": 0.0}
+    arms = (
+        levers.Arm(results.top1["none"], None),
+        levers.Arm(results.top1[choice.name], None),
+        results.label,
+        results.evidence,
+        choice.name,
+        int(results.matched.sum()),
+    )
+    return {"summary": summary, "arms": arms, "seconds": time.perf_counter() - start}
+
+
+def _not_measured(lever: str, detail: str) -> dict[str, Any]:
+    return {"lever": lever, "detail": detail, "n": 0, "top1": None, "macro": None, "ece": None,
+            "verdict": "not measured", "cost": {}, "seed_spread": "n/a"}  # fmt: skip
+
+
+def _levers(run_dir: Path, data: Collected, search: dict[str, Any], twins: dict, config: EvalConfig) -> dict[str, Any]:
+    """The levers table (see prodcat.levers): each lever against this run's plain product predictions."""
+    assert data.variants is not None
+    label, variants, resamples = data.product_label, data.variants, config.bootstrap_resamples
+    arm = {name: levers.Arm(v.top1, v.prob.astype(np.float64)) for name, v in variants.items()}
+    per_product = {name: 1e6 * data.timing.get(name, 0.0) / max(len(label), 1) for name in variants}
+    rows = [
+        levers.lever_row(
+            "logit adjustment",
+            f"tau = {search['tau']:g} chosen on val for {config.objective} (grid {min(search['grid']):g}-"
+            f"{max(search['grid']):g}, {len(search['grid'])} values)",
+            arm["base"], arm["adjusted"], label, config.objective,
+            {"time": f"choosing {search['tau_seconds']:.2f} s on val; applying {per_product['adjusted']:.1f} µs "
+                     "per product", "memory": "one log prior per leaf (C floats)"},
+            resamples,
+        ),
+        levers.lever_row(
+            "temperature scaling",
+            f"T = {search['temperature']:.3f} fitted on val NLL ({search['fit_products']:,} products), "
+            "product level",
+            arm["adjusted"], arm["deployed"], label, "ece",
+            {"time": f"fitting {search['fit_seconds']:.2f} s on val; applying "
+                     f"{max(per_product['deployed'] - per_product['adjusted'], 0.0):.1f} µs per product",
+             "memory": f"one scalar (the fit holds {search['fit_memory_mb']:.1f} MB of val distributions)"},
+            resamples,
+        ),
+    ]  # fmt: skip
+    rows.append(_twin_row(twins, resamples))
+    for other in config.compare_runs:
+        try:
+            rows.append(
+                levers.run_comparison_row(run_dir, Path(other), data.product_id, label, arm["base"], config.split,
+                                          resamples)
+            )  # fmt: skip
+        except (FileNotFoundError, ValueError) as error:
+            rows.append(_not_measured(f"run {Path(other).name}", str(error)))
+    if not config.compare_runs:
+        rows.append(_not_measured("balanced softmax", "needs its own training run: train with `--loss "
+                                  "balanced_softmax` (or `prodcat compare --losses softmax,balanced_softmax`), "
+                                  "evaluate it, then pass it as `--compare-runs`"))  # fmt: skip
+    return {
+        "split": config.split,
+        "n": int(len(label)),
+        "baseline": "this run's product predictions (chosen aggregation), no logit adjustment, no temperature, "
+        "no twins; the temperature row starts from the logit-adjusted predictions",
+        "interval": f"95% paired bootstrap over products ({resamples:,} resamples), the same draw for both arms",
+        "ece": f"{ECE_BINS} equal-width bins of the product top-1 probability",
+        "seed_spread": "n/a (one training seed; `prodcat compare` gives the spread over three)",
+        "rows": rows,
+        "notes": [levers.LEVERS_NOTE],
+    }
+
+
+def _twin_row(twins: dict[str, Any], resamples: int) -> dict[str, Any]:
+    if twins["arms"] is None:
+        return _not_measured("training twins", twins["summary"]["note"])
+    before, after, label, evidence, name, matched = twins["arms"]
+    return levers.lever_row(
+        "training twins", f"{name} chosen on val; {matched:,} products with a twin; evidence: {evidence}",
+        before, after, label, "top1",
+        {"time": f"choosing on val + measuring {twins['seconds']:.1f} s", "memory": "a hash index of the train "
+         "pictures (16-byte hash + product id + label per picture)", "ece": "n/a: twins give labels here"},
+        resamples,
+    )  # fmt: skip
+
+
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
     """The headline numbers as the CLI prints them: protocol, then each accuracy with its interval."""
 
@@ -664,6 +977,13 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(
             f"auto-accept at {confidence['threshold']:.4f} (chosen on {confidence['chosen_on']}): "
             f"coverage {confidence['coverage']:.3f}, accuracy {accuracy}"
+        )
+    adjustment, calibration = metrics.get("logit_adjustment"), metrics.get("calibration")
+    if adjustment and calibration:
+        lines.append(
+            f"logit adjustment tau {adjustment['tau']:g} (objective {adjustment['objective']}, chosen on val); "
+            f"temperature T {calibration['temperature']:.3f} (fitted on val); product ECE "
+            f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f} on {calibration['split']}"
         )
     lines.append(f"95% intervals over products; seed spread {metrics['seed_spread']}")
     return lines
@@ -702,13 +1022,21 @@ def evaluate(config: EvalConfig) -> dict:
     for split in dict.fromkeys((SELECTION_SPLIT, config.split)):
         _require_split(store, train_config.workdir, split)
     hierarchical = train_config.head == "hier" and hasattr(predictor.model, "level_log_probs")
-    data = collect(predictor, store, config.split, config.batch_size, heads=hierarchical)
-    chosen_on = (
-        data if config.split == SELECTION_SPLIT else collect(predictor, store, SELECTION_SPLIT, config.batch_size)
-    )
-    selection = {"checkpoint": _checkpoint_choice(predictor), **select(chosen_on, config)}
     train_pictures = train_pictures_per_leaf(store, predictor.taxonomy.num_classes)
+    chosen = _choose_on_val(predictor, store, config, log_prior(train_pictures), hierarchical)
+    selection, variants = chosen["selection"], chosen["variants"]
+    data = chosen["val"]
+    if config.split != SELECTION_SPLIT:
+        data = collect(
+            predictor, store, config.split, config.batch_size, hierarchical, variants["deployed"], variants,
+            selection["aggregation"],
+        )  # fmt: skip
     metrics, curve = compute_metrics(data, predictor.taxonomy, config, selection, train_pictures)
+    metrics["logit_adjustment"] = _adjustment_metrics(data, chosen["search"], config, train_pictures)
+    metrics["calibration"] = _calibration_metrics(data, chosen["search"], config.split, selection)
+    predictor.aggregation = selection["aggregation"]  # the twins lever uses the aggregation chosen just now
+    twins = _twin_lever(predictor, store, config)
+    metrics["levers"] = _levers(run_dir, data, chosen["search"], twins, config)
     out = run_dir / "eval"
     metrics = {
         "run": run_dir.name,
@@ -718,14 +1046,45 @@ def evaluate(config: EvalConfig) -> dict:
         "features": train_config.features,
         "checkpoint_step": predictor.meta.get("step"),
         **metrics,
-        "files": {"metrics": "metrics.json", "predictions": "predictions.parquet", "config": "config.json", **FIGURES},
-    }
+        "twins": twins["summary"],
+        "notes": [levers.LEVERS_NOTE],
+        "files": {
+            "metrics": "metrics.json", "predictions": "predictions.parquet", "config": "config.json",
+            "prior": PRIOR_FILE, "levers": LEVERS_FILE, **FIGURES,
+        },
+    }  # fmt: skip
     _write_predictions(out / "predictions.parquet", data, metrics["product"]["aggregation"], config.split)
     _draw_figures(out, metrics, curve)
     save_config(config, out / "config.json")
+    save_prior(out, train_pictures, "train-split pictures per leaf")
     write_json(out / "metrics.json", metrics)
+    from prodcat.report.levers import levers_table_markdown
+
+    atomic_write_text(out / LEVERS_FILE, levers_table_markdown(metrics))
     log.info("evaluate %s: %s", run_dir.name, " | ".join(summary_lines(metrics)))
     return metrics
+
+
+def _choose_on_val(
+    predictor: Predictor, store: FeatureStore, config: EvalConfig, prior_log: np.ndarray, hierarchical: bool
+) -> dict[str, Any]:
+    """Every choice, in order, on val only: aggregation; tau (for the objective) and T; the threshold on the
+    calibrated probabilities. Returns them with val's calibrated pass (reused when val is also the reported split)."""
+    raw_val = collect(predictor, store, SELECTION_SPLIT, config.batch_size)
+    selection = {"checkpoint": _checkpoint_choice(predictor), **select(raw_val, config)}
+    chosen = selection["aggregation"]
+    search = search_val(predictor, store, chosen, prior_log, config)
+    variants = {
+        "base": ProductCalibration(),
+        "adjusted": ProductCalibration(search["tau"], prior_log),
+        "deployed": ProductCalibration(search["tau"], prior_log, search["temperature"]),
+    }
+    heads = hierarchical and config.split == SELECTION_SPLIT
+    val = collect(predictor, store, SELECTION_SPLIT, config.batch_size, heads, variants["deployed"], variants, chosen)
+    selection["threshold_uncalibrated"] = selection["threshold"]
+    selection["threshold"] = _calibrated_threshold(val, chosen, config.target_accuracy)
+    selection.update(tau=search["tau"], objective=config.objective, temperature=search["temperature"])
+    return {"selection": selection, "search": search, "variants": variants, "val": val}
 
 
 def _checkpoint_choice(predictor: Predictor) -> dict[str, Any]:
@@ -754,6 +1113,9 @@ def _write_predictions(path: Path, data: Collected, chosen: str, split: str) -> 
         columns[f"top{rank + 1}_prob"] = pa.array(
             prob[:, rank].astype(np.float32) if present else np.full(len(top), np.nan, np.float32)
         )
+    if data.variants and "base" in data.variants:  # what a run-vs-run lever compares: no tau, no temperature
+        columns["base_top1_label"] = pa.array(data.variants["base"].top1.astype(np.int32))
+        columns["base_top1_prob"] = pa.array(data.variants["base"].prob.astype(np.float32))
     table = pa.table(columns).replace_schema_metadata(
         {b"prodcat.aggregation": chosen.encode(), b"prodcat.split": split.encode()}
     )
@@ -765,6 +1127,25 @@ def _draw_figures(out: Path, metrics: dict[str, Any], curve: dict[str, np.ndarra
     _plot_confidence(out / FIGURES["confidence"], metrics["confidence"], curve, metrics["split"])
     _plot_by_num_images(out / FIGURES["by_num_images"], metrics["product"])
     _plot_taxonomy(out / FIGURES["taxonomy"], metrics["taxonomy"])
+    _plot_reliability(out / FIGURES["reliability"], metrics["calibration"])
+
+
+def _plot_reliability(path: Path, calibration: dict[str, Any]) -> None:
+    """Reliability diagram of the product top-1 probability, before and after temperature scaling."""
+    from prodcat.report import figures
+
+    with figures.png_figure(path, figsize=(5.6, 4.6)) as (figure, axes):
+        axes.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
+        for index, (key, name) in enumerate((("before", "before"), ("after", f"T = {calibration['temperature']:.2f}"))):
+            bins = [b for b in calibration[f"reliability_{key}"] if b["count"]]
+            axes.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", markersize=4,
+                      color=figures.PALETTE[index], label=f"{name}: ECE {calibration[f'ece_{key}']:.3f}")  # fmt: skip
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1.02)
+        axes.set_xlabel("mean product top-1 probability in the bin")
+        axes.set_ylabel("accuracy in the bin")
+        axes.set_title(f"Reliability on {calibration['split']} ({calibration['bins']} bins, n = {calibration['n']:,})")
+        axes.legend(loc="upper left", fontsize=8)
 
 
 def _plot_confidence(path: Path, confidence: dict[str, Any], curve: dict[str, np.ndarray], split: str) -> None:

@@ -221,7 +221,11 @@ def _write_tables(
 ) -> None:
     notes_md = "".join(f"\n- {n}" for n in notes)
     atomic_write_text(out / f"{name}.md", f"# {title}\n\n" + _markdown(headers, rows) + notes_md + "\n")
-    atomic_write_text(out / f"{name}.html", _html_page(title, f"{name}.png", headers, rows, notes))
+    from prodcat.report.markup import png_data_uri
+
+    figure = out / f"{name}.png"  # embedded: the page stands alone like the report
+    source = png_data_uri(figure) if figure.is_file() else figure.name
+    atomic_write_text(out / f"{name}.html", _html_page(title, source, headers, rows, notes))
 
 
 def _band(ax: Any, x: np.ndarray, mean: np.ndarray, std: np.ndarray | None, label: str) -> None:
@@ -241,9 +245,8 @@ COMPARE_HEADERS = (
     "val loss",
     "s / epoch",
     "ms / step",
-    "peak RSS (MB)",
     "peak GPU (MB)",
-)
+)  # peak RSS stays in the JSON only: in one process it is the process's high-water mark, the same for every run
 
 
 def _arm_label(loss: str, optimizer: str) -> str:
@@ -261,7 +264,6 @@ def _compare_row(agg: dict[str, Any]) -> list[str]:
         f"{agg['val_loss_mean']:.4f}",
         _fmt(agg["seconds_per_epoch_mean"]),
         _fmt(agg["step_seconds_mean"], 1000, 2),
-        _fmt(agg["peak_rss_mb_max"], digits=0),
         _fmt(agg["peak_cuda_mb_max"], digits=0),
     ]
 
@@ -356,9 +358,9 @@ def compare(
     }
     notes = _compare_notes(head, features, epochs, batch_size, seeds, num_sampled, cells)
     notes.append(
-        "Peak RSS: each run's own process (max over seeds)."
+        "Peak RSS (compare.json only): each run's own process (max over seeds)."
         if isolate
-        else "Peak RSS: runs shared one process, so it is the process peak up to that run."
+        else "Peak RSS (compare.json only): runs shared one process, so it is the process peak up to that run."
     )
     notes += [note] if note else []
     write_json(
@@ -420,9 +422,17 @@ def _sweep_row(label: str, optimizer: str, agg: dict[str, Any]) -> list[str]:
     ]
 
 
-def _plot_sweep(
-    path: Path, points: list[dict[str, Any]], reference: dict[str, Any], optimizer: str, title: str
-) -> None:
+def _k_ticks(ax: Any, ks: Sequence[int]) -> None:
+    """Ticks at the K values tried (2, 4, 8, 16, 32) on the log axis, written as plain numbers."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator(list(ks)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _plot_sweep(path: Path, points: list[dict[str, Any]], reference: dict[str, Any], optimizer: str, title: str) -> Any:
+    """Accuracy and step time against K; returns the matplotlib Figure (already saved to `path`)."""
     from prodcat.report.figures import png_figure
 
     ks = [p["num_sampled"] for p in points]
@@ -448,8 +458,10 @@ def _plot_sweep(
             time_axes.axhline(reference_ms, linestyle="--", color="#555555", label=reference_label)
         time_axes.set(xscale="log", xlabel="sampled negatives K", ylabel="ms per training step", title="step time vs K")
         for ax in (acc_axes, time_axes):
+            _k_ticks(ax, ks)
             ax.legend()
         figure.suptitle(title)
+    return figure
 
 
 def sweep(

@@ -32,6 +32,11 @@ class WorkPaths:
         return self.root / "taxonomy.parquet"
 
     @property
+    def ingest_outputs(self) -> tuple[Path, ...]:
+        """Everything `prodcat ingest` writes, replaced together on re-ingest (data/staging.py)."""
+        return (self.taxonomy, self.catalog)
+
+    @property
     def features(self) -> Path:
         return self.root / "features"
 

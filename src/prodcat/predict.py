@@ -115,6 +115,10 @@ class Predictor:
         self.aggregation: str = metrics.get("product", {}).get("aggregation", "mean_prob")
         self.store_name = store_name or extract_config.store_name  # the feature store the head was trained on
         self.accept_threshold: float | None = metrics.get("confidence", {}).get("threshold")
+        from prodcat.calibration import load_calibration
+
+        # Logit adjustment (tau) and temperature (T) chosen on val; the threshold above is on calibrated probabilities.
+        self.calibration = load_calibration(self.run_dir, metrics)
         from prodcat.twins import load_twin_choice
 
         self.twin_choice: TwinChoice | None = load_twin_choice(self.run_dir)  # None: not chosen on val yet
@@ -158,7 +162,9 @@ class Predictor:
         chunks = []
         for start in range(0, len(images), batch_size):
             # uint8 batch, normalised on the runner's device: the same path as extraction, so features match.
-            out = runner(preprocess.pack(list(images[start : start + batch_size])), spatial=spatial)
+            batch = preprocess.pack(list(images[start : start + batch_size]))
+            # The store's TTA too (its config.json; "none" before TTA existed): served rows equal stored ones.
+            out = runner(batch, spatial=spatial, tta=self.extract_config.tta)
             # Exactly what the store keeps (channels, float16 rounding), so served and evaluated scores match.
             stored = stored_features(out, self.extract_config.features, self.extract_config.spatial_channels)
             chunks.append(torch.from_numpy(stored).to(torch.float32).numpy())
@@ -236,9 +242,11 @@ class Predictor:
         product_index = np.repeat(np.arange(len(products)), [len(product) for product in products])
         image_log_probs = self.image_log_probs(images)
         product_log_probs = aggregate_products(image_log_probs, product_index, len(products), self.aggregation)
+        product_log_probs = self.calibration.adjust(product_log_probs)
         matches: list[TwinMatch | None] = [None] * len(products)
         if hashes is not None:
             product_log_probs, matches = self._with_twins(product_log_probs, hashes)
+        product_log_probs = self.calibration.temper(product_log_probs)  # last: probabilities change, ranking not
         image_scores = self.scores(image_log_probs, top_k)
         predictions = []
         for index, top in enumerate(self.scores(product_log_probs, top_k)):
@@ -260,16 +268,36 @@ class Predictor:
 _Batch = tuple[np.ndarray, list[list[Any]], list[list[bytes]], int]
 
 
-def _iter_product_batches(bson_path: Path, batch_size: int) -> Iterator[_Batch]:
+def _submission_rows(bson_path: Path) -> Any:
+    """The products of a test file that get a submission row: every document whose `_id` is readable (damaged
+    ones too: they get the fallback category), in file order, one per `_id` (Kaggle scores one row per test `_id`;
+    the first document with an id wins, each repeat is logged). Returns the index restricted to those rows."""
+    from prodcat.data.bson_index import index_bson
+
+    index = index_bson(bson_path, keep_damaged=True)
+    for problem in index.problems:
+        outcome = "no row: its _id is unreadable" if problem.product_id is None else "the product keeps its row"
+        log.warning("%s (%s)", problem, outcome)
+    _, first = np.unique(index.product_id, return_index=True)
+    keep = np.zeros(len(index), dtype=bool)
+    keep[first] = True
+    for row in np.flatnonzero(~keep):
+        log.warning("%s at byte %d: duplicate _id %d; the submission keeps the first document's row",
+                    bson_path, int(index.offset[row]), int(index.product_id[row]))  # fmt: skip
+    if not keep.all():
+        for column in ("product_id", "offset", "length", "num_images", "category_id"):
+            setattr(index, column, getattr(index, column)[keep])
+    return index
+
+
+def _iter_product_batches(bson_path: Path, batch_size: int, index: Any = None) -> Iterator[_Batch]:
     """(product ids, decoded images per product, picture digests per product, failed images) in file order, about
-    batch_size images at a time."""
-    from prodcat.data.bson_index import BsonReader, index_bson
+    batch_size images at a time; `index`: the rows to read (default: `_submission_rows`)."""
+    from prodcat.data.bson_index import BsonReader
     from prodcat.data.images import decode_image
     from prodcat.features.extract import picture_digest
 
-    index = index_bson(bson_path)
-    for problem in index.problems:
-        log.warning("%s (no row can be written without a readable _id)", problem)
+    index = _submission_rows(bson_path) if index is None else index
     with BsonReader(bson_path) as reader:
         ids, products, digests, count, failed = [], [], [], 0, 0
         for product_id, offset, length in zip(index.product_id, index.offset, index.length, strict=True):
@@ -296,16 +324,16 @@ def _iter_product_batches(bson_path: Path, batch_size: int) -> Iterator[_Batch]:
 
 
 def predict_bson(run_dir: str | Path, bson_path: str | Path, out: str | Path, batch_size: int = 64) -> dict:
-    """Kaggle submission `_id,category_id`: one row per product of the file, in file order.
+    """Kaggle submission `_id,category_id`: one row per readable `_id` of the file, in file order (a repeated
+    `_id` keeps its first document's row; see `_submission_rows`).
 
-    A product whose images all fail to decode gets the most frequent training category (label 0).
+    A product whose images all fail to decode, or whose document is damaged past its `_id`, gets the most frequent
+    training category (label 0).
     """
-    from prodcat.data.bson_index import index_bson
-
     predictor = Predictor.load(run_dir)
     _ensure_twin_choice(predictor)
     fallback_category = int(predictor.taxonomy.category_ids[0])
-    index = index_bson(bson_path)
+    index = _submission_rows(Path(bson_path))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["_id", "category_id"])
@@ -327,7 +355,7 @@ def predict_bson(run_dir: str | Path, bson_path: str | Path, out: str | Path, ba
     summary = {"products": 0, "fallback_products": 0, "failed_images": 0, "source": "backbone"}
     twin_products = 0
     bar = progress(total=len(index), desc="predict", unit="product")
-    for ids, products, digests, failed in _iter_product_batches(Path(bson_path), batch_size):
+    for ids, products, digests, failed in _iter_product_batches(Path(bson_path), batch_size, index):
         with_images = [i for i, product in enumerate(products) if product]
         categories = np.full(len(ids), fallback_category, dtype=np.int64)
         if with_images:
@@ -398,6 +426,7 @@ def _from_store(predictor: Predictor, bson_path: Path, product_ids: np.ndarray) 
     log_probs = predictor.log_probs_from_features(store.read(valid))
     ids, product_index = np.unique(store.column("product_id")[valid], return_inverse=True)
     product_log_probs = aggregate_products(log_probs, product_index, len(ids), predictor.aggregation)
+    product_log_probs = predictor.calibration.adjust(product_log_probs)  # top-1 only: temperature cannot change it
     product_log_probs, twin_products = _store_twins(predictor, store, valid, product_index, product_log_probs)
     best = dict(
         zip(ids.tolist(), predictor.taxonomy.category_ids[product_log_probs.argmax(axis=1)].tolist(), strict=True)

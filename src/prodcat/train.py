@@ -428,11 +428,13 @@ def setup(config: TrainConfig) -> Run:
     paths = WorkPaths(config.workdir)
     store = FeatureStore.open(paths.feature_store(config.features))
     taxonomy = Taxonomy.load(paths.taxonomy)
-    model = build_model(config, store.feature_shape, taxonomy).to(device)
+    train_rows = _split_rows(store, "train", taxonomy.num_classes)
+    # The train split's own label counts (not the catalog's, which include val and holdout products).
+    prior_counts = np.bincount(store.column("label")[train_rows].astype(np.int64), minlength=taxonomy.num_classes)
+    model = build_model(config, store.feature_shape, taxonomy, prior_counts=prior_counts).to(device)
     sparse = _sparse_output(config, info)
     optimizer = _build_optimizer(model, config, sparse)
     limit = config.memory_limit_gb * 1e9
-    train_rows = _split_rows(store, "train", taxonomy.num_classes)
     run = Run(
         config=config,
         run_dir=paths.run(config.name),

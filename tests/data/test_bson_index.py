@@ -288,7 +288,7 @@ def test_fast_path_reads_kaggle_layouts_without_decoding(
 
     decoded = []
     full_decode = bson_index._slow_fields
-    monkeypatch.setattr(bson_index, "_slow_fields", lambda buf, o, n: decoded.append(o) or full_decode(buf, o, n))
+    monkeypatch.setattr(bson_index, "_slow_fields", lambda buf, o, *a: decoded.append(o) or full_decode(buf, o, *a))
     kaggle = [make_product(i, c, k) for i, (c, k) in enumerate([(5, 1), (bson.Int64(6), 4), (None, 0), (7, 10)])]
     kaggle.append(make_product(bson.Int64(99), None, 3))
     other = [make_product(50, 5, 11), encode_reordered(make_product(51, 5, 1)), {**make_product(52, 5, 1), "x": 1}]

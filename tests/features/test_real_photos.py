@@ -1,7 +1,8 @@
 """Real photos through the exact extraction path: JPEG bytes -> decode_image -> Preprocessor -> InferenceRunner.
 
-The packaged EfficientNet-Lite0 must still be an ImageNet classifier after the whole path (a cat is a cat), and the
-automatic mode's features must stay within cosine 0.999 of float32 on every photo, the real Cdiscount ones included.
+Every backbone with packaged weights (EfficientNet-Lite0/1/2) must still be an ImageNet classifier after the whole
+path (a cat is a cat), and the automatic mode's features must stay within cosine 0.999 of float32 on every photo, the
+real Cdiscount ones included.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from PIL import Image
 
 from prodcat.data.bson_index import BsonReader, index_bson
 from prodcat.data.images import decode_image
-from prodcat.features.backbones import Backbone, Preprocessor, create_backbone
+from prodcat.features.backbones import Backbone, Preprocessor, create_backbone, list_backbones, packaged_weights
 from prodcat.features.inference import InferenceRunner
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -25,6 +26,7 @@ torch.set_num_threads(2)
 
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE_CLASSES = {967, 968}  # espresso, cup
+PACKAGED = [name for name in list_backbones() if packaged_weights(name) is not None]
 
 
 def jpeg_bytes(pixels: np.ndarray) -> bytes:
@@ -41,6 +43,17 @@ def photos() -> list[bytes]:
 @pytest.fixture(scope="module")
 def lite0() -> Backbone:
     return create_backbone("efficientnet_lite0")
+
+
+@pytest.mark.parametrize("name", [n for n in PACKAGED if n != "efficientnet_lite0"])  # Lite0: the test above
+@pytest.mark.parametrize("precision", ["float32", "auto"])
+def test_packaged_backbone_classifies_cat_and_coffee(name: str, photos: list[bytes], precision: str) -> None:
+    backbone = create_backbone(name)
+    runner = InferenceRunner(backbone, precision=precision, device="cpu")
+    logits = runner(batch_for(backbone, photos), logits=True)["logits"]
+    top5 = logits.topk(5, dim=1).indices.tolist()
+    assert CAT_CLASSES & set(top5[0]) and top5[0][0] in CAT_CLASSES, f"{name} chelsea -> {top5[0]} ({runner.mode})"
+    assert COFFEE_CLASSES & set(top5[1]) and top5[1][0] in COFFEE_CLASSES, f"{name} coffee -> {top5[1]}"
 
 
 def batch_for(backbone: Backbone, photos: list[bytes]) -> torch.Tensor:
@@ -95,14 +108,15 @@ def cdiscount_photos() -> list[bytes]:
         return [p for o, n in zip(index.offset, index.length, strict=True) for p in reader.pictures(int(o), int(n))]
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "legacy_xception"])
+@pytest.mark.parametrize("name", [*PACKAGED, "legacy_xception"])
 def test_auto_mode_keeps_float32_features_on_real_photos(
     name: str, photos: list[bytes], cdiscount_photos: list[bytes]
 ) -> None:
     # The condition for any faster mode: pooled features within cosine 0.999 of float32, photo by photo. bf16
     # autocast fails it for the packaged Lite0 on about a third of the real Cdiscount photos; the runner's
     # calibration must see that and run Lite0 in float32 (ONNX Runtime), while random-init Xception keeps bf16.
-    backbone = create_backbone(name, random_init=name != "efficientnet_lite0")
+    # Lite1/Lite2 run with their packaged weights: whichever mode auto picks must keep the features.
+    backbone = create_backbone(name, random_init=name not in PACKAGED)
     everything = photos + [jpeg_bytes(getattr(skimage_data, n)()) for n in ("astronaut", "rocket", "camera")]
     batch = batch_for(backbone, everything + cdiscount_photos)
     runner = InferenceRunner(backbone, precision="auto", device="cpu")

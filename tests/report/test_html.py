@@ -31,7 +31,7 @@ ROWS = [
     (14, "SPORT", "CYCLES", "CASQUE"),
     (15, "LIBRAIRIE", "LIVRE", "ROMAN"),
 ]
-SECTIONS = ("explore", "training", "compare", "sweep", "evaluation", "gallery")
+SECTIONS = ("answer", "explore", "training", "compare", "sweep", "evaluation", "gallery")
 STORE = "toy"
 
 
@@ -133,6 +133,10 @@ def _local_links(page: str) -> list[str]:
     return [link for link in re.findall(r'(?:src|href)="([^"]+)"', page) if not link.startswith(("data:", "#"))]
 
 
+def _image_sources(page: str) -> list[str]:
+    return re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
+
+
 def _assert_links_exist(page: str, reports: Path) -> None:
     for link in _local_links(page):
         assert not link.startswith(("/", "file:", "http")), link  # relative, so the folder can move
@@ -152,10 +156,16 @@ def test_full_report(full_workdir: Path) -> None:
     assert "<JARDIN>" not in page and "MAISON &amp; &lt;JARDIN&gt;" in page
     assert "GROS ŒUVRE" in page and "PRÉPAYÉE" in page and "VELO ENFANT (10&quot; - 12&quot;)" in page
     _assert_links_exist(page, reports)
-    assert "assets/runs/linear-run/curves.png" in page and "assets/eval/hier-run/confidence.png" in page
-    assert "explore/" in sections["explore"] and 'src="compare/compare.png"' in sections["compare"]
-    assert 'src="sweep/sweep.png"' in sections["sweep"] and "full softmax" in sections["sweep"]
+    # Self-contained: every picture and figure is embedded, so index.html alone can be copied anywhere.
+    sources = _image_sources(page)
+    assert sources and all(src.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for src in sources)
+    assert page.count('alt="linear-run: linear head, softmax, adamw"') == 1  # its training curves
+    assert 'alt="hier-run: confidence"' in page and "data:image/png;base64," in sections["compare"]
+    assert "data:image/png;base64," in sections["sweep"] and "full softmax" in sections["sweep"]
     assert ">sampled<" in sections["compare"] and ">softmax<" in sections["compare"]
+    assert "peak RSS" not in sections["compare"]
+    assert "Conclusions" in sections["compare"] and "at equal optimizer (adamw)" in sections["compare"]
+    assert "loss \\ optimizer" in sections["compare"]
     assert "Hierarchical vs flat head" in sections["evaluation"]
     # Headline numbers say where they come from, their n and interval; a one-seed spread is n/a, never ± 0.
     evaluation = sections["evaluation"]
@@ -168,15 +178,14 @@ def test_full_report(full_workdir: Path) -> None:
     assert "± n/a" in sections["compare"] and "± n/a" in sections["sweep"]
     assert not re.search(r"± 0\.0\b", page)
     assert "Gallery of holdout products" in page
+    _assert_headline(sections["answer"], full_workdir)
+    assert "Per category (holdout, products)" in evaluation and 'class="numbers sortable"' in evaluation
+    assert "Reliability (holdout" in evaluation and 'alt="accuracy against top probability"' in evaluation
+    assert "Pictures of the most confused pairs" in evaluation
     gallery = sections["gallery"]
-    best = max(
-        ("linear-run", "hier-run"),
-        key=lambda run: (
-            pq.read_table(WorkPaths(full_workdir).run(run) / "eval" / "predictions.parquet")["correct"]
-            .to_numpy()
-            .mean()
-        ),
-    )
+    best = re.search(r"Best run <b>([^<]+)</b>", sections["answer"]).group(1)
+    scores = {run: _val_score(WorkPaths(full_workdir).run(run)) for run in ("linear-run", "hier-run")}
+    assert scores[best] == max(scores.values()) and f"products of <b>{best}</b>" in gallery
     table = pq.read_table(WorkPaths(full_workdir).run(best) / "eval" / "predictions.parquet").to_pandas()
     right = min(GALLERY_RIGHT, int(table["correct"].sum()))
     wrong = min(GALLERY_WRONG, int((~table["correct"]).sum()))
@@ -185,6 +194,40 @@ def test_full_report(full_workdir: Path) -> None:
     assert len(shown) == right + wrong
     # Every picture of every shown product is embedded as a JPEG thumbnail.
     assert gallery.count("data:image/jpeg;base64,") == sum(int(n) for _, n in shown)
+
+
+def _val_score(run: Path) -> float:
+    """Product top-1 on val of the aggregation the run keeps: where the best run is chosen (never the holdout)."""
+    import json
+
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    return metrics["selection"]["aggregation_top1"][metrics["product"]["aggregation"]]
+
+
+def _assert_headline(answer: str, workdir: Path) -> None:
+    """The answer first: best run, holdout product and picture top-1 with n and interval, macro, baseline, accept."""
+    import json
+
+    assert 'id="headline-box"' in answer and "chosen by product top-1 on val" in answer
+    best = re.search(r"Best run <b>([^<]+)</b>", answer).group(1)
+    run = WorkPaths(workdir).run(best)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    product, image = metrics["product"], metrics["image"]
+    lo, hi = product["top1_ci95"]
+    shown = f"{100 * product['top1']:.1f}%<small>[{100 * lo:.1f}, {100 * hi:.1f}] · n = {product['n']} products"
+    assert shown in answer
+    assert f"{100 * image['top1']:.1f}%<small>[" in answer and f"n = {image['n']} pictures" in answer
+    assert "product top-1 on holdout" in answer and "picture top-1 on holdout" in answer
+    assert f"{100 * product['macro']:.1f}%" in answer and "product macro accuracy" in answer
+    table = pq.read_table(run / "eval" / "predictions.parquet").to_pandas()
+    majority = int(np.argmax(Taxonomy.load(run / "taxonomy.parquet").train_counts))
+    baseline = (table["label"] == majority).mean()
+    assert f'{100 * baseline:.1f}%<small>on holdout</small></div><div class="label">majority-class' in answer
+    confidence = metrics["confidence"]
+    if confidence["threshold"] is not None:
+        assert f"top probability is ≥ <b>{confidence['threshold']:.3g}</b>" in answer
+        assert f"<b>{100 * confidence['coverage']:.0f}%</b> of products" in answer
+        assert "the rest go to a person" in answer
 
 
 def test_report_on_empty_workdir(tmp_path: Path) -> None:
@@ -206,12 +249,13 @@ def test_report_with_some_sections(full_workdir: Path, tmp_path: Path) -> None:
     sections = _sections(page)
     for name in ("compare", "sweep"):
         assert 'class="missing"' in sections[name]
-    for name in ("explore", "training", "evaluation", "gallery"):
+    for name in ("answer", "explore", "training", "evaluation", "gallery"):
         assert 'class="missing"' not in sections[name], name
     assert "linear-run" in sections["training"] and "linear-run" not in sections["evaluation"]
     assert "Hierarchical vs flat head" not in sections["evaluation"]  # only the hier run is evaluated
-    assert "assets/runs/hier-run/curves.png" not in page
-    assert "no thumbnail" in sections["gallery"] and "data:image" not in page
+    assert 'alt="hier-run: ' not in sections["training"]  # no curves.png, no figure
+    assert "no thumbnail" in sections["gallery"] and "data:image/jpeg" not in page
+    assert 'id="headline-box"' in sections["answer"] and "hier-run" in sections["answer"]
     _assert_links_exist(page, target.reports)
 
 

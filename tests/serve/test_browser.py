@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -34,12 +35,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+RUN_NAME = "linear-softmax-adamw-s0"
+
+
+def _evaluated_run(root: Path) -> Path:
+    """A run folder with what `prodcat evaluate` leaves for the page: the holdout product accuracy."""
+    run = root / RUN_NAME
+    (run / "eval").mkdir(parents=True)
+    metrics = {"split": "holdout", "products": 312, "product": {"top1": 0.7346, "top1_ci95": [0.68, 0.78], "n": 312}}
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
 @pytest.fixture
-def server(make_predictor: Callable) -> Iterator[tuple[str, Any]]:
+def server(make_predictor: Callable, tmp_path: Path) -> Iterator[tuple[str, Any]]:
     """The app under uvicorn on a free loopback port, in a thread."""
     import uvicorn
 
     predictor = make_predictor(threshold=0.3)
+    predictor.run_dir = _evaluated_run(tmp_path / "runs")
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(predictor, ServeConfig(port=port)), host="127.0.0.1", port=port, log_level="warning")
@@ -90,6 +104,13 @@ def test_page_shows_the_predicted_category(
     url, predictor = server
     expected = predictor.predict_product([decode_image(coffee_jpeg.read_bytes())]).top
     page.goto(url)
+    # The header names the served run, its holdout accuracy, and the threshold as a rule on the top probability.
+    page.wait_for_selector("#model-info .run-name", timeout=20_000)
+    assert page.locator("#model-info .run-name").inner_text() == RUN_NAME
+    info = page.locator("#model-info").inner_text()
+    assert "73.5% right on holdout, n = 312 products" in info
+    assert "auto-accept when the top probability ≥ 30%" in info
+    assert page.locator("#classify").count() == 0  # classification starts on upload: no button to press
     page.set_input_files("#file-input", str(coffee_jpeg))
     page.wait_for_selector("#results .prediction", state="visible", timeout=20_000)
     first = page.locator("#results .prediction:first-child")
@@ -121,3 +142,47 @@ def test_page_shows_errors_readably_then_recovers(
     page.set_input_files("#file-input", str(coffee_jpeg))
     page.wait_for_selector("#results .prediction", state="visible", timeout=20_000)
     assert page.locator("#error").is_hidden()
+
+
+def _report_workdir(root: Path) -> Path:
+    """The smallest work directory a report with a headline box and a run table comes from."""
+    for name, best in (("sweep-k16", 0.61), ("sweep-k2", 0.42), ("sweep-k8", 0.55)):
+        run = root / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"head": "linear", "loss": "sampled", "optimizer": "adamw"}))
+        (run / "summary.json").write_text(json.dumps({"best": {"value": best}, "final": {"val_top1": best}}))
+    metrics = {
+        "split": "holdout",
+        "protocol": "selected on val, reported on holdout, n = 312 products (540 images)",
+        "product": {"top1": 0.7346, "top1_ci95": [0.68, 0.78], "n": 312, "macro": 0.61, "macro_ci95": [0.55, 0.66]},
+        "image": {"top1": 0.6512, "top1_ci95": [0.61, 0.69], "n": 540, "macro": 0.52},
+        "confidence": {"threshold": 0.95, "target_accuracy": 0.95, "chosen_on": "val", "coverage": 0.54,
+                       "accuracy": 0.951, "accuracy_ci95": [0.92, 0.97], "accepted": 168},
+    }  # fmt: skip
+    (root / "runs" / "sweep-k8" / "eval").mkdir()
+    (root / "runs" / "sweep-k8" / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    return root
+
+
+def test_report_leads_with_the_answer_and_sorts_tables(page: Any, tmp_path: Path) -> None:
+    from prodcat.report.html import build_report
+
+    report = build_report(_report_workdir(tmp_path))
+    page.goto(report.as_uri())
+    box = page.locator("#headline-box")
+    assert box.is_visible() and box.bounding_box()["y"] < 400  # the answer is on the first screen
+    text = box.inner_text()
+    assert "Best run sweep-k8" in text and "73.5%" in text and "n = 312 products" in text
+    assert "[68.0, 78.0]" in text and "n = 540 pictures" in text
+    assert "are 95.1% correct" in text and "54% of products" in text and "the rest go to a person" in text
+
+    def runs() -> list[str]:
+        return page.locator("table.runs tbody tr td:first-child").all_inner_texts()
+
+    assert runs() == ["sweep-k2", "sweep-k8", "sweep-k16"]  # numbers in names sort by value
+    header = page.locator("table.runs th", has_text="best val top-1")
+    header.click()
+    assert runs() == ["sweep-k16", "sweep-k8", "sweep-k2"]  # highest first
+    header.click()
+    assert runs() == ["sweep-k2", "sweep-k8", "sweep-k16"]
+    page.screenshot(path=str(tmp_path / "report.png"))

@@ -289,3 +289,34 @@ def test_odd_and_hostile_photos_never_give_5xx(client: TestClient, make_jpeg: Ca
         if response.status_code != 200:
             assert response.json()["error"]["code"] in {"invalid_image", "image_too_large"}, (index, response.text)
     assert client.post("/v1/classify", files=_files(make_jpeg(3))).json()["top"][0]["label"] == 3
+
+
+def test_probabilities_are_rounded_to_four_decimals(client: TestClient, make_jpeg: Callable) -> None:
+    body = client.post("/v1/classify", files=_files(make_jpeg(3))).json()
+    values = [score["probability"] for score in body["top"]] + [body["images"][0]["top"][0]["probability"]]
+    assert all(value == round(value, 4) for value in values)
+    assert any(value != round(value, 2) for value in values)  # rounded, not coarsened
+
+
+def test_health_names_the_run_and_its_holdout_accuracy(make_predictor: Callable, tmp_path: object) -> None:
+    import json
+    from pathlib import Path
+
+    run = Path(str(tmp_path)) / "linear-softmax-adamw-s0"
+    (run / "eval").mkdir(parents=True)
+    metrics = {"split": "holdout", "products": 312, "product": {"top1": 0.73456, "top1_ci95": [0.68, 0.78], "n": 312}}
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    predictor = make_predictor()
+    predictor.run_dir = run
+    with TestClient(create_app(predictor, ServeConfig())) as client:
+        model = client.get("/health").json()["model"]
+    assert model["run"] == "linear-softmax-adamw-s0"
+    assert model["evaluation"] == {
+        "split": "holdout",
+        "product_top1": 0.7346,
+        "product_top1_ci95": [0.68, 0.78],
+        "products": 312,
+    }
+    with TestClient(create_app(make_predictor(), ServeConfig())) as client:  # no run folder: nothing to name
+        model = client.get("/health").json()["model"]
+    assert model["run"] is None and model["evaluation"] is None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import itertools
 import mmap
 import os
 import struct
@@ -45,6 +46,7 @@ _ID_INT32 = b"\x10_id\x00"
 _ID_INT64 = b"\x12_id\x00"
 _MIN_DOC = 5
 _MAX_IMAGES_FAST = 10  # single-digit array keys; longer arrays take the slow path
+MAX_IMAGES = 32767  # image counts and picture positions are int16 (catalogs, pictures.parquet, the feature store)
 
 
 _COMPILED_MIN_BYTES = 16 << 20
@@ -178,7 +180,7 @@ class BsonIndex:
     product_id: np.ndarray  # int64
     offset: np.ndarray  # int64, start of the document (its length prefix)
     length: np.ndarray  # int32
-    num_images: np.ndarray  # int8
+    num_images: np.ndarray  # int16
     category_id: np.ndarray  # int64, -1 where the document has none (test files)
     has_category: bool
     problems: list[BsonProblem]
@@ -547,30 +549,52 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _slow_fields(buf: mmap.mmap | bytes, offset: int, length: int) -> tuple[int, int, int | None]:
-    """Full decode of one document: (product_id, num_images, category_id or None)."""
+def _slow_fields(
+    buf: mmap.mmap | bytes, offset: int, length: int, keep_damaged: bool = False
+) -> tuple[int, int, int | None, str | None]:
+    """Full decode of one document: (product_id, num_images, category_id or None, what was set aside or None).
+
+    With `keep_damaged`, an `imgs` or `category_id` of the wrong type is set aside (0 images, no category) and
+    named instead of rejecting the product: only an unreadable `_id` costs a test file its row.
+    """
     document = bson.decode(buf[offset : offset + length])
     if "_id" not in document:
         raise _Damage("missing_field", "document has no _id")
     product_id = document["_id"]
     if not _is_int(product_id):
         raise _Damage("bad_field", f"_id is {type(product_id).__name__}, expected an integer")
+    notes = []
     # A missing `imgs` is a product without pictures (the catalog decides what to do with those), not damage.
     images = document.get("imgs", [])
     if not isinstance(images, list):
-        raise _Damage("bad_field", f"product {product_id}: imgs is {type(images).__name__}, expected an array")
+        notes.append(f"imgs is {type(images).__name__}, expected an array")
+        images = []
     category = document.get("category_id")
     if category is not None and not _is_int(category):
-        raise _Damage(
-            "bad_field", f"product {product_id}: category_id is {type(category).__name__}, expected an integer"
-        )
-    return int(product_id), len(images), None if category is None else int(category)
+        notes.append(f"category_id is {type(category).__name__}, expected an integer")
+        category = None
+    if notes and not keep_damaged:
+        raise _Damage("bad_field", f"product {product_id}: {'; '.join(notes)}")
+    note = f"{'; '.join(notes)} (product kept without it)" if notes else None
+    return int(product_id), len(images), None if category is None else int(category), note
 
 
-def index_bson(path: str | Path, strict: bool = False) -> BsonIndex:
+def _readable_id(buf: mmap.mmap | bytes, offset: int, length: int) -> int | None:
+    """The `_id` of a document that does not decode, when it is the first element and intact (Kaggle's layout)."""
+    kind = buf[offset + 4] if length > 4 else 0
+    width = 8 if kind == 0x12 else 4 if kind == 0x10 else 0
+    if not width or length < 9 + width + 1 or bytes(buf[offset + 5 : offset + 9]) != b"_id\x00":
+        return None
+    return int.from_bytes(buf[offset + 9 : offset + 9 + width], "little", signed=True)
+
+
+def index_bson(path: str | Path, strict: bool = False, keep_damaged: bool = False) -> BsonIndex:
     """Index every document of a Kaggle BSON file. Damaged documents are skipped and listed in `problems`.
 
     `strict` raises `BsonDamageError` for the first problem by offset (after the whole scan) instead.
+    `keep_damaged` (test files: a submission needs a row for every product) keeps a row for every document whose
+    `_id` is readable: one that does not decode gets 0 images, a wrong-typed `imgs` or `category_id` is set aside;
+    each is still listed in `problems`, with its product id.
     """
     path = Path(path).resolve()
     if not path.is_file():
@@ -583,7 +607,7 @@ def index_bson(path: str | Path, strict: bool = False) -> BsonIndex:
     with open(path, "rb") as handle:
         buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            fields = _index_mapped(buf, size, name, problems)
+            fields = _index_mapped(buf, size, name, problems, keep_damaged)
         finally:
             try:
                 buf.close()
@@ -598,7 +622,7 @@ def index_bson(path: str | Path, strict: bool = False) -> BsonIndex:
         product_id=fields["product_id"],
         offset=fields["offset"],
         length=fields["length"].astype(np.int32),
-        num_images=fields["num_images"].astype(np.int8),
+        num_images=_capped_images(fields, name, problems),
         category_id=category_id,
         has_category=bool(np.any(category_id >= 0)),
         problems=problems,
@@ -606,7 +630,20 @@ def index_bson(path: str | Path, strict: bool = False) -> BsonIndex:
     )
 
 
-def _index_mapped(buf: mmap.mmap, size: int, path: str, problems: list[BsonProblem]) -> dict[str, np.ndarray]:
+def _capped_images(fields: dict[str, np.ndarray], path: str, problems: list[BsonProblem]) -> np.ndarray:
+    """Image counts as int16; a product with more than `MAX_IMAGES` keeps its first ones and is reported."""
+    counts = fields["num_images"]
+    for row in np.flatnonzero(counts > MAX_IMAGES):
+        reason = f"{int(counts[row])} pictures; the first {MAX_IMAGES} are kept"
+        offset, product_id = int(fields["offset"][row]), int(fields["product_id"][row])
+        problems.append(BsonProblem(path, offset, "too_many_images", reason, product_id))
+    problems.sort(key=lambda p: p.offset)
+    return np.minimum(counts, MAX_IMAGES).astype(np.int16)
+
+
+def _index_mapped(
+    buf: mmap.mmap, size: int, path: str, problems: list[BsonProblem], keep_damaged: bool = False
+) -> dict[str, np.ndarray]:
     offsets, lengths, parsed = _walk_offsets(buf, size, path, problems)
     if parsed is not None:
         fields = parsed
@@ -615,7 +652,7 @@ def _index_mapped(buf: mmap.mmap, size: int, path: str, problems: list[BsonProbl
     else:  # too small for the windows; whatever is there goes through the full decoder
         fields = _fast_fields_none(len(offsets))
     fields["offset"], fields["length"] = offsets, lengths
-    return _slow_pass(buf, size, path, fields, problems)
+    return _slow_pass(buf, size, path, fields, problems, keep_damaged)
 
 
 def _fast_fields_none(n: int) -> dict[str, np.ndarray]:
@@ -629,7 +666,12 @@ def _fast_fields_none(n: int) -> dict[str, np.ndarray]:
 
 
 def _slow_pass(
-    buf: mmap.mmap, size: int, path: str, fields: dict[str, np.ndarray], problems: list[BsonProblem]
+    buf: mmap.mmap,
+    size: int,
+    path: str,
+    fields: dict[str, np.ndarray],
+    problems: list[BsonProblem],
+    keep_damaged: bool = False,
 ) -> dict[str, np.ndarray]:
     """Decode in full what the fast path could not read; look inside frames that fail for swallowed documents.
 
@@ -646,20 +688,30 @@ def _slow_pass(
     while work:
         offset, length, row = work.pop()
         try:
-            product_id, num_images, category = _slow_fields(buf, offset, length)
+            product_id, num_images, category, note = _slow_fields(buf, offset, length, keep_damaged)
         except Exception as error:  # noqa: BLE001 - pymongo raises several types for corrupt input
             frames = _rescan(buf, size, offset + 1, known, path, problems)
             hidden.update((frame_offset, None) for frame_offset, _ in frames)
             work += [(frame_offset, frame_length, -1) for frame_offset, frame_length in frames]
-            problems.append(_failure(path, offset, length, error, len(frames)))
-            continue
+            problem = _failure(path, offset, length, error, len(frames))
+            product_id = _readable_id(buf, offset, length) if keep_damaged else None
+            if product_id is None:
+                problems.append(problem)
+                continue
+            # The product keeps its row, without pictures, up to the first document it swallowed.
+            length = min([length] + [frame_offset - offset for frame_offset, _ in frames])
+            reason = f"{problem.reason} (product kept with no pictures: its _id is readable)"
+            problems.append(dataclasses.replace(problem, reason=reason, product_id=product_id))
+            num_images, category, note = 0, None, None
+        if note is not None:
+            problems.append(BsonProblem(path, offset, "bad_field", note, product_id))
         category = -1 if category is None else category
         if row >= 0:
             keep[row] = True
             fields["product_id"][row], fields["category_id"][row] = product_id, category
-            fields["num_images"][row] = min(num_images, 127)
+            fields["num_images"][row], fields["length"][row] = num_images, length
         else:
-            hidden[offset] = (length, product_id, min(num_images, 127), category)
+            hidden[offset] = (length, product_id, num_images, category)
     columns = ("offset", "length", "product_id", "num_images", "category_id")
     every = bool(keep.all())  # the usual case: no copies
     result = {column: fields[column] if every else fields[column][keep] for column in columns}
@@ -718,7 +770,7 @@ def _drop_artifacts(problems: list[BsonProblem], offsets: np.ndarray, lengths: n
 def _empty_index(path: Path, problems: list[BsonProblem]) -> BsonIndex:
     empty = np.zeros(0, dtype=np.int64)
     return BsonIndex(
-        str(path.resolve()), empty, empty, empty.astype(np.int32), empty.astype(np.int8), empty, False, problems, 0
+        str(path.resolve()), empty, empty, empty.astype(np.int32), empty.astype(np.int16), empty, False, problems, 0
     )
 
 
@@ -796,8 +848,9 @@ _PICTURE_KEY = b"picture\x00"
 def _compile_spans() -> tuple[Callable, Callable] | None:
     """Compiled `picture_spans` for documents in Kaggle's layout: each `imgs` element is `{picture: binary}`.
 
-    Reads only element headers: the pictures' own bytes stay untouched. Documents laid out otherwise are flagged
-    (`ok` False) for the Python walker below.
+    Reads only element headers: the pictures' own bytes stay untouched. Documents laid out otherwise, or whose
+    element headers and lengths do not add up, are flagged (`ok` False) for the Python walker below, which has
+    pymongo's decoder check their structure.
     """
     try:
         import numba
@@ -837,6 +890,8 @@ def _compile_spans() -> tuple[Callable, Callable] | None:
                 return False
             if (subtype != 0 and subtype != 0x80) or head + 14 + binary >= array_end:
                 return False
+            if view[head + 14 + binary] != 0:  # the element's own final NUL (structure, not picture bytes)
+                return False
             out_offset[row + found], out_length[row + found] = head + 14, binary
             at, found = at + 1 + inner, found + 1
         return found == count and at == array_end and array_end < end
@@ -864,6 +919,8 @@ class PictureSpans:
     image_index: np.ndarray  # int16 position in its `imgs` array
     offset: np.ndarray  # int64 absolute byte offset of the picture's bytes in the file
     length: np.ndarray  # int32
+    # (document row, reason) of each document whose structure does not parse (damage: its spans are a best guess)
+    damaged: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.document)
@@ -920,8 +977,13 @@ def _respan(
     ok: np.ndarray,
     rows: np.ndarray,
 ) -> PictureSpans:
-    """Replace the rows of the flagged documents with what the Python walker finds (their counts may differ)."""
-    found = [_spans_python(buf, int(offsets[row]), int(lengths[row])) for row in rows]
+    """Replace the rows of the flagged documents with what the Python walker finds (their counts may differ).
+
+    Flagged documents are few in Kaggle's files (other layouts, and damage inside `imgs`), so each is also checked
+    by pymongo's decoder: one that does not decode is listed in `damaged`.
+    """
+    found = [_spans_python(buf, int(offsets[row]), int(lengths[row]))[:MAX_IMAGES] for row in rows]
+    damaged = [(int(row), why) for row in rows if (why := _structure_error(buf, int(offsets[row]), int(lengths[row])))]
     keep = ok[spans.document]
     extra = np.array([(row, i, at, size) for row, items in zip(rows, found) for i, (at, size) in enumerate(items)])
     extra = extra.reshape(-1, 4).astype(np.int64)
@@ -932,7 +994,43 @@ def _respan(
         image_index=np.concatenate([spans.image_index[keep], extra[:, 1].astype(np.int16)])[order],
         offset=np.concatenate([spans.offset[keep], extra[:, 2]])[order],
         length=np.concatenate([spans.length[keep], extra[:, 3].astype(np.int32)])[order],
+        damaged=damaged,
     )
+
+
+def _structure_error(buf: mmap.mmap | bytes, offset: int, length: int) -> str | None:
+    """Why the document's element types and lengths do not parse (pymongo's decoder, pictures not decoded), or None.
+
+    The message names the first `imgs` element the Python walker cannot follow, when it finds one.
+    """
+    try:
+        bson.decode(buf[offset : offset + length])
+        return None
+    except Exception as error:  # noqa: BLE001 - pymongo raises several types for corrupt input
+        where = _first_bad_image(buf, offset, length)
+        return f"{where}does not parse: {type(error).__name__}: {error}"
+
+
+def _first_bad_image(buf: mmap.mmap | bytes, offset: int, length: int) -> str:
+    """'imgs[i] at byte N ' for the first `imgs` element whose header or length is wrong, else ''."""
+    try:
+        for kind, name, value, _ in _elements(buf, offset + 4, offset + length - 1):
+            if name == b"imgs" and kind in (_ARRAY, _DOCUMENT):
+                at, end = value + 4, _end(buf, value)
+                for index in itertools.count():
+                    if at >= end:
+                        return ""
+                    start = at
+                    try:
+                        image_kind, _, image_at, at = next(_elements(buf, at, end))
+                        if image_kind != _DOCUMENT or at > end or buf[at - 1] != 0:
+                            return f"imgs[{index}] at byte {start} "
+                        list(_elements(buf, image_at + 4, at - 1))
+                    except (ValueError, IndexError, struct.error, StopIteration):
+                        return f"imgs[{index}] at byte {start} "
+    except (ValueError, IndexError, struct.error):
+        pass
+    return ""
 
 
 def _spans_python(buf: mmap.mmap | bytes, offset: int, length: int) -> list[tuple[int, int]]:

@@ -5,6 +5,7 @@ Outputs (see `WorkPaths`):
   catalog/test.parquet      product_id, offset, length, num_images
   catalog/pictures.parquet  one row per picture: source, product_id, image_index, hash, offset, length (dedupe.py)
   catalog/ingest_report.json, catalog/config.json, taxonomy.parquet
+All of them are written into a staging folder and swapped in together (data/staging.py).
 `split` is train / val / holdout, stratified by leaf and grouped by duplicate pictures; label order, the unigram
 sampler and frequency groups count the train split only (`Taxonomy.train_counts`).
 Each catalog also records its source BSON path in the Parquet metadata (`prodcat.source`), so later stages read
@@ -26,6 +27,7 @@ from prodcat.config import IngestConfig, save_config
 from prodcat.data import dedupe
 from prodcat.data.bson_index import BsonIndex, BsonProblem, index_bson
 from prodcat.data.split import SPLITS, grouped_split
+from prodcat.data.staging import StagingError, staged
 from prodcat.data.taxonomy import Taxonomy, TaxonomyError, read_category_csv
 from prodcat.paths import WorkPaths
 from prodcat.utils import get_logger, write_json, write_parquet
@@ -45,8 +47,13 @@ class IngestError(RuntimeError):
 
 
 def ingest(config: IngestConfig) -> dict:
-    """Index the data directory into `config.workdir`; returns the ingest report (also written as JSON)."""
-    data_dir, paths = Path(config.data_dir), WorkPaths(config.workdir)
+    """Index the data directory into `config.workdir`; returns the ingest report (also written as JSON).
+
+    Everything is written into a staging folder first and swapped in at the end (data/staging.py), so a failed or
+    killed re-ingest leaves the previous taxonomy and catalogs as they were, and outputs the new data lacks (a
+    test.parquet without test.bson) do not survive it.
+    """
+    data_dir = Path(config.data_dir)
     start = time.perf_counter()
     try:
         rows = read_category_csv(data_dir / "category_names.csv")
@@ -56,54 +63,104 @@ def ingest(config: IngestConfig) -> dict:
     if not sources:
         raise IngestError(f"{data_dir}: no train.bson or test.bson found")
     # Indexed leniently, then strict mode fails on the first problem by offset, before anything is written.
-    indexes = {name: index_bson(path) for name, path in sources.items()}
+    # Test files keep every product whose _id is readable: a submission needs its row.
+    indexes = {name: index_bson(path, keep_damaged=name == "test") for name, path in sources.items()}
+    # Every document's pictures are located now: their walk is also the structure check of `imgs`.
+    located = {name: dedupe.hash_pictures(index) for name, index in indexes.items()}
     known_ids = np.array(sorted({row[0] for row in rows}), dtype=np.int64)
-    checked = {name: _check_products(name, index, known_ids) for name, index in indexes.items()}
+    checked = {
+        name: _check_products(name, index, known_ids, located[name]["damaged"]) for name, index in indexes.items()
+    }
+    if "train" in indexes:  # (an empty test.bson is allowed: a test catalog of 0 products, as given)
+        _require_products(indexes["train"], checked["train"][0])
     for name, (_, problems) in checked.items():
         if config.strict and problems:
             raise IngestError(f"strict mode: {problems[0]}")
-    report: dict = {"data_dir": str(data_dir.resolve()), "files": {}, "problems": [], "duplicates": {}}
-    pictures = {name: dedupe.hash_pictures(index, np.flatnonzero(checked[name][0])) for name, index in indexes.items()}
+    pictures = {name: dedupe.select_pictures(located[name], checked[name][0]) for name in indexes}
+    try:
+        with staged(config.workdir) as out:
+            report = _write_outputs(out, config, rows, indexes, checked, pictures)
+            report["seconds"] = round(time.perf_counter() - start, 3)
+            write_json(out.ingest_report, report)
+    except StagingError as error:
+        raise IngestError(str(error)) from error
+    except OSError as error:
+        raise IngestError(
+            f"{config.workdir}: writing the new catalogs failed ({error}); the previous ingest is unchanged"
+        ) from error
+    _warn(report["problems"])
+    return report
+
+
+def _write_outputs(
+    out: WorkPaths,
+    config: IngestConfig,
+    rows: list,
+    indexes: dict[str, BsonIndex],
+    checked: dict[str, tuple[np.ndarray, list[BsonProblem]]],
+    pictures: dict[str, dict],
+) -> dict:
+    """Taxonomy, catalogs, picture table and config into `out` (the staging folder); returns the report."""
+    report: dict = {"data_dir": str(Path(config.data_dir).resolve()), "files": {}, "problems": [], "duplicates": {}}
     split = None
     if "train" in indexes:
         split = _split_train(indexes["train"], checked["train"][0], pictures["train"], config)
     counts = _category_counts(split["category_id"][split["code"] == 0]) if split is not None else {}
     taxonomy = Taxonomy.from_rows(rows, counts)  # label order from the train split only
-    taxonomy.save(paths.taxonomy)
+    taxonomy.save(out.taxonomy)
     tables = []
     for name, index in indexes.items():
         keep, problems = checked[name]
-        table = _train_table(index, keep, taxonomy, split) if name == "train" else _test_table(index)
-        _write_catalog(paths.catalog_table(name), table, index.path)
+        table = _train_table(index, keep, taxonomy, split) if name == "train" else _test_table(index, keep)
+        _write_catalog(out.catalog_table(name), table, index.path)
         tables.append(dedupe.pictures_table(name, index.product_id[keep], pictures[name]))
         report["files"][name] = _file_summary(index, table, problems)
         report["problems"] += [dataclasses.asdict(p) for p in problems]
         report["duplicates"][name] = _duplicate_summary(pictures[name], split if name == "train" else None)
     if "train" in pictures and "test" in pictures:
         report["duplicates"]["test"]["pictures_seen_in_train"] = _seen_in(pictures["test"], pictures["train"])
-    write_parquet(dedupe.pictures_path(paths.root), pa.concat_tables(tables))
+    write_parquet(dedupe.pictures_path(out.root), pa.concat_tables(tables))
     report["taxonomy"] = {"leaves": taxonomy.num_classes, "level1": taxonomy.num_level1, "level2": taxonomy.num_level2}
-    report["seconds"] = round(time.perf_counter() - start, 3)
-    write_json(paths.ingest_report, report)
-    save_config(config, paths.catalog / "config.json")
-    _warn(report["problems"])
+    save_config(config, out.catalog / "config.json")
     return report
 
 
-def _check_products(name: str, index: BsonIndex, known_ids: np.ndarray) -> tuple[np.ndarray, list[BsonProblem]]:
+def _require_products(index: BsonIndex, keep: np.ndarray) -> None:
+    """A train file with no usable product is an error, never an empty catalog (a silent 0-product ingest)."""
+    if np.any(keep):
+        return
+    found = f"{index.file_size} bytes, {len(index)} readable documents, {len(index.problems)} damaged or unusable"
+    raise IngestError(
+        f"{index.path}: no usable product ({found}); check that it is Kaggle's file (size, download complete) "
+        "or move it out of the data folder"
+    )
+
+
+def _check_products(
+    name: str, index: BsonIndex, known_ids: np.ndarray, damaged: list[tuple[int, str]] = ()
+) -> tuple[np.ndarray, list[BsonProblem]]:
     """Rows to keep, and every problem of the file (damage plus unusable products) sorted by offset.
 
-    Train products need images, a category from the taxonomy and an id not seen before; the others are dropped.
-    Test products are all kept (a submission needs a row for each), and only reported.
+    Train products need intact `imgs`, images, a category from the taxonomy and an id not seen before; the others
+    are dropped. Test products are all kept but a repeated `_id` (Kaggle wants one row per test `_id`: the first
+    document wins), and the rest only reported. `damaged`: (row, reason) of documents whose `imgs` do not parse.
     """
     is_train, rows = name == "train", np.arange(len(index))
-    no_images = index.num_images <= 0
-    unknown = ~np.isin(index.category_id, known_ids) if is_train else np.zeros(len(index), dtype=bool)
-    unusable = no_images | unknown if is_train else np.zeros(len(index), dtype=bool)
+    # Test documents the index could only partly read are kept and reported by the index already.
+    reported = np.isin(index.offset, [p.offset for p in index.problems if p.product_id is not None])
+    damaged = [(row, why) for row, why in damaged if not reported[row]]
+    broken = np.zeros(len(index), dtype=bool)
+    broken[np.array([row for row, _ in damaged], dtype=np.int64)] = True
+    no_images = (index.num_images <= 0) & ~broken & ~reported
+    unknown = ~np.isin(index.category_id, known_ids) & ~broken if is_train else np.zeros(len(index), dtype=bool)
+    unusable = broken | no_images | unknown if is_train else np.zeros(len(index), dtype=bool)
     first_row = _first_with_same_id(index.product_id, ~unusable)
     repeat = first_row != rows
     outcome = "dropped" if is_train else "kept"
     problems = list(index.problems)
+    for row, why in damaged:
+        problems.append(BsonProblem(index.path, int(index.offset[row]), "decode_error", f"{why} ({outcome})",
+                                    int(index.product_id[row])))  # fmt: skip
     for row in np.flatnonzero(no_images | unknown | repeat):
         if no_images[row]:
             kind, reason = "no_images", f"product has no images ({outcome})"
@@ -113,9 +170,10 @@ def _check_products(name: str, index: BsonIndex, known_ids: np.ndarray) -> tuple
             kind, reason = "unknown_category", f"{missing} ({outcome})"
         else:
             first_offset = int(index.offset[first_row[row]])
-            kind, reason = "duplicate_id", f"same _id as the product at byte {first_offset} ({outcome})"
+            wins = "dropped" if is_train else "dropped: the submission has one row per _id, the first"
+            kind, reason = "duplicate_id", f"same _id as the product at byte {first_offset} ({wins})"
         problems.append(BsonProblem(index.path, int(index.offset[row]), kind, reason, int(index.product_id[row])))
-    keep = ~(unusable | repeat) if is_train else np.ones(len(index), dtype=bool)
+    keep = ~(unusable | repeat)
     return keep, sorted(problems, key=lambda p: p.offset)
 
 
@@ -182,13 +240,13 @@ def _train_table(index: BsonIndex, keep: np.ndarray, taxonomy: Taxonomy, split: 
     )
 
 
-def _test_table(index: BsonIndex) -> pa.Table:
+def _test_table(index: BsonIndex, keep: np.ndarray) -> pa.Table:
     return pa.table(
         {
-            "product_id": pa.array(index.product_id),
-            "offset": pa.array(index.offset),
-            "length": pa.array(index.length),
-            "num_images": pa.array(index.num_images),
+            "product_id": pa.array(index.product_id[keep]),
+            "offset": pa.array(index.offset[keep]),
+            "length": pa.array(index.length[keep]),
+            "num_images": pa.array(index.num_images[keep]),
         }
     )
 

@@ -49,6 +49,7 @@ __all__ = [
     "hashes_of",
     "load_pictures",
     "pictures_path",
+    "select_pictures",
 ]
 
 PICTURES_SCHEMA = pa.schema(
@@ -193,7 +194,8 @@ def _locate_and_hash(
 def hash_pictures(index: BsonIndex, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Locate and hash every picture of the indexed documents (`rows` of the index, default all), in that order.
 
-    Returns columns `document` (position in `rows`), `image_index`, `offset`, `length`, `hash` ((n, 16) uint8).
+    Returns columns `document` (position in `rows`), `image_index`, `offset`, `length`, `hash` ((n, 16) uint8),
+    and `damaged`: (position in `rows`, reason) of each document whose structure does not parse.
     """
     rows = np.arange(len(index)) if rows is None else np.asarray(rows)
     offsets, lengths = index.offset[rows], index.length[rows]
@@ -214,6 +216,7 @@ def hash_pictures(index: BsonIndex, rows: np.ndarray | None = None) -> dict[str,
         "offset": spans.offset,
         "length": spans.length,
         "hash": hashes,
+        "damaged": spans.damaged,
     }
 
 
@@ -225,7 +228,19 @@ def _empty_pictures() -> dict[str, np.ndarray]:
         "offset": empty,
         "length": empty.astype(np.int32),
         "hash": np.zeros((0, 16), dtype=np.uint8),
+        "damaged": [],
     }
+
+
+def select_pictures(pictures: dict, keep: np.ndarray) -> dict:
+    """The pictures of the documents where `keep` (one bool per hashed document) is True, renumbered."""
+    keep = np.asarray(keep, dtype=bool)
+    rows = keep[pictures["document"]]
+    position = np.cumsum(keep) - 1
+    picked = {key: value[rows] for key, value in pictures.items() if key != "damaged"}
+    picked["document"] = position[picked["document"]].astype(np.int64)
+    picked["damaged"] = [(int(position[doc]), why) for doc, why in pictures["damaged"] if keep[doc]]
+    return picked
 
 
 def pictures_table(source: str, product_id: np.ndarray, pictures: dict[str, np.ndarray]) -> pa.Table:

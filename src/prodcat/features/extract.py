@@ -6,6 +6,10 @@ torchrun job takes the missing shards k with k % world_size == r; rank 0 writes 
 Reading + decoding + preprocessing happen in DataLoader workers (or, with 0 workers, on one thread a batch ahead)
 while the main process runs the forward pass.
 
+TTA (issue 14): with `tta="flip_mean"` every computed row is the mean of the picture's features and its mirror's
+(the runner runs both in one batch), so the store layout, dedupe copies and every reader stay as they are; the
+manifest and config.json record the mode, and the Predictor applies the same one.
+
 Dedupe (issue 10): with `catalog/pictures.parquet` (one xxh3_128 hash per picture, written by ingest), each distinct
 picture is decoded and run once, by the row that holds it first in the plan (its owner); every other row holding it
 gets a copy of that vector, so the store layout and every reader stay unchanged. Owner rows are fixed by the plan,
@@ -432,9 +436,12 @@ def _open_store(
         "bf16_calibration_cosine": runner.calibration_cosine,
         # Rows computed (one per distinct picture) vs copied from an identical picture's row.
         "dedupe": plan.dedupe,
+        # Test-time augmentation baked into every vector; the Predictor applies the same (from config.json).
+        "tta": config.tta,
     }
     if info.is_main:
         _check_dedupe_matches(path, plan.dedupe)
+        _check_tta_matches(path, config.tta)
         FeatureStore.create(path, plan.rows, shape, config.shard_size, meta)
         save_config(config, path / "config.json")
     barrier(info)
@@ -452,6 +459,19 @@ def _check_dedupe_matches(path: Path, dedupe: dict[str, Any]) -> None:
             f"{path} was started with dedupe {'on' if before else 'off'} and this run has it "
             f"{'on' if dedupe.get('enabled') else 'off'}; re-run with {'--dedupe' if before else '--no-dedupe'} "
             "or choose another --name"
+        )
+
+
+def _check_tta_matches(path: Path, tta: str) -> None:
+    """A store's vectors all have one TTA mode: resuming with another would mix two kinds of feature."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return
+    before = read_json(manifest).get("tta", "none")  # stores from before TTA existed are plain
+    if before != tta:
+        raise StoreError(
+            f"{path} was started with --tta {before} and this run asks for --tta {tta}; "
+            f"re-run with --tta {before} or choose another --name"
         )
 
 
@@ -496,9 +516,8 @@ def _run_shards(
         first, last = store.shard_rows(shard)
         result = pending.setdefault(shard, ShardResult(np.zeros((last - first, *store.feature_shape), np.float16), []))
         if item["batch"] is not None:
-            features = stored_features(
-                runner(item["batch"], spatial=config.features == "spatial"), config.features, config.spatial_channels
-            )
+            out = runner(item["batch"], spatial=config.features == "spatial", tta=config.tta)
+            features = stored_features(out, config.features, config.spatial_channels)
             result.features[np.asarray(item["rows"]) - first] = features
         result.invalid += [(row - first, reason) for row, reason in item["invalid"]]
         bar.update(int(item["count"]))

@@ -1,7 +1,8 @@
 """The on-disk feature store: float16 shards that memory-map, a row table and a manifest.
 
 Layout of `W/features/<name>/`:
-  manifest.json        backbone, weights id, preprocessing, feature shape, dtype, rows, shard size, completed shards
+  manifest.json        backbone, weights id, preprocessing, feature shape, dtype, rows, shard size, completed shards,
+                       tta (test-time augmentation baked into the vectors: none | flip_mean; absent means none)
   rows.parquet         one row per image: row, product_id, image_index, label, level1, level2, split, valid
   shards/00000.npy     float16 array (rows_in_shard, *feature_shape), rows [k*S, (k+1)*S) of rows.parquet
   shards/00000.json    written after the .npy: its presence marks the shard complete; lists undecodable images
@@ -80,8 +81,11 @@ class FeatureStore:
         existing = self.manifest
         keys = ("feature_shape", "rows", "shard_size", "backbone", "weights_id", "kind", "preprocessing")
         differing = [k for k in keys if existing.get(k) != manifest.get(k)]
+        if existing.get("tta", "none") != manifest.get("tta", "none"):  # absent: a store from before TTA, plain
+            differing.append("tta")
+        wanted = rows.select(["product_id", "image_index"])
         existing_rows = pq.read_table(self.rows_path, columns=["product_id", "image_index"])
-        if not existing_rows.equals(rows.select(["product_id", "image_index"])):
+        if not existing_rows.cast(wanted.schema).equals(wanted):  # stores written before int16 held int8
             differing.append("rows")
         if differing:
             raise StoreError(
@@ -257,7 +261,7 @@ def make_rows(
         {
             "row": pa.array(np.arange(n, dtype=np.int64)),
             "product_id": pa.array(np.asarray(product_id, dtype=np.int64)),
-            "image_index": pa.array(np.asarray(image_index, dtype=np.int8)),
+            "image_index": pa.array(np.asarray(image_index, dtype=np.int16)),  # products can have 128+ pictures
             "label": pa.array(np.asarray(label, dtype=np.int32)),
             "level1": pa.array(np.asarray(level1, dtype=np.int32)),
             "level2": pa.array(np.asarray(level2, dtype=np.int32)),

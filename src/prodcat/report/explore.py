@@ -443,7 +443,7 @@ def _draw_log_histogram(ax: Axes, present: np.ndarray) -> None:
         # Whole categories only (no 0.5 tick), and headroom above the tallest bar for the legend.
         ax.set_ylim(0.7, max(float(heights.max()), 2.0) * 4.0)
         ax.legend(loc="upper right", frameon=True, framealpha=0.9, edgecolor="none")
-    figures.log_count_axis(ax.xaxis, minor_labels=False)
+    figures.log_count_axis(ax.xaxis)
     figures.log_count_axis(ax.yaxis)
 
 
@@ -501,7 +501,7 @@ def _draw_zipf(ax: Axes, descending: np.ndarray, exponent: float | None) -> None
         )
         ax.legend(loc="lower left")
     ax.set_ylim(descending.min() / 1.6, descending.max() * 1.6)
-    figures.log_count_axis(ax.xaxis, minor_labels=False)
+    figures.log_count_axis(ax.xaxis)
     figures.log_count_axis(ax.yaxis)
 
 
@@ -530,7 +530,7 @@ def _draw_coverage(ax: Axes, descending: np.ndarray, cover: dict) -> None:
     )
     ax.set_ylim(0, 1.02)
     ax.yaxis.set_major_formatter(lambda value, _position: f"{value:.0%}")
-    figures.log_count_axis(ax.xaxis, minor_labels=False)
+    figures.log_count_axis(ax.xaxis)
 
 
 def _plot_level1(path: Path, rows: list[dict]) -> None:

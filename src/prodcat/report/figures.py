@@ -10,7 +10,7 @@ backend is ever touched, no global figure list grows, and code that runs in a se
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from prodcat.utils import atomic_write_bytes
 
@@ -39,6 +39,8 @@ __all__ = [
     "count_formatter",
     "log_count_axis",
     "label_bars",
+    "reliability_bins",
+    "plot_reliability",
 ]
 
 # A palette that stays distinguishable for the common colour-vision deficiencies (Okabe-Ito).
@@ -163,6 +165,8 @@ def log_count_axis(axis: Axis, minor_labels: bool | None = None) -> None:
     if minor_labels:
         axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
         axis.set_minor_formatter(count_formatter())
+    else:  # matplotlib would label minor ticks as 2x10^0 on short spans
+        axis.set_minor_formatter(NullFormatter())
 
 
 def label_bars(
@@ -180,3 +184,57 @@ def label_bars(
         axes.margins(y=0.15)  # room above the tallest bar for its label
     else:
         axes.margins(x=0.18)
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """Equal-width confidence bins: count, mean confidence and accuracy per bin, and the expected calibration error
+    (count-weighted mean |accuracy - confidence|). Empty bins hold NaN."""
+    confidence = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
+    correct = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=False), 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, weights=confidence, minlength=bins) / count
+        accuracy = np.bincount(index, weights=correct, minlength=bins) / count
+    gap = np.where(count > 0, np.abs(accuracy - mean_confidence), 0.0)
+    ece = float((gap * count).sum() / max(int(count.sum()), 1))
+    return {"edges": edges, "count": count, "confidence": mean_confidence, "accuracy": accuracy, "ece": ece}
+
+
+def plot_reliability(
+    path: str | Path,
+    confidence: np.ndarray,
+    correct: np.ndarray,
+    *,
+    label: str = "model",
+    others: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    bins: int = 10,
+    title: str = "reliability",
+) -> dict[str, Any]:
+    """Reliability diagram: accuracy per confidence bin against the diagonal, and how many fall in each bin.
+
+    `others` adds curves (e.g. {"calibrated": (probabilities, correct)}) on the same axes. Returns the main bins.
+    """
+    result = reliability_bins(confidence, correct, bins)
+    with png_figure(path, 1, 2, figsize=(10.5, 4.0)) as (figure, (left, right)):
+        left.plot([0, 1], [0, 1], linestyle="--", color="#777777", linewidth=1, label="perfectly calibrated")
+        curves = {label: (confidence, correct), **(others or {})}
+        for name, (probabilities, hits) in curves.items():
+            binned = result if name == label else reliability_bins(probabilities, hits, bins)
+            shown = binned["count"] > 0
+            left.plot(
+                binned["confidence"][shown],
+                binned["accuracy"][shown],
+                marker="o",
+                label=f"{name} (ECE {100 * binned['ece']:.1f} points)",
+            )
+        left.set(xlim=(0, 1), ylim=(0, 1), xlabel="top probability (mean of the bin)", ylabel="accuracy in the bin")
+        left.set_title("accuracy against confidence")
+        left.legend(loc="upper left")
+        widths = np.diff(result["edges"])
+        right.bar(result["edges"][:-1], result["count"], width=widths, align="edge", color=PALETTE[0], alpha=0.8)
+        right.set(xlim=(0, 1), xlabel="top probability", ylabel="products")
+        right.set_title("products per bin")
+        figure.suptitle(title)
+    return result

@@ -1,37 +1,38 @@
-"""`prodcat report`: one HTML page a person opens from disk -> `W/reports/index.html`.
+"""`prodcat report`: one self-contained HTML page a person opens from disk -> `W/reports/index.html`.
 
-Sections: data exploration, training curves of every run, the softmax / sampled / adaptive comparison, the
-negative-sample sweep, evaluation of every evaluated run (with hier vs flat), and a gallery of validation products.
-Figures that already live under `W/reports/` are linked relatively; figures of runs (under `W/runs/`) are copied to
-`W/reports/assets/`, so the `reports` folder can be zipped and opened anywhere. Gallery thumbnails are embedded as
-small base64 JPEGs read straight from the BSON. A section whose inputs are missing says so instead of failing.
+The answer first (a headline box: best run, holdout accuracy with n and interval, baseline, auto-accept), then data
+exploration, training curves of every run, the loss x optimizer comparison and the negative-sample sweep with their
+conclusions in words, evaluation of every evaluated run (per-category table, reliability diagram, pictures of the
+confused pairs, hier vs flat), and a gallery of holdout products. Figures and pictures are embedded (base64 data
+URIs), so index.html alone can be copied or mailed. A section whose inputs are missing says so instead of failing.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
-import html
-import io
-import shutil
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 
 from prodcat.paths import WorkPaths
+from prodcat.report import conclusions, insights
+from prodcat.report.markup import SORT_SCRIPT, cards, esc, interval, missing, natural_key, num, pct, table
+from prodcat.report.markup import figure as _embedded_figure
+from prodcat.report.thumbnails import THUMBNAIL_SIZE, thumbnails
 from prodcat.utils import atomic_write_text, get_logger, read_json
 
 __all__ = ["build_report", "Section", "GALLERY_RIGHT", "GALLERY_WRONG", "THUMBNAIL_SIZE"]
 
 GALLERY_RIGHT = 12
 GALLERY_WRONG = 12
-THUMBNAIL_SIZE = 96  # pixels, longest side
 _AGGREGATIONS = ("mean_prob", "mean_logprob", "vote")
 log = get_logger("prodcat.report")
+
+Evaluated = tuple[Path, dict[str, Any]]  # a run folder and its eval/metrics.json
+# Short local names for the shared helpers (prodcat.report.markup).
+_e, _pct, _num, _interval, _table, _cards, _missing = esc, pct, num, interval, table, cards, missing
 
 
 @dataclasses.dataclass
@@ -44,66 +45,13 @@ class Section:
     available: bool = True
 
 
-# -- tiny HTML helpers -------------------------------------------------------------------------------------------------
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+def _figure(path: Path, caption: str = "") -> str:
+    return _embedded_figure(path, caption)
 
 
-def _pct(value: Any, digits: int = 1) -> str:
-    return "–" if value is None else f"{100 * float(value):.{digits}f}%"
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
-        return f"{int(value):,}"
-    return f"{float(value):.{digits}g}" if isinstance(value, float) else _e(value)
-
-
-def _url(path: Path, base: Path) -> str:
-    return quote(path.relative_to(base).as_posix())
-
-
-def _figure(path: Path, base: Path, caption: str = "") -> str:
-    """A linked image (click for full size), only when the file exists."""
-    if not path.is_file():
-        return ""
-    url = _url(path, base)
-    text = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
-    wide = ' class="wide"' if _aspect(path) > 2.4 else ""  # multi-panel strips get a whole row
-    image = f'<img src="{url}" alt="{_e(caption or path.stem)}" loading="lazy">'
-    return f'<figure{wide}><a href="{url}">{image}</a>{text}</figure>'
-
-
-def _aspect(path: Path) -> float:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:  # reads the header only
-            return image.width / max(image.height, 1)
-    except OSError:
-        return 1.0
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], classes: str = "") -> str:
-    """Headers are escaped here; cells arrive as HTML (escape text with `_e` before)."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    table = f'<table class="{classes}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-    return f'<div class="scroll">{table}</div>'
-
-
-def _cards(items: Iterable[tuple[str, str]]) -> str:
-    cells = "".join(
-        f'<div class="card"><div class="value">{value}</div><div class="label">{_e(label)}</div></div>'
-        for label, value in items
-    )
-    return f'<div class="cards">{cells}</div>'
-
-
-def _missing(text: str) -> str:
-    return f'<p class="missing">{text}</p>'
+def _figures(parts: list[str]) -> str:
+    """Figures at their natural size, wrapping: small ones side by side, multi-panel ones on a row of their own."""
+    return f'<div class="figures">{"".join(parts)}</div>' if any(parts) else ""
 
 
 def _read(path: Path) -> Any | None:
@@ -114,20 +62,6 @@ def _read(path: Path) -> Any | None:
         if path.exists():
             log.warning("report: cannot read %s: %s", path, error)
         return None
-
-
-def _copy(source: Path, target: Path) -> Path | None:
-    """Copy a run's figure under W/reports/assets/ (skipped when already identical)."""
-    if not source.is_file():
-        return None
-    if not (
-        target.is_file()
-        and target.stat().st_size == source.stat().st_size
-        and target.stat().st_mtime >= source.stat().st_mtime
-    ):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
-    return target
 
 
 # -- data exploration --------------------------------------------------------------------------------------------------
@@ -164,17 +98,17 @@ def _exploration(paths: WorkPaths) -> Section:
         ("Zipf exponent", _num(coverage.get("zipf_exponent"))),
     ]
     pngs = [name for name in summary.get("files", {}).values() if str(name).endswith(".png")]
-    figures = "".join(_figure(folder / name, paths.reports, Path(name).stem.replace("_", " ")) for name in pngs)
+    figures = [_figure(folder / name, Path(name).stem.replace("_", " ")) for name in pngs]
     parts = [
         _cards(cards),
         _ranked_table("Largest categories", summary.get("largest", [])),
         _ranked_table("Smallest categories (with products)", summary.get("smallest", [])),
-        f'<div class="grid two">{figures}</div>' if figures else "",
+        _figures(figures),
     ]
     if (folder / "index.html").is_file():
         parts.append(
-            f'<p>Full exploration page: <a href="{_url(folder / "index.html", paths.reports)}">'
-            "explore/index.html</a>.</p>"
+            '<p>More detail: <a href="explore/index.html">explore/index.html</a> (a separate page in the same '
+            "reports folder).</p>"
         )
     return Section("explore", "Data exploration", "".join(parts))
 
@@ -200,14 +134,20 @@ def _ranked_table(title: str, ranked: list[dict]) -> str:
 def _runs(paths: WorkPaths) -> list[Path]:
     if not paths.runs.is_dir():
         return []
-    return sorted(p for p in paths.runs.iterdir() if p.is_dir() and (p / "config.json").is_file())
+    found = (p for p in paths.runs.iterdir() if p.is_dir() and (p / "config.json").is_file())
+    return sorted(found, key=lambda p: natural_key(p.name))  # sweep-k2 before sweep-k16
 
 
 def _run_label(config: dict[str, Any]) -> str:
     text = f"{config.get('head', '?')} head, {config.get('loss', '?')}"
     if config.get("loss") == "sampled":
         text += f" ({config.get('num_sampled')} {config.get('sampler', '')} negatives)"
-    return text
+    return text + (f", {config['optimizer']}" if config.get("optimizer") else "")
+
+
+def _sort_name(name: str) -> str:
+    """A text sort key that orders embedded numbers by value (zero-padded), for the page's sortable tables."""
+    return "".join(f"{part:08d}" if isinstance(part, int) else part for part in natural_key(name))
 
 
 def _training(paths: WorkPaths) -> Section:
@@ -223,20 +163,18 @@ def _training(paths: WorkPaths) -> Section:
         best, final = summary.get("best") or {}, summary.get("final") or {}
         rows.append(
             (
-                _e(run.name),
+                (_e(run.name), _sort_name(run.name)),
                 _e(_run_label(config)),
                 _e(config.get("features", "")),
-                f"{_num(summary.get('step'))} / {_num(summary.get('total_steps'))}",
+                (f"{_num(summary.get('step'))} / {_num(summary.get('total_steps'))}", summary.get("step") or 0),
                 _num(summary.get("epoch")),
-                _pct(best.get("value")),
-                _pct(final.get("val_top1")),
+                (_pct(best.get("value")), best.get("value") or 0),
+                (_pct(final.get("val_top1")), final.get("val_top1") or 0),
                 _num(final.get("val_loss")),
                 _num(summary.get("seconds"), 3),
             )
         )
-        copied = _copy(run / "curves.png", paths.reports / "assets" / "runs" / run.name / "curves.png")
-        if copied is not None:
-            figures.append(_figure(copied, paths.reports, f"{run.name}: {_run_label(config)}"))
+        figures.append(_figure(run / "curves.png", f"{run.name}: {_run_label(config)}"))
     table = _table(
         (
             "run",
@@ -251,14 +189,18 @@ def _training(paths: WorkPaths) -> Section:
         ),
         rows,
         "runs",
+        sortable=True,
     )
-    body = table
+    body = (
+        "<p>Click a header to sort. Best val top-1 is picked on val (optimistic); the held-out numbers are in the "
+        "headline and the evaluation.</p>" + table
+    )
+    figures = [part for part in figures if part]
     if figures:
         opened = " open" if len(figures) <= 4 else ""
         body += (
             f"<details{opened}><summary>Training curves of {len(figures)} run(s): loss and validation "
-            f'accuracy against steps and seconds</summary><div class="grid two">{"".join(figures)}</div>'
-            "</details>"
+            f"accuracy against steps and seconds</summary>{_figures(figures)}</details>"
         )
     else:
         body += _missing("No curves.png in any run yet.")
@@ -267,22 +209,40 @@ def _training(paths: WorkPaths) -> Section:
 
 # -- compare and sweep -------------------------------------------------------------------------------------------------
 def _experiment(paths: WorkPaths, name: str, title: str, command: str) -> Section:
-    """A folder written by `prodcat.experiments` (`<name>.json`, `<name>.png`, `<name>.html`): table and figure."""
+    """A folder written by `prodcat.experiments` (`<name>.json`, `<name>.png`): conclusions, table and figure."""
     folder = paths.report(name)
     data = _read(folder / f"{name}.json")
-    figure = _figure(folder / f"{name}.png", paths.reports, title)
+    figure = _figure(folder / f"{name}.png", title)
     if not isinstance(data, dict) and not figure:
         return Section(name, title, _missing(f"Not run yet: <code>{_e(command)}</code>."), False)
     body = ""
     if isinstance(data, dict):
-        body = _compare_body(data) if name == "compare" else _sweep_body(data)
-    if (folder / f"{name}.html").is_file():
-        body += f'<p>Stand-alone table: <a href="{_url(folder / f"{name}.html", paths.reports)}">{name}.html</a>.</p>'
-    return Section(name, title, body + figure)
+        body = _compare_body(data, _num_classes(paths)) if name == "compare" else _sweep_body(data)
+    return Section(name, title, body + _figures([figure]))
+
+
+def _num_classes(paths: WorkPaths) -> int | None:
+    from prodcat.data.taxonomy import Taxonomy
+
+    try:
+        return Taxonomy.load(paths.taxonomy).num_classes if paths.taxonomy.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _conclusions(sentences: list[str]) -> str:
+    """Sentences are plain text with `code` spans in backticks."""
+    if not sentences:
+        return ""
+    items = "".join(
+        "<li>" + "".join(f"<code>{_e(p)}</code>" if i % 2 else _e(p) for i, p in enumerate(s.split("`"))) + "</li>"
+        for s in sentences
+    )
+    return f'<div class="conclusions"><h3>Conclusions</h3><ul>{items}</ul></div>'
 
 
 def _settings_text(settings: dict[str, Any]) -> str:
-    keys = ("head", "features", "epochs", "batch_size", "seeds", "num_sampled", "sampler")
+    keys = ("head", "features", "epochs", "batch_size", "seeds", "num_sampled", "sampler", "optimizer")
     return ", ".join(f"{key.replace('_', ' ')} {_e(settings[key])}" for key in keys if key in settings)
 
 
@@ -295,14 +255,6 @@ def _spread(block: dict[str, Any], key: str) -> str:
     return text + (f" {_interval(interval)}" if interval else "")
 
 
-def _interval(interval: Sequence[float] | None) -> str:
-    """A 95% interval as "[lo, hi]" in percent; "–" when absent."""
-    if not interval:
-        return "–"
-    lo, hi = interval
-    return f"[{100 * float(lo):.1f}, {100 * float(hi):.1f}]"
-
-
 def _with_ci(block: dict[str, Any], key: str) -> str:
     """value [lo, hi] of a metrics.json block ("value" alone for files from before intervals were written)."""
     interval = block.get(f"{key}_ci95")
@@ -313,36 +265,35 @@ def _ms(seconds: Any) -> str:
     return "–" if seconds is None else f"{1000 * float(seconds):.2f}"
 
 
-def _compare_body(data: dict[str, Any]) -> str:
+def _compare_body(data: dict[str, Any], num_classes: int | None) -> str:
+    arms = conclusions.compare_arms(data)  # as trained: full softmax, the reference, first
+    gpu = any(a.get("peak_cuda_mb_max") is not None for a in arms)  # peak RSS left out: one process's high-water mark
     rows = [
         (
-            _e(loss),
+            _e(a["loss"]),
+            _e(a["optimizer"]),
             _num(a.get("seeds")),
             _spread(a, "val_top1"),
             _pct(a.get("val_top5_mean")),
             _num(a.get("val_loss_mean")),
             _num(a.get("seconds_per_epoch_mean")),
             _ms(a.get("step_seconds_mean")),
-            _num(a.get("peak_rss_mb_max"), 4),
-            _num(a.get("peak_cuda_mb_max"), 4),
+            *((_num(a.get("peak_cuda_mb_max"), 4),) if gpu else ()),
         )
-        for loss, a in data.get("losses", {}).items()
+        for a in arms
     ]
-    headers = (
-        "loss",
-        "seeds",
-        "val top-1 (mean ± std)",
-        "val top-5",
-        "val loss",
-        "s / epoch",
-        "ms / step",
-        "peak RSS (MB)",
-        "peak GPU (MB)",
-    )
+    headers = ["loss", "optimizer", "seeds", "val top-1 (mean ± std)", "val top-5", "val loss", "s / epoch"]
+    headers += ["ms / step", *(["peak GPU (MB)"] if gpu else [])]
+    notes = "".join(f"<li>{_e(note)}</li>" for note in data.get("notes", []) if "Peak RSS" not in note)
     return (
-        f"<p>The same head trained with each output loss, same budget and seeds "
+        _conclusions(conclusions.compare_conclusions(data, num_classes))
+        + "<h3>Loss x optimizer (val top-1, images, mean ± seed std in points)</h3>"
+        + conclusions.loss_optimizer_table(data)
+        + f"<p>The same head trained with each output loss, same budget and seeds "
         f"({_settings_text(data.get('settings', {}))}). Accuracy: image top-1 on val with the full softmax "
-        "after the last step.</p>" + _table(headers, rows, "numbers")
+        "after the last step (no checkpoint picked on val).</p>"
+        + _table(headers, rows, "numbers")
+        + (f"<ul>{notes}</ul>" if notes else "")
     )
 
 
@@ -358,13 +309,15 @@ def _sweep_body(data: dict[str, Any]) -> str:
             _num(block.get("seconds_per_epoch_mean")),
         )
 
-    rows = [row(str(point.get("num_sampled")), point) for point in data.get("points", [])]
+    points = sorted(data.get("points", []), key=lambda point: point.get("num_sampled", 0))
+    rows = [row(str(point.get("num_sampled")), point) for point in points]
     if isinstance(data.get("reference"), dict):
         rows.append(row("full softmax", data["reference"]))
     notes = "".join(f"<li>{_e(note)}</li>" for note in data.get("notes", []))
     headers = ("negatives K", "seeds", "val top-1 (mean ± std)", "val top-5", "val loss", "ms / step", "s / epoch")
     return (
-        f"<p>Sampled softmax against the number of sampled negatives K, the full softmax as reference "
+        _conclusions(conclusions.sweep_conclusions(data))
+        + f"<p>Sampled softmax against the number of sampled negatives K, the full softmax as reference "
         f"({_settings_text(data.get('settings', {}))}).</p>"
         + _table(headers, rows, "numbers")
         + (f"<ul>{notes}</ul>" if notes else "")
@@ -402,16 +355,15 @@ def _protocol(metrics: dict[str, Any]) -> str:
     return f"evaluated on {metrics.get('split', '?')}, n = {metrics.get('products', '?')} products (no holdout)"
 
 
-def _evaluation(paths: WorkPaths) -> Section:
-    evaluated = _evaluated(paths)
-    if not evaluated:
+def _evaluation(paths: WorkPaths, evaluated: list[Evaluated], best: insights.BestRun | None) -> Section:
+    if not evaluated or best is None:
         return Section(
             "evaluation",
             "Evaluation",
             _missing("No evaluated run yet: run <code>prodcat evaluate --run W/runs/NAME</code>."),
             False,
         )
-    best_run, best_metrics = _best(evaluated)  # type: ignore[misc]
+    best_run, best_metrics = best.run, best.metrics
     parts = [
         "<p>Every choice (checkpoint, product aggregation, auto-accept threshold, best run) is made on "
         "<b>val</b>; the numbers are reported on the split each row names (the <b>holdout</b> unless marked "
@@ -426,16 +378,16 @@ def _evaluation(paths: WorkPaths) -> Section:
         _headline(best_metrics),
         _confidence_text(best_metrics),
         _frequency_table(best_metrics),
+        insights.per_category_table(best),
+        insights.reliability_section(paths, best),
         _confusion_table(best_metrics),
+        insights.confused_pairs(paths, best),
     ]
     for run, _metrics in evaluated:
-        figures = _eval_figures(paths, run)
+        figures = _eval_figures(run)
         if figures:
             opened = " open" if run == best_run else ""
-            parts.append(
-                f"<details{opened}><summary>Figures of {_e(run.name)}</summary>"
-                f'<div class="grid two">{figures}</div></details>'
-            )
+            parts.append(f"<details{opened}><summary>Figures of {_e(run.name)}</summary>{_figures(figures)}</details>")
     return Section("evaluation", "Evaluation", "".join(parts))
 
 
@@ -619,44 +571,25 @@ def _confusion_table(metrics: dict[str, Any]) -> str:
     )
 
 
-def _eval_figures(paths: WorkPaths, run: Path) -> str:
-    folder = run / "eval"
-    parts = []
-    for source in sorted(folder.glob("*.png")):
-        copied = _copy(source, paths.reports / "assets" / "eval" / run.name / source.name)
-        if copied is not None:
-            parts.append(_figure(copied, paths.reports, f"{run.name}: {source.stem.replace('_', ' ')}"))
-    return "".join(parts)
+def _eval_figures(run: Path) -> list[str]:
+    sources = sorted((run / "eval").glob("*.png"))
+    return [_figure(source, f"{run.name}: {source.stem.replace('_', ' ')}") for source in sources]
 
 
 # -- gallery -----------------------------------------------------------------------------------------------------------
-def _gallery(paths: WorkPaths) -> Section:
-    best = _best(_evaluated(paths))
-    split = str(best[1].get("split", "val")) if best else "evaluated"
+def _gallery(paths: WorkPaths, best: insights.BestRun | None) -> Section:
+    split = best.split if best else "evaluated"
     title = f"Gallery of {split} products"
-    table_path = best[0] / "eval" / "predictions.parquet" if best else None
-    if table_path is None or not table_path.is_file():
-        return Section(
-            "gallery",
-            title,
-            _missing("No predictions.parquet in any evaluated run yet."),
-            False,
-        )
-    import pyarrow.parquet as pq
-
-    from prodcat.data.taxonomy import Taxonomy
-
-    run = best[0]
-    table = pq.read_table(table_path).to_pandas()
-    taxonomy_path = run / "taxonomy.parquet" if (run / "taxonomy.parquet").is_file() else paths.taxonomy
-    taxonomy = Taxonomy.load(taxonomy_path)
-    picked = _pick(table)
-    thumbnails, note = _thumbnails(paths, picked["product_id"].tolist())
+    if best is None or best.predictions is None or best.taxonomy is None:
+        return Section("gallery", title, _missing("No predictions.parquet in any evaluated run yet."), False)
+    picked = _pick(best.predictions)
+    pictures, note = thumbnails(paths, picked["product_id"].astype(int).tolist())
     cards = "".join(
-        _product_card(row, taxonomy, thumbnails.get(int(row.product_id), [])) for row in picked.itertuples(index=False)
+        _product_card(row, best.taxonomy, pictures.get(int(row.product_id), []))
+        for row in picked.itertuples(index=False)
     )
     intro = (
-        f"<p>{GALLERY_RIGHT} right and {GALLERY_WRONG} wrong {_e(split)} products of <b>{_e(run.name)}</b> "
+        f"<p>{GALLERY_RIGHT} right and {GALLERY_WRONG} wrong {_e(split)} products of <b>{_e(best.run.name)}</b> "
         "(chosen at random, wrong ones shown first), with the true category and the top-3 predictions."
         f"{' ' + _e(note) if note else ''}</p>"
     )
@@ -673,47 +606,6 @@ def _pick(table: Any) -> Any:
     import pandas as pd
 
     return pd.concat(parts)
-
-
-def _thumbnails(paths: WorkPaths, product_ids: list[int]) -> tuple[dict[int, list[str]], str]:
-    """product id -> base64 JPEG data URLs of its pictures, read by offset from the train catalog's BSON."""
-    from prodcat.data.bson_index import BsonReader
-    from prodcat.data.catalog import catalog_source, load_catalog
-
-    try:
-        catalog = load_catalog(paths.root, "train").select(["product_id", "offset", "length"]).to_pandas()
-        source = catalog_source(paths.root, "train")
-    except (OSError, RuntimeError, KeyError) as error:
-        return {}, f"(No thumbnails: {error}.)"
-    if not source.is_file():
-        return {}, f"(No thumbnails: {source} is not there.)"
-    located = catalog[catalog["product_id"].isin(product_ids)].set_index("product_id")
-    result: dict[int, list[str]] = {}
-    with BsonReader(source) as reader:
-        for product_id in product_ids:
-            if product_id not in located.index:
-                continue
-            row = located.loc[product_id]
-            try:
-                pictures = reader.pictures(int(row["offset"]), int(row["length"]))
-            except Exception as error:  # noqa: BLE001 - a damaged document costs its thumbnails, not the report
-                log.warning("report: product %d: %s", product_id, error)
-                continue
-            result[product_id] = [url for url in (_thumbnail(p) for p in pictures) if url]
-    return result, ""
-
-
-def _thumbnail(picture: bytes) -> str | None:
-    from prodcat.data.images import decode_pil
-
-    try:
-        image = decode_pil(picture)
-    except Exception:  # noqa: BLE001 - undecodable pictures are simply not shown
-        return None
-    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _names(taxonomy: Any, label: int) -> str:
@@ -786,15 +678,35 @@ table.numbers td:first-child, table.numbers td:not(:nth-child(2)), table.runs td
 table.confusions td:nth-child(n+3) { white-space: nowrap; }
 table.numbers td:not(:first-child):not(:nth-child(2)) { text-align: right; font-variant-numeric: tabular-nums; }
 tbody tr:hover { background: #fafbfc; }
-.grid { display: grid; gap: 14px; grid-auto-flow: row dense; }
-.grid.two { grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); }
-figure { margin: 0; }
-.grid figure.wide { grid-column: 1 / -1; }
+.figures { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; margin: 8px 0; }
+figure { margin: 0; max-width: 100%; }
 figure img { width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
+table.sortable th { cursor: pointer; }
+table.sortable th[data-order="desc"]::after { content: " ▼"; }
+table.sortable th[data-order="asc"]::after { content: " ▲"; }
+.headline { background: #eef4fb; border: 1px solid #c4d6ea; border-radius: 10px; padding: 14px 18px; }
+.headline p { margin: 4px 0 8px; }
+.headline .answer { font-size: 16px; }
+.headline .cards { grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); }
+.headline .card { background: white; }
+.headline .card .value { font-size: 26px; }
+.card small { display: block; font-size: 12.5px; font-weight: 400; color: var(--muted); }
+.headline .accept { font-size: 15px; }
+.synthetic { background: #fff4e5; border-left: 4px solid #e69f00; padding: 6px 10px; border-radius: 4px; }
+.protocol { color: var(--muted); font-size: 12.5px; }
+.conclusions { background: var(--bg); border-radius: 8px; padding: 4px 16px; margin: 6px 0 12px; }
+.conclusions h3 { margin-top: 10px; }
+.conclusions li { margin: 4px 0; }
+table.grid-table td:not(:first-child) { text-align: right; font-variant-numeric: tabular-nums; }
+.pairs { display: grid; grid-template-columns: 1fr; gap: 12px; }
+.pair { border: 1px solid var(--line); border-radius: 6px; padding: 8px 10px; display: grid;
+        grid-template-columns: 1fr 1fr; gap: 4px 12px; font-size: 13px; }
+.pair-title { grid-column: 1 / -1; font-weight: 600; }
+.muted { color: var(--muted); font-weight: 400; }
 figcaption { color: var(--muted); font-size: 12.5px; margin-top: 2px; }
 details { margin: 10px 0; }
 summary { cursor: pointer; font-weight: 600; margin-bottom: 8px; }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(280px, 1fr)); gap: 12px; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(540px, 1fr)); gap: 12px; }
 .product { border: 1px solid var(--line); border-left: 5px solid var(--line); border-radius: 6px; padding: 8px 10px;
            font-size: 13px; }
 .product.right { border-left-color: var(--right); }
@@ -803,7 +715,7 @@ summary { cursor: pointer; font-weight: 600; margin-bottom: 8px; }
 .right .verdict { color: var(--right); }
 .wrong .verdict { color: var(--wrong); }
 .thumbs { display: flex; gap: 4px; flex-wrap: wrap; margin-bottom: 6px; min-height: 40px; }
-.thumbs img { width: 60px; height: 60px; object-fit: cover; border-radius: 4px; border: 1px solid var(--line); }
+.thumbs img { width: 120px; height: 120px; object-fit: cover; border-radius: 4px; border: 1px solid var(--line); }
 .noimg { color: var(--muted); font-style: italic; }
 .truth { margin-bottom: 4px; }
 .path { color: var(--muted); }
@@ -817,6 +729,29 @@ footer { color: var(--muted); font-size: 12px; text-align: center; padding: 16px
 """
 
 
+def _synthetic_note(paths: WorkPaths) -> str | None:
+    """The demo's data is synthetic: `prodcat demo` leaves reports/demo_summary.json and says so in its notes."""
+    if (paths.reports / "demo_summary.json").is_file():
+        return (
+            "Demo data is synthetic (rendered objects standing in for product photos, names drawn from the real "
+            "taxonomy): the numbers show the pipeline at work, not what it reaches on Cdiscount."
+        )
+    for name in ("compare", "sweep"):
+        data = _read(paths.report(name) / f"{name}.json")
+        for note in (data or {}).get("notes", []) if isinstance(data, dict) else []:
+            if "synthetic" in str(note).lower():
+                return str(note)
+    return None
+
+
+def _headline_section(best: insights.BestRun | None, synthetic: str | None) -> Section:
+    if best is None:
+        text = _missing("No evaluated run yet: the answer appears here once <code>prodcat evaluate</code> has run.")
+        note = f'<p class="synthetic">{_e(synthetic)}</p>' if synthetic else ""
+        return Section("answer", "The answer", text + note, False)
+    return Section("answer", "The answer", insights.headline_box(best, synthetic))
+
+
 def _page(workdir: Path, sections: list[Section]) -> str:
     nav = "".join(f'<a href="#{s.id}"{"" if s.available else " class=off"}>{_e(s.title)}</a>' for s in sections)
     body = "".join(f'<section id="{s.id}"><h2>{_e(s.title)}</h2>{s.body}</section>' for s in sections)
@@ -826,22 +761,26 @@ def _page(workdir: Path, sections: list[Section]) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>prodcat report</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f"<header><h1>prodcat: product categorisation report</h1><p>work directory {_e(workdir)} · "
-        f"generated {_e(stamp)}</p><nav>{nav}</nav></header>\n<main>{body}</main>\n"
-        "<footer>prodcat · figures open at full size when clicked</footer>\n</body>\n</html>\n"
+        f"generated {_e(stamp)} · one self-contained file (figures embedded)</p><nav>{nav}</nav></header>\n"
+        f"<main>{body}</main>\n<footer>prodcat</footer>\n<script>{SORT_SCRIPT}</script>\n</body>\n</html>\n"
     )
 
 
 def build_report(workdir: str | Path) -> Path:
-    """Write `W/reports/index.html` from whatever the work directory holds; returns its path."""
+    """Write `W/reports/index.html` (self-contained) from whatever the work directory holds; returns its path."""
     paths = WorkPaths(workdir)
     paths.reports.mkdir(parents=True, exist_ok=True)
+    evaluated = _evaluated(paths)
+    chosen = _best(evaluated)
+    best = None if chosen is None else insights.BestRun.load(paths, *chosen)
     sections = [
+        _headline_section(best, _synthetic_note(paths)),
         _exploration(paths),
         _training(paths),
-        _experiment(paths, "compare", "Full vs sampled vs adaptive softmax", "prodcat compare --workdir W"),
+        _experiment(paths, "compare", "Loss x optimizer", "prodcat compare --workdir W"),
         _experiment(paths, "sweep", "Number of sampled negatives", "prodcat sweep --workdir W"),
-        _evaluation(paths),
-        _gallery(paths),
+        _evaluation(paths, evaluated, best),
+        _gallery(paths, best),
     ]
     out = paths.reports / "index.html"
     atomic_write_text(out, _page(paths.root, sections))

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prodcat.config import ServeConfig
 from prodcat.data.images import ALLOWED_FORMATS, DecodedImage, ImageDecodeError, decode_image_sized
 from prodcat.serve.batching import BatchInfo, ModelError, OverloadedError, Runner, create_runner
-from prodcat.utils import get_logger
+from prodcat.utils import get_logger, read_json
 
 if TYPE_CHECKING:
     from prodcat.predict import CategoryScore, Predictor, ProductPrediction
@@ -240,12 +240,19 @@ def _where(index: int, upload: UploadFile) -> str:
 
 
 # -- response ------------------------------------------------------------------------------------------------------
+PROBABILITY_DIGITS = 4  # decimals: finer than any decision the page or a threshold makes, without float noise
+
+
+def _probability(value: float | None) -> float | None:
+    return None if value is None else round(float(value), PROBABILITY_DIGITS)
+
+
 def _score_json(score: CategoryScore, rank: int) -> dict[str, Any]:
     return {
         "rank": rank,
         "label": int(score.label),
         "category_id": int(score.category_id),
-        "probability": float(score.probability),
+        "probability": _probability(score.probability),
         "level1": score.level1,
         "level2": score.level2,
         "level3": score.level3,
@@ -278,7 +285,7 @@ def _classify_json(
     return {
         "top": _scores_json(prediction.top),
         "accepted": bool(prediction.accepted),
-        "threshold": None if prediction.threshold is None else float(prediction.threshold),
+        "threshold": _probability(prediction.threshold),
         "aggregation": prediction.aggregation,
         # Photos byte-identical to training pictures, and how many training products hold them (null: none).
         "training_matches": None if matches is None else matches.as_json(),
@@ -491,9 +498,11 @@ class _InternalErrorMiddleware:
 # -- app -----------------------------------------------------------------------------------------------------------
 def _model_info(predictor: Predictor, config: ServeConfig) -> dict[str, Any]:
     taxonomy = predictor.taxonomy
+    run_dir = Path(config.run).resolve() if config.run else getattr(predictor, "run_dir", None)
     info: dict[str, Any] = {
         # The run's name, not the path as typed on the command line (which may reveal the server's layout).
-        "run": Path(config.run).resolve().name if config.run else None,
+        "run": None if run_dir is None else Path(run_dir).name,
+        "evaluation": _evaluation_info(run_dir),
         "num_classes": int(taxonomy.num_classes),
         "num_level1": int(taxonomy.num_level1),
         "num_level2": int(taxonomy.num_level2),
@@ -508,6 +517,25 @@ def _model_info(predictor: Predictor, config: ServeConfig) -> dict[str, Any]:
         if value is not None:
             info[key] = str(value)
     return info
+
+
+def _evaluation_info(run_dir: Path | None) -> dict[str, Any] | None:
+    """The run's held-out product accuracy (from `prodcat evaluate`), for the page to name; None before evaluation."""
+    path = None if run_dir is None else Path(run_dir) / "eval" / "metrics.json"
+    if path is None or not path.is_file():
+        return None
+    try:
+        metrics = read_json(path)
+        product = metrics["product"]
+        return {
+            "split": metrics.get("split"),
+            "product_top1": _probability(product["top1"]),
+            "product_top1_ci95": [_probability(v) for v in product.get("top1_ci95") or []] or None,
+            "products": product.get("n", metrics.get("products")),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("%s: %s", path, error)
+        return None
 
 
 def _category_items(predictor: Predictor) -> list[dict[str, Any]]:

@@ -8,6 +8,16 @@ function percent(probability) {
   return (100 * probability).toFixed(probability >= 0.995 || probability < 0.001 ? 0 : 1) + "%";
 }
 
+// A threshold is a rule on the top probability, not an accuracy claim: whole percents ("76%"), one decimal only
+// where whole percents would make a probability and the threshold look equal.
+function thresholdPercent(threshold, probability) {
+  const whole = Math.round(100 * threshold) + "%";
+  if (probability !== undefined && Math.round(100 * probability) + "%" === whole) {
+    return (100 * threshold).toFixed(1) + "%";
+  }
+  return whole;
+}
+
 function element(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
@@ -23,13 +33,31 @@ async function loadHealth() {
     state.maxImages = health.limits.max_images;
     $("#max-images").textContent = state.maxImages;
     $("#top-k").value = health.limits.default_top_k;
-    const model = health.model;
-    const threshold = model.accept_threshold == null ? "no auto-accept threshold"
-      : "auto-accept ≥ " + percent(model.accept_threshold);
-    $("#model-info").textContent = `${model.num_classes.toLocaleString()} categories · ${threshold}`;
+    renderModelInfo(health.model);
   } catch (error) {
     $("#model-info").textContent = "server unreachable";
   }
+}
+
+function renderModelInfo(model) {
+  const info = $("#model-info");
+  info.replaceChildren();
+  if (model.run) {
+    const run = element("span", "run", "model ");
+    run.append(element("strong", "run-name", model.run));
+    info.append(run);
+  }
+  const evaluation = model.evaluation;
+  if (evaluation && evaluation.product_top1 != null) {
+    const n = evaluation.products == null ? "" : `, n = ${evaluation.products.toLocaleString()} products`;
+    const split = evaluation.split || "held-out";
+    info.append(element("span", "accuracy", `${percent(evaluation.product_top1)} right on ${split}${n}`));
+  } else if (model.run) {
+    info.append(element("span", "accuracy", "not evaluated yet"));
+  }
+  info.append(element("span", "classes", `${model.num_classes.toLocaleString()} categories`));
+  info.append(element("span", "threshold", model.accept_threshold == null ? "no auto-accept threshold"
+    : `auto-accept when the top probability ≥ ${thresholdPercent(model.accept_threshold)}`));
 }
 
 // -- photos --------------------------------------------------------------------------------------------------------
@@ -85,7 +113,6 @@ function renderThumbnails() {
     list.append(item);
   });
   const empty = state.files.length === 0;
-  $("#classify").disabled = empty || state.busy;
   $("#clear").disabled = empty;
   $("#dropzone").classList.toggle("compact", !empty);
 }
@@ -118,7 +145,6 @@ async function classify() {
 
 function setBusy(busy) {
   state.busy = busy;
-  $("#classify").disabled = busy || !state.files.length;
   $("#result-card").classList.toggle("busy", busy);
 }
 
@@ -171,7 +197,8 @@ function renderVerdict(result) {
   badge.textContent = result.accepted ? "✓ auto-accept" : "needs review";
   $("#verdict-text").textContent = result.threshold == null
     ? "no auto-accept threshold: the model has not been evaluated"
-    : `top answer ${percent(top.probability)} ${result.accepted ? "≥" : "<"} threshold ${percent(result.threshold)}`;
+    : `top probability ${percent(top.probability)} ${result.accepted ? "≥" : "<"} auto-accept level `
+      + thresholdPercent(result.threshold, top.probability);
 }
 
 // Photos byte-identical to training pictures: their training products' labels are evidence (chosen on val).
@@ -226,7 +253,6 @@ function wire() {
     event.preventDefault();
     if (event.dataTransfer && event.dataTransfer.files.length) addFiles(event.dataTransfer.files);
   });
-  $("#classify").addEventListener("click", classify);
   $("#clear").addEventListener("click", clearAll);
   $("#top-k").addEventListener("change", () => { if (state.files.length) classify(); });
   loadHealth();
