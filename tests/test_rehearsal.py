@@ -24,9 +24,6 @@ from prodcat.rehearsal.drivers import ARMS, RehearsalPlan, check_disk, run_rehea
 from prodcat.rehearsal.records import run_stage
 from prodcat.rehearsal.synthetic import REAL, STORE_NAME, FullPlan, picture_counts
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cdiscount"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data/cdiscount")
 RECORD_FIELDS = {"name", "seconds", "peak_rss_mb", "disk_growth_mb", "written_mb", "items", "unit", "throughput"}
 
 
@@ -40,12 +37,13 @@ def test_synthetic_taxonomy_has_the_real_shape_and_long_tail() -> None:
     assert counts.max() >= 30 * np.median(counts)  # the long tail: the largest leaf dwarfs the median one
 
 
-@pytest.mark.skipif(not (SHARED / "images_per_category.json").is_file(), reason=f"no real reference files in {SHARED}")
-def test_real_taxonomy_and_counts_set_the_leaves() -> None:
-    rows = read_taxonomy_rows(SHARED / "category_names.csv")
+def test_real_taxonomy_and_counts_set_the_leaves(shared_data_dir: Path) -> None:
+    if not (shared_data_dir / "images_per_category.json").is_file():
+        pytest.skip(f"no images_per_category.json in {shared_data_dir}")
+    rows = read_taxonomy_rows(shared_data_dir / "category_names.csv")
     assert len(rows) == 5270 and len({r.level1 for r in rows}) == 49
-    images = {int(k): v for k, v in json.loads((SHARED / "images_per_category.json").read_text()).items()}
-    counts = counts_from_images(SHARED / "images_per_category.json", rows, 20_000)
+    images = {int(k): v for k, v in json.loads((shared_data_dir / "images_per_category.json").read_text()).items()}
+    counts = counts_from_images(shared_data_dir / "images_per_category.json", rows, 20_000)
     assert counts.sum() == 20_000 and counts.min() >= 1
     weights = np.array([images[r.category_id] for r in rows])
     largest = int(np.argmax(weights))
