@@ -170,3 +170,13 @@ def test_directory_bytes_counts_a_hard_link_once(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "other").write_bytes(b"y" * 24)
     assert directory_bytes(tmp_path) == 1024 and directory_bytes(tmp_path / "missing") == 0
+
+
+def test_a_failing_stage_is_recorded_before_the_error_surfaces(tmp_path: Path) -> None:
+    from prodcat.rehearsal.drivers import _Recorder
+
+    recorder = _Recorder(tmp_path, "full", FullPlan(products=10, test_products=2), isolate=False)
+    with pytest.raises(FileNotFoundError):
+        recorder.stage("explore", "explore_stage", workdir=str(tmp_path))
+    saved = json.loads((tmp_path / "reports" / "rehearsal.json").read_text())
+    assert saved["failed"]["stage"] == "explore" and "FileNotFoundError" in saved["failed"]["error"]

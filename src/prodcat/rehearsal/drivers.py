@@ -85,7 +85,12 @@ class _Recorder:
         return self.workdir / "reports" / "rehearsal.json"
 
     def stage(self, name: str, function: str, **kwargs: Any) -> dict[str, Any]:
-        result, record = run_stage(name, f"{_STAGES}:{function}", kwargs, self.workdir, self.isolate)
+        try:
+            result, record = run_stage(name, f"{_STAGES}:{function}", kwargs, self.workdir, self.isolate)
+        except Exception as error:  # the record says where a long run stopped, and why
+            self.payload["failed"] = {"stage": name, "error": f"{type(error).__name__}: {error}"}
+            self.save()
+            raise
         self.records.append(record)
         self.save()
         return result

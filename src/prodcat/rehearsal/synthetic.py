@@ -241,7 +241,9 @@ def _hidden_test_labels(plan: FullPlan, taxonomy: Taxonomy) -> np.ndarray:
     return rng.choice(taxonomy.num_classes, size=plan.test_products, p=frequency).astype(np.int32)
 
 
-def _write_shards(store: FeatureStore, centres: np.ndarray, label: np.ndarray, product: np.ndarray, plan: FullPlan):
+def _write_shards(
+    store: FeatureStore, centres: np.ndarray, label: np.ndarray, product: np.ndarray, plan: FullPlan
+) -> None:
     """Shard by shard: centre of the row's leaf + its product's part + noise, cast to float16."""
     for shard in progress(store.missing_shards(), total=store.num_shards, desc="synthetic store", unit="shard"):
         start, stop = store.shard_rows(shard)
