@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from prodcat.config import DemoConfig, EvalConfig, ExtractConfig, IngestConfig, ServeConfig, TrainConfig
-from prodcat.errors import describe, require_catalog, require_file, require_run
+from prodcat.errors import UserError, describe, require_catalog, require_file, require_run
 
 # One paragraph per string: rich keeps a single newline as a line break.
 HELP = "\n\n".join(
@@ -585,3 +585,58 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command()
+def rehearsal(
+    workdir: Workdir = Path("rehearsal_work"),
+    products: Annotated[int, typer.Option(help="Train products (>= categories).")] = 40_000,
+    test_products: int = 4_000,
+    categories: Annotated[int, typer.Option(help="Leaves (must match --taxonomy-csv when given).")] = 5270,
+    taxonomy_csv: Annotated[str | None, typer.Option(help="Kaggle's category_names.csv as the taxonomy.")] = None,
+    counts_json: Annotated[str | None, typer.Option(help="images_per_category.json: the real long tail.")] = None,
+    seeds: Annotated[int, typer.Option(help="Training seeds per arm.")] = 3,
+    epochs: Annotated[float, typer.Option(help="Epochs of every training run.")] = 5.0,
+    num_sampled: Annotated[int, typer.Option(help="Negatives K of the sampled-softmax arm.")] = 1024,
+    in_process: Annotated[bool, typer.Option(help="Run stages in this process (peak RSS not per stage).")] = False,
+) -> None:
+    """Scale rehearsal on pictures: 5,270 leaves of the real shape end to end, every stage recorded."""
+    from prodcat.rehearsal import RehearsalPlan, run_rehearsal
+
+    try:
+        plan = RehearsalPlan(products=products, test_products=test_products, categories=categories,
+                             taxonomy_csv=taxonomy_csv, counts_json=counts_json, seeds=seeds, epochs=epochs,
+                             num_sampled=num_sampled)  # fmt: skip
+    except ValueError as error:  # the plan's own checks: one line, exit 2
+        raise UserError(str(error)) from error
+    payload = run_rehearsal(workdir, plan, isolate=not in_process)
+    typer.echo(f"rehearsal -> {workdir / 'reports' / 'rehearsal.json'} ({len(payload['stages'])} stages)")
+
+
+@app.command("rehearsal-full")
+def rehearsal_full(
+    workdir: Workdir = Path("rehearsal_full_work"),
+    products: Annotated[int, typer.Option(help="Train products (default: the real 7,069,896).")] = 7_069_896,
+    test_products: Annotated[int, typer.Option(help="Test products (default: the real 1,768,182).")] = 1_768_182,
+    dim: Annotated[
+        int, typer.Option(help="Feature dimension (1,280 = Xception; smaller only if disk demands).")
+    ] = 1280,
+    categories: Annotated[int, typer.Option(help="Leaves (must match --taxonomy-csv when given).")] = 5270,
+    taxonomy_csv: Annotated[str | None, typer.Option(help="Kaggle's category_names.csv as the taxonomy.")] = None,
+    counts_json: Annotated[str | None, typer.Option(help="images_per_category.json: real products per leaf.")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps per loss (epoch time extrapolated).")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Training batch (rows per step).")] = 1024,
+    shard_size: Annotated[int, typer.Option(help="Rows per feature-store shard.")] = 65_536,
+    in_process: Annotated[bool, typer.Option(help="Run stages in this process (peak RSS not per stage).")] = False,
+) -> None:
+    """Full row counts without pictures: a synthetic 12.37 M-row store, train, evaluate, predict, all recorded."""
+    from prodcat.rehearsal import FullPlan, run_rehearsal_full
+
+    try:
+        plan = FullPlan(products=products, test_products=test_products, dim=dim, categories=categories,
+                        taxonomy_csv=taxonomy_csv, counts_json=counts_json, train_steps=steps, batch_size=batch_size,
+                        shard_size=shard_size)  # fmt: skip
+        payload = run_rehearsal_full(workdir, plan, isolate=not in_process)
+    except ValueError as error:  # the plan's own checks (an OSError is described by main(): full disk, ...)
+        raise UserError(str(error)) from error
+    typer.echo(f"rehearsal-full -> {workdir / 'reports' / 'rehearsal.json'} ({len(payload['stages'])} stages)")

@@ -85,6 +85,11 @@ class DemoConfig:
     # printed words. None: min(8, categories // 5), none below 10 categories.
     text_leaves: int | None = None
 
+    # Real shape sources (the scale rehearsal): a Kaggle category_names.csv used as the taxonomy (`categories` must
+    # equal its rows) and a {category_id: images} JSON whose counts set the products per leaf (the real long tail).
+    taxonomy_csv: str | None = None
+    category_counts_json: str | None = None
+
     def resolved_text_leaves(self) -> int:
         if self.text_leaves is not None:
             return self.text_leaves

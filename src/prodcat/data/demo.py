@@ -52,6 +52,8 @@ __all__ = [
     "make_taxonomy",
     "taxonomy_shape",
     "category_counts",
+    "read_taxonomy_rows",
+    "counts_from_images",
     "make_looks",
     "render_product",
     "generate_demo",
@@ -201,6 +203,44 @@ def category_counts(categories: int, products: int, seed: int = 0, tail_power: f
     log_sizes = np.interp(percent, np.arange(len(CATEGORY_SIZE_QUANTILES)), np.log(CATEGORY_SIZE_QUANTILES))
     weights = np.exp(tail_power * log_sizes)[rng.permutation(categories)]
     return _allocate(weights, products)
+
+
+def read_taxonomy_rows(path: str | Path) -> list[CategoryRow]:
+    """A real category_names.csv as taxonomy rows (in file order, names exactly as written)."""
+    from prodcat.data.taxonomy import read_category_csv
+
+    return [CategoryRow(int(cid), l1, l2, l3) for cid, l1, l2, l3 in read_category_csv(path)]
+
+
+def counts_from_images(path: str | Path, rows: list[CategoryRow], products: int) -> np.ndarray:
+    """Products per leaf (row order) proportional to a `{category_id: training images}` JSON (Kaggle's real
+    long tail when it is images_per_category.json); every leaf gets >= 1. Leaves missing from the file: an error."""
+    import json
+
+    images = {int(key): int(value) for key, value in json.loads(Path(path).read_text(encoding="utf-8")).items()}
+    missing = [row.category_id for row in rows if row.category_id not in images]
+    if missing:
+        raise ValueError(f"{path}: no image count for category {missing[0]} ({len(missing)} leaves missing)")
+    if products < len(rows):
+        raise ValueError(f"need at least one product per category: products={products} < categories={len(rows)}")
+    weights = np.array([max(images[row.category_id], 1) for row in rows], dtype=np.float64)
+    return _allocate(weights, products)
+
+
+def _demo_taxonomy(config: DemoConfig) -> tuple[list[CategoryRow], np.ndarray]:
+    """Taxonomy rows and train products per leaf: synthetic (the default), or from the real-shape sources."""
+    if config.taxonomy_csv:
+        rows = read_taxonomy_rows(config.taxonomy_csv)
+        if len(rows) != config.categories:
+            raise ValueError(
+                f"{config.taxonomy_csv} has {len(rows)} categories but categories={config.categories}; "
+                f"pass --categories {len(rows)}"
+            )
+    else:
+        rows = make_taxonomy(config.categories, config.seed, config.resolved_text_leaves())
+    if config.category_counts_json:
+        return rows, counts_from_images(config.category_counts_json, rows, config.products)
+    return rows, category_counts(config.categories, config.products, config.seed, config.tail_power)
 
 
 # ------------------------------------------------------------------------------------------------------ looks
@@ -930,8 +970,7 @@ def generate_demo(out_dir: str | Path, config: DemoConfig) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = make_taxonomy(config.categories, config.seed, config.resolved_text_leaves())
-    counts = category_counts(config.categories, config.products, config.seed, config.tail_power)
+    rows, counts = _demo_taxonomy(config)
     train_leaves, test_leaves = _product_labels(counts, config.test_products, config.seed)
     train_ids, test_ids = _product_ids(config.products, config.test_products, config.seed)
     category_ids = np.array([row.category_id for row in rows], dtype=np.int64)
