@@ -74,9 +74,11 @@ def test_generate_demo_from_a_taxonomy_file_and_counts(tmp_path: Path) -> None:
 
 
 def test_default_demo_taxonomy_is_unchanged_by_the_extension(tmp_path: Path) -> None:
-    summary = generate_demo(tmp_path, DemoConfig(products=20, test_products=2, categories=10))
+    config = DemoConfig(products=20, test_products=2, categories=10)
+    summary = generate_demo(tmp_path, config)
     names = (tmp_path / "category_names.csv").read_text(encoding="utf-8").splitlines()[1:]
-    assert [line.split(",")[0] for line in names] == [str(r.category_id) for r in make_taxonomy(10, 0)]
+    expected = make_taxonomy(10, 0, config.resolved_text_leaves())  # the default demo's cover leaves included
+    assert [line.split(",")[0] for line in names] == [str(r.category_id) for r in expected]
     assert summary["train_products"] == 20
 
 
