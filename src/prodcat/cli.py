@@ -546,47 +546,6 @@ def _log_file(command: str, arguments: dict[str, object]) -> None:
             log_to_file(workdir / "logs" / "prodcat.log")
 
 
-def _one_line_errors(command: str, callback: Callable[..., None]) -> Callable[..., None]:
-    """Each command's expected failures end as one line `error: ...` and exit code 2 (bugs keep the traceback)."""
-
-    @functools.wraps(callback)
-    def wrapper(**arguments: object) -> None:
-        try:
-            if isinstance(arguments.get("run"), Path):
-                require_run(arguments["run"])  # type: ignore[arg-type]
-            _log_file(command, arguments)
-            callback(**arguments)
-        except Exception as error:
-            message = describe(error)
-            if message is None:
-                raise
-            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=2) from None
-
-    return wrapper
-
-
-# One place for every command (including any added above): typer reads the callbacks when the app runs.
-for _info in app.registered_commands:
-    _info.callback = _one_line_errors(_info.name or _info.callback.__name__.replace("_", "-"), _info.callback)
-
-
-def main() -> None:
-    """Console entry point; the commands' own errors are handled by `_one_line_errors`, this catches the rest."""
-    try:
-        app()
-    except Exception as error:
-        message = describe(error)
-        if message is None:
-            raise
-        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
-
-
 @app.command()
 def rehearsal(
     workdir: Workdir = Path("rehearsal_work"),
@@ -640,3 +599,44 @@ def rehearsal_full(
     except ValueError as error:  # the plan's own checks (an OSError is described by main(): full disk, ...)
         raise UserError(str(error)) from error
     typer.echo(f"rehearsal-full -> {workdir / 'reports' / 'rehearsal.json'} ({len(payload['stages'])} stages)")
+
+
+def _one_line_errors(command: str, callback: Callable[..., None]) -> Callable[..., None]:
+    """Each command's expected failures end as one line `error: ...` and exit code 2 (bugs keep the traceback)."""
+
+    @functools.wraps(callback)
+    def wrapper(**arguments: object) -> None:
+        try:
+            if isinstance(arguments.get("run"), Path):
+                require_run(arguments["run"])  # type: ignore[arg-type]
+            _log_file(command, arguments)
+            callback(**arguments)
+        except Exception as error:
+            message = describe(error)
+            if message is None:
+                raise
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+# One place for every command (including any added above): typer reads the callbacks when the app runs.
+for _info in app.registered_commands:
+    _info.callback = _one_line_errors(_info.name or _info.callback.__name__.replace("_", "-"), _info.callback)
+
+
+def main() -> None:
+    """Console entry point; the commands' own errors are handled by `_one_line_errors`, this catches the rest."""
+    try:
+        app()
+    except Exception as error:
+        message = describe(error)
+        if message is None:
+            raise
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
