@@ -31,7 +31,7 @@ ROWS = [
     (14, "SPORT", "CYCLES", "CASQUE"),
     (15, "LIBRAIRIE", "LIVRE", "ROMAN"),
 ]
-SECTIONS = ("answer", "explore", "training", "compare", "sweep", "evaluation", "gallery")
+SECTIONS = ("answer", "explore", "training", "compare", "sweep", "evaluation", "gallery", "ocr")
 STORE = "toy"
 
 

@@ -9,7 +9,6 @@ URIs), so index.html alone can be copied or mailed. A section whose inputs are m
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,9 @@ import numpy as np
 from prodcat.paths import WorkPaths
 from prodcat.report import conclusions, insights
 from prodcat.report.levers import levers_table_html
-from prodcat.report.markup import SORT_SCRIPT, cards, esc, interval, missing, natural_key, num, pct, table
+from prodcat.report.markup import SORT_SCRIPT, Section, cards, esc, interval, missing, natural_key, num, pct, table
 from prodcat.report.markup import figure as _embedded_figure
+from prodcat.report.ocr import ocr_section
 from prodcat.report.thumbnails import THUMBNAIL_SIZE, thumbnails
 from prodcat.utils import atomic_write_text, get_logger, read_json
 
@@ -34,16 +34,6 @@ log = get_logger("prodcat.report")
 Evaluated = tuple[Path, dict[str, Any]]  # a run folder and its eval/metrics.json
 # Short local names for the shared helpers (prodcat.report.markup).
 _e, _pct, _num, _interval, _table, _cards, _missing = esc, pct, num, interval, table, cards, missing
-
-
-@dataclasses.dataclass
-class Section:
-    """One part of the page: anchor id, title, body HTML, and whether its inputs were there."""
-
-    id: str
-    title: str
-    body: str
-    available: bool = True
 
 
 def _figure(path: Path, caption: str = "") -> str:
@@ -787,6 +777,7 @@ def build_report(workdir: str | Path) -> Path:
         _experiment(paths, "sweep", "Number of sampled negatives", "prodcat sweep --workdir W"),
         _evaluation(paths, evaluated, best, synthetic),
         _gallery(paths, best),
+        ocr_section(paths.root),
     ]
     out = paths.reports / "index.html"
     atomic_write_text(out, _page(paths.root, sections))

@@ -6,6 +6,7 @@ Figures are embedded as base64 PNG data URIs, so a page is one file that can be 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import re
 from collections.abc import Iterable, Sequence
@@ -26,9 +27,20 @@ __all__ = [
     "natural_key",
     "SORT_SCRIPT",
     "MAX_FIGURE_WIDTH",
+    "Section",
 ]
 
 MAX_FIGURE_WIDTH = 1176  # px: the page's content width; wider figures are scaled down, narrower ones shown 1:1
+
+
+@dataclasses.dataclass
+class Section:
+    """One part of the page: anchor id, title, body HTML, and whether its inputs were there."""
+
+    id: str
+    title: str
+    body: str
+    available: bool = True
 
 
 def esc(value: Any) -> str:

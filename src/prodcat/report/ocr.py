@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from prodcat.paths import WorkPaths
-from prodcat.report.html import Section
+from prodcat.report.markup import Section
 from prodcat.report.markup import esc as _e
 from prodcat.report.markup import table as _table
 from prodcat.utils import read_json
