@@ -27,8 +27,9 @@ import torch
 
 from prodcat.config import TrainConfig
 from prodcat.features.store import write_store
+from prodcat.loaders import FeatureLoader
 from prodcat.model import build_classifier, build_optimizer
-from prodcat.train import FeatureLoader, StepPlan
+from prodcat.train import StepPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved_times, write_result  # noqa: E402

@@ -96,7 +96,7 @@ def test_add_category_then_predict_returns_the_new_leaf(run: dict, monkeypatch: 
     predictor = Predictor.load(run["run"])  # loaded before the category exists, like a running server
     assert predictor.predict_product([_picture(3)]).top[0].category_id == 7003
     products = [[_picture(200 + 2 * i), _picture(201 + 2 * i)] for i in range(5)]
-    entry = add_category(run["run"], NEW_ID, ["Maison", "Jardin", "Nain de jardin"], products)
+    entry = add_category(run["run"], NEW_ID, ["Maison", "Jardin", "Nain de jardin"], products, predictor=predictor)
     assert entry["label"] == CLASSES and entry["products"] == 5 and entry["pictures"] == 10
     assert entry["chosen_by"].startswith("val episodes")
     top = predictor.predict_product([_picture(230)]).top[0]  # an unseen picture of the new leaf
@@ -104,7 +104,7 @@ def test_add_category_then_predict_returns_the_new_leaf(run: dict, monkeypatch: 
     for value in range(CLASSES):  # the known leaves still win on their own pictures
         assert predictor.predict_product([_picture(value)]).top[0].category_id == 7000 + value
     with pytest.raises(ValueError, match="already in the run's taxonomy"):
-        add_category(run["run"], 7001, ["a", "b", "c"], products)
+        add_category(run["run"], 7001, ["a", "b", "c"], products, predictor=predictor)
 
 
 def test_cli_add_category_from_a_folder(run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

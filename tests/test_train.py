@@ -12,8 +12,9 @@ import torch
 from prodcat.checkpoint import load_checkpoint, read_meta
 from prodcat.config import TrainConfig, load_config
 from prodcat.features.store import StoreError, write_store
+from prodcat.loaders import FeatureLoader, gather_rows
 from prodcat.paths import WorkPaths
-from prodcat.train import FeatureLoader, StepPlan, gather_rows, lr_at, read_metrics, train
+from prodcat.train import StepPlan, lr_at, read_metrics, train
 from train_fixtures import SPATIAL_STORE, make_workdir, tiny_config
 
 torch.set_num_threads(1)  # tiny matmuls: more threads only add contention on the shared cores

@@ -495,12 +495,14 @@ def add_category(
 ) -> None:
     """Add a leaf to a trained run from a few example products (a prototype on the frozen features, no
     retraining); predict and serve know it at once."""
+    from prodcat.predict import Predictor
     from prodcat.prototypes import add_category as run_add
     from prodcat.prototypes import read_example_products
 
     try:
         products = read_example_products(pictures=pictures, bson=bson)
-        entry = run_add(run, category_id, names.split("|"), products, replace=replace)
+        predictor = Predictor.load(run)
+        entry = run_add(run, category_id, names.split("|"), products, predictor=predictor, replace=replace)
     except (ValueError, FileNotFoundError) as error:  # bad examples or names: one line, exit code 2
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
@@ -518,7 +520,7 @@ def text_head(
     overwrite: Annotated[bool, typer.Option(help="Replace the run's text model.")] = False,
 ) -> None:
     """Fuse the words `prodcat ocr` read with the run's pictures (late and concat fusion; keeps the better on val)."""
-    from prodcat.ocr.fusion import FusionConfig, train_text_model
+    from prodcat.text_fusion import FusionConfig, train_text_model
 
     config = FusionConfig(run=str(run), fusion=fusion, epochs=epochs, n_features=n_features, overwrite=overwrite)
     summary = train_text_model(config)

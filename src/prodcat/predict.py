@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from prodcat.aggregation import AGGREGATIONS, aggregate_products
+from prodcat.aggregation import sum_by_product as _sum_by_product
 from prodcat.config import ExtractConfig, TrainConfig, config_from_dict, load_config
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.extract import stored_features
@@ -37,7 +39,6 @@ __all__ = [
     "PRODUCT_HEAD",
 ]
 
-AGGREGATIONS = ("mean_prob", "mean_logprob", "vote")
 PRODUCT_HEAD = "product_head"  # a run whose head reads whole products: the head itself combines the pictures
 log = get_logger("prodcat.predict")
 
@@ -61,44 +62,6 @@ class ProductPrediction:
     aggregation: str
     training_matches: TwinMatch | None = None  # photos byte-identical to training pictures (None: no match)
     ocr_words: list[list[str]] | None = None  # words read on each picture (None: the run has no text model)
-
-
-def aggregate_products(log_probs: np.ndarray, product_index: np.ndarray, num_products: int, method: str) -> np.ndarray:
-    """Combine image log-probabilities (N, C) into product log-probabilities (P, C).
-
-    mean_prob: average of probabilities (3rd place on Kaggle); mean_logprob: normalised geometric mean;
-    vote: share of images whose top-1 is each class, ties broken by mean probability.
-    """
-    if method not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {method!r}; choose one of {AGGREGATIONS}")
-    product_index = np.asarray(product_index, dtype=np.int64)
-    counts = np.maximum(np.bincount(product_index, minlength=num_products), 1).astype(np.float64)[:, None]
-    if method == "mean_logprob":
-        return _log_normalise(_sum_by_product(log_probs.astype(np.float64), product_index, num_products) / counts)
-    mean = _sum_by_product(np.exp(log_probs.astype(np.float64)), product_index, num_products) / counts
-    if method == "mean_prob":
-        return np.log(np.clip(mean, 1e-30, None))
-    votes = np.zeros_like(mean)
-    np.add.at(votes, (product_index, log_probs.argmax(axis=1)), 1.0)  # N scalar adds: cheap
-    # Votes dominate; the mean probability (< 1) only breaks ties. Still a distribution after renormalising.
-    return _log_normalise(np.log(votes / counts + 1e-3 * mean + 1e-30))
-
-
-def _sum_by_product(values: np.ndarray, product_index: np.ndarray, num_products: int) -> np.ndarray:
-    """Row sums per product: one sort + np.add.reduceat (np.add.at over (N, C) rows is ~50x slower)."""
-    out = np.zeros((num_products, values.shape[1]), dtype=values.dtype)
-    if len(product_index) == 0:
-        return out
-    order = np.argsort(product_index, kind="stable")
-    sorted_index = product_index[order]
-    starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])
-    out[sorted_index[starts]] = np.add.reduceat(values[order], starts, axis=0)
-    return out
-
-
-def _log_normalise(scores: np.ndarray) -> np.ndarray:
-    scores = scores - scores.max(axis=1, keepdims=True)
-    return scores - np.log(np.exp(scores).sum(axis=1, keepdims=True))
 
 
 class Predictor:
@@ -139,7 +102,7 @@ class Predictor:
         self._prototypes: Prototypes | None = None
         self._prototype_signature: tuple[int, int] | None = None
         self.refresh_prototypes()
-        from prodcat.ocr.fusion import load_text_model
+        from prodcat.ocr.text_model import load_text_model
 
         self.text_model = load_text_model(self.run_dir)  # R/text/ (prodcat text-head); None: pictures alone
 
@@ -396,7 +359,7 @@ class Predictor:
     def _with_text(
         self, images: Sequence[torch.Tensor], features: np.ndarray, product_index: np.ndarray, log_probs: np.ndarray
     ) -> tuple[np.ndarray, list[list[list[str]]]]:
-        """OCR the text-likely pictures and fuse their words with the picture scores (prodcat.ocr.fusion)."""
+        """OCR the text-likely pictures and fuse their words with the picture scores (prodcat.ocr.text_model)."""
         read = self.text_model.read(images)
         words = [[read[i] for i in np.flatnonzero(product_index == p)] for p in range(len(log_probs))]
         counts = np.maximum(np.bincount(product_index, minlength=len(log_probs)), 1)[:, None]
@@ -572,7 +535,7 @@ def _from_store(predictor: Predictor, bson_path: Path, product_ids: np.ndarray) 
     ids, product_index = np.unique(store.column("product_id")[valid], return_inverse=True)
     product_log_probs = predictor.product_log_probs_from_features(features, product_index, len(ids))
     if predictor.text_model is not None:  # the words `prodcat ocr` read on these test pictures
-        from prodcat.ocr.fusion import fuse_stored
+        from prodcat.ocr.text_model import fuse_stored
 
         product_log_probs = fuse_stored(predictor, ids, product_index, features, product_log_probs)
     product_log_probs = predictor.adjust(product_log_probs)  # top-1 only: temperature cannot change it

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from prodcat.features.store import FeatureStore, StoreError
-from prodcat.train import FeatureLoader, gather_rows
+from prodcat.loaders import FeatureLoader, gather_rows
 
 __all__ = ["ProductGroups", "group_products", "group_index", "ProductLoader", "PAD"]
 

@@ -305,24 +305,24 @@ def add_category(
     category_id: int,
     names: Sequence[str],
     products: Sequence[Sequence[Any]],
+    predictor: Any,
     replace: bool = False,
-    predictor: Any = None,
 ) -> dict[str, Any]:
     """Add (or with `replace`, override) a leaf of a run from a few decoded example products; returns its entry.
 
     The first category added also fixes the centre (train mean) and the scale/bias (val episodes); later ones reuse
-    them, so adding a category never changes how the others score.
+    them, so adding a category never changes how the others score. `predictor` is the run's
+    `prodcat.predict.Predictor` (its feature extractor and taxonomy), passed in so that this module, which the
+    Predictor uses, never imports it.
     """
     from prodcat.features.store import FeatureStore
     from prodcat.paths import WorkPaths
-    from prodcat.predict import Predictor
 
     names = [str(n).strip() for n in names]
     if len(names) != 3 or not all(names):
         raise ValueError(f"--names needs three non-empty names 'L1|L2|L3', got {'|'.join(names)!r}")
     if not products:
         raise ValueError("no example products (no decodable pictures found)")
-    predictor = predictor or Predictor.load(run_dir)
     taxonomy = predictor.taxonomy
     known = np.flatnonzero(np.asarray(taxonomy.category_ids) == int(category_id))
     if len(known) and not replace:

@@ -26,9 +26,7 @@ import resource
 import shutil
 import statistics
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +52,7 @@ from prodcat.data.taxonomy import Taxonomy
 from prodcat.distributed import DistInfo, cleanup, init_distributed
 from prodcat.errors import require_store
 from prodcat.features.store import FeatureStore, StoreError
+from prodcat.loaders import FeatureLoader
 from prodcat.paths import WorkPaths
 from prodcat.utils import atomic_write_bytes, atomic_write_text, get_logger, progress, read_json, write_json
 
@@ -64,8 +63,6 @@ __all__ = [
     "fit",
     "validate",
     "StepPlan",
-    "FeatureLoader",
-    "gather_rows",
     "lr_at",
     "read_metrics",
     "run_summary",
@@ -159,104 +156,6 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 # -- data -------------------------------------------------------------------------------------------------------------
-class FeatureLoader:
-    """Features and targets of one split's rows, batch by batch, as tensors on `device`.
-
-    Host-to-device copies go through pinned memory with `non_blocking`, so the step loop never waits for the GPU to
-    drain before the next batch is on its way.
-    """
-
-    def __init__(
-        self,
-        store: FeatureStore,
-        rows: np.ndarray,
-        device: torch.device,
-        memory_limit_bytes: float,
-        workers: int | None = None,
-        prefetch: int = 8,
-    ) -> None:
-        self.store, self.rows, self.device = store, np.asarray(rows, dtype=np.int64), device
-        self.workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
-        self.prefetch = max(prefetch, 2 * self.workers)
-        self.pin = device.type == "cuda"
-        columns = {"leaf": "label", "level1": "level1", "level2": "level2"}
-        self.labels = {key: store.column(column)[self.rows].astype(np.int64) for key, column in columns.items()}
-        nbytes = len(self.rows) * int(np.prod(store.feature_shape)) * 2  # the store keeps float16
-        self.resident: torch.Tensor | None = None
-        self.resident_labels: dict[str, torch.Tensor] = {}
-        if nbytes <= memory_limit_bytes:
-            self.resident = torch.from_numpy(store.read(self.rows, dtype=np.float16)).to(device)
-            self.resident_labels = {key: torch.from_numpy(values).to(device) for key, values in self.labels.items()}
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def in_memory(self) -> bool:
-        return self.resident is not None
-
-    def batches(self, positions: Iterable[np.ndarray]) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """(features float16, targets) for each array of positions into this split."""
-        if self.resident is None:
-            yield from self._streamed(positions)
-            return
-        for where in positions:
-            index = self._to_device(torch.from_numpy(np.ascontiguousarray(where, dtype=np.int64)))
-            targets = {key: values.index_select(0, index) for key, values in self.resident_labels.items()}
-            yield self.resident.index_select(0, index), targets
-
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return tensor
-        return (tensor.pin_memory() if self.pin and not tensor.is_pinned() else tensor).to(
-            self.device, non_blocking=True
-        )
-
-    def _read(self, where: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One batch on the host (pinned for CUDA): features gathered straight into the output, one copy."""
-        rows = self.rows[where]
-        features = torch.empty((len(rows), *self.store.feature_shape), dtype=torch.float16, pin_memory=self.pin)
-        gather_rows(self.store, rows, features.numpy())
-        targets = {}
-        for key, values in self.labels.items():
-            target = torch.empty(len(rows), dtype=torch.int64, pin_memory=self.pin)
-            np.take(values, where, out=target.numpy(), mode="clip")
-            targets[key] = target
-        return features, targets
-
-    def _streamed(self, positions: Iterable[np.ndarray]) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        # Reads run `prefetch` batches ahead in a thread pool (numpy's take releases the GIL), yielded in order.
-        source = iter(positions)
-        pending: deque[Any] = deque()
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="prodcat-loader") as pool:
-
-            def submit() -> None:
-                where = next(source, None)
-                if where is not None:
-                    pending.append(pool.submit(self._read, np.asarray(where, dtype=np.int64)))
-
-            for _ in range(self.prefetch):
-                submit()
-            while pending:
-                features, targets = pending.popleft().result()
-                submit()
-                yield self._to_device(features), {key: self._to_device(value) for key, value in targets.items()}
-
-
-def gather_rows(store: FeatureStore, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """`store` rows into `out` (float16, preallocated). Rows in increasing order (as StepPlan batches are) are
-    copied shard by shard straight into their place in `out`; any other order goes through `store.read`."""
-    if len(rows) > 1 and bool(np.any(rows[1:] < rows[:-1])):
-        out[...] = store.read(rows, dtype=out.dtype)
-        return out
-    shard_of = rows // store.shard_size
-    bounds = np.flatnonzero(np.diff(shard_of)) + 1
-    for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(rows)], strict=True):
-        if stop > start:
-            shard = int(shard_of[start])
-            local = rows[start:stop] - shard * store.shard_size
-            np.take(store.shard(shard), local, axis=0, out=out[start:stop], mode="clip")  # "raise" would buffer
-    return out
 
 
 def _split_rows(store: FeatureStore, split: str, num_classes: int) -> np.ndarray:

@@ -23,12 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from prodcat.aggregation import log_normalise
 from prodcat.features.extract import hash_words, join_pictures, picture_table
 from prodcat.utils import get_logger, progress, read_json, write_json
 
 if TYPE_CHECKING:
     from prodcat.features.store import FeatureStore
-    from prodcat.predict import Predictor
 
 __all__ = [
     "TwinChoice",
@@ -206,11 +206,6 @@ def _sum_votes(product: np.ndarray, label: np.ndarray, count: np.ndarray) -> Vot
     return Votes(product[run][keep], label[run][keep], total[keep])
 
 
-def _log_normalise(scores: np.ndarray) -> np.ndarray:
-    scores = scores - scores.max(axis=1, keepdims=True)
-    return scores - np.log(np.exp(scores).sum(axis=1, keepdims=True))
-
-
 def apply_twins(log_probs: np.ndarray, votes: Votes, choice: TwinChoice) -> np.ndarray:
     """Product log-probabilities (P, C) with the twin evidence of `votes` folded in (rows without twins unchanged)."""
     if choice.mode == "none" or not len(votes.product):
@@ -227,7 +222,7 @@ def apply_twins(log_probs: np.ndarray, votes: Votes, choice: TwinChoice) -> np.n
     else:
         scores = base + float(choice.weight) * np.log((counts + SMOOTHING / classes) / (total + SMOOTHING))
     out = log_probs.astype(np.float64, copy=True)
-    out[matched] = _log_normalise(scores)
+    out[matched] = log_normalise(scores)
     return out.astype(log_probs.dtype, copy=False)
 
 
@@ -280,7 +275,7 @@ def row_words(workdir: str | Path, store: FeatureStore, rows: np.ndarray) -> tup
 
 
 def twin_predictions(
-    predictor: Predictor,
+    predictor: Any,
     split: str,
     store: FeatureStore | None = None,
     choices: list[TwinChoice] | None = None,
@@ -341,7 +336,7 @@ def _chunk_votes(
     return index.votes(product[found], words[found], own_label=own)
 
 
-def choose_twins(predictor: Predictor, split: str = "val", store: FeatureStore | None = None) -> dict[str, Any]:
+def choose_twins(predictor: Any, split: str = "val", store: FeatureStore | None = None) -> dict[str, Any]:
     """Pick none / override / blend(w) by product top-1 on `split` (val); written to RUN/eval/twins.json."""
     results = twin_predictions(predictor, split, store)
     accuracy = {choice.name: results.accuracy(choice.name) for choice in candidates()}
@@ -366,7 +361,7 @@ def choose_twins(predictor: Predictor, split: str = "val", store: FeatureStore |
     return payload
 
 
-def twin_effect(predictor: Predictor, split: str = "holdout", store: FeatureStore | None = None) -> dict[str, Any]:
+def twin_effect(predictor: Any, split: str = "holdout", store: FeatureStore | None = None) -> dict[str, Any]:
     """Product top-1 on `split` (holdout) without and with the choice made on val, and the paired gain's 95%
     interval over products (normal approximation of the per-product differences)."""
     choice = load_twin_choice(predictor.run_dir)

@@ -16,8 +16,8 @@ from prodcat.config import ExtractConfig, TrainConfig, save_config
 from prodcat.data.covers import COVER_LEAVES, render_cover_product
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import write_store
-from prodcat.ocr.fusion import FusionConfig, choose_late_weight, late_fuse, load_text_model, train_text_model
 from prodcat.paths import WorkPaths
+from prodcat.text_fusion import FusionConfig, choose_late_weight, late_fuse, load_text_model, train_text_model
 from prodcat.utils import write_parquet
 
 STORE = "toy"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,20 @@ def _chosen(pictures: pa.Table, count: int) -> list[int]:
 
 
 def draw_examples(
-    path: Path, plan: Any, pictures: pa.Table, words: pa.Table, count: int = 6, min_confidence: float = 0.5
+    path: Path,
+    read_picture: Callable[[int], Any],
+    pictures: pa.Table,
+    words: pa.Table,
+    count: int = 6,
+    min_confidence: float = 0.5,
 ) -> Path:
-    """Draw up to `count` pictures with their word boxes and words (titles: the confident ones); returns the PNG."""
+    """Draw up to `count` pictures with their word boxes and words (titles: the confident ones); returns the PNG.
+    `read_picture(row)` gives the decoded picture of a plan row (the stage's reader: this module stays below it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-
-    from prodcat.ocr.stage import _read_picture
 
     rows = _chosen(pictures, count)
     columns = max(1, min(3, len(rows)))
@@ -48,7 +53,7 @@ def draw_examples(
         product, index = int(pictures["product_id"][row].as_py()), int(pictures["image_index"][row].as_py())
         status = pictures["status"][row].as_py()
         try:
-            ax.imshow(_read_picture(plan, row, {}))
+            ax.imshow(read_picture(row))
         except Exception:  # noqa: BLE001 - an unreadable picture still gets its panel and status
             ax.text(0.5, 0.5, "unreadable", ha="center", transform=ax.transAxes)
         mine = words.filter(pa.array((products == product) & (indices == index)))

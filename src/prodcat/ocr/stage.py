@@ -377,7 +377,11 @@ def _finalize(
     if config.examples:
         from prodcat.ocr.figure import draw_examples
 
-        summary["figure"] = str(draw_examples(folder / "examples.png", plan, pictures, words, config.examples))
+        cache: dict = {}
+        figure = draw_examples(
+            folder / "examples.png", lambda row: _read_picture(plan, row, cache), pictures, words, config.examples
+        )
+        summary["figure"] = str(figure)
     return summary
 
 
