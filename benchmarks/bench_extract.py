@@ -58,7 +58,7 @@ def main() -> None:
     backbone = create_backbone(args.backbone)
     runner = InferenceRunner(backbone, precision="auto")
     preprocess = Preprocessor(backbone.spec)
-    plan = plan_rows(workdir, ("train",))
+    plan = plan_rows(workdir, ("train",), dedupe=False)  # every row through the backbone, as model_only below
     images = plan.rows.num_rows
     config = ExtractConfig(
         workdir=str(workdir),
@@ -67,6 +67,7 @@ def main() -> None:
         workers=args.workers,
         shard_size=1024,
         splits=("train",),
+        dedupe=False,
     )
     tensors = torch.randn(batch, *backbone.spec.input_size)
 
