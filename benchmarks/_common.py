@@ -15,10 +15,23 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its vector extensions that move speed ratios (AVX2, AVX-512, bf16, AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return f"{name or 'unknown'} ({' '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     import torch
 
     return {
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__.split("+")[0],
         "device": device,
