@@ -46,6 +46,7 @@ from prodcat.config import EvalConfig, TrainConfig, config_from_dict, load_confi
 from prodcat.data.catalog import load_catalog
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import FeatureStore
+from prodcat.loaders import product_sorted_rows
 from prodcat.paths import WorkPaths
 from prodcat.predict import AGGREGATIONS, Predictor, aggregate_products
 from prodcat.utils import atomic_write_text, get_logger, progress, write_json, write_parquet
@@ -328,13 +329,9 @@ def choose_threshold(curve: dict[str, np.ndarray], target: float) -> dict[str, A
 # -- the pass over the split -------------------------------------------------------------------------------------------
 def _product_rows(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(store rows sorted by product then image, product ids, start of each product in rows, product labels)."""
-    rows = store.split_indices(split)
+    rows, product_id, starts = product_sorted_rows(store, split)
     if not len(rows):
         raise SplitError(f"{store.path}: no valid {split!r} images in this feature store")
-    product_id = store.column("product_id")[rows]
-    order = np.lexsort((store.column("image_index")[rows], product_id))
-    rows, product_id = rows[order], product_id[order]
-    starts = np.flatnonzero(np.r_[True, product_id[1:] != product_id[:-1]])
     labels = store.column("label")[rows].astype(np.int64)
     if (labels < 0).any():
         raise SplitError(f"{store.path}: split {split!r} has unlabelled rows (label -1); evaluate needs labels")

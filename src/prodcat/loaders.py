@@ -15,7 +15,7 @@ import torch
 
 from prodcat.features.store import FeatureStore
 
-__all__ = ["FeatureLoader", "gather_rows"]
+__all__ = ["FeatureLoader", "gather_rows", "product_sorted_rows"]
 
 
 class FeatureLoader:
@@ -116,3 +116,14 @@ def gather_rows(store: FeatureStore, rows: np.ndarray, out: np.ndarray) -> np.nd
             local = rows[start:stop] - shard * store.shard_size
             np.take(store.shard(shard), local, axis=0, out=out[start:stop], mode="clip")  # "raise" would buffer
     return out
+
+
+def product_sorted_rows(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Valid rows of `split` sorted by product then image, each row's product id, and where each product starts in
+    them: the order every per-product pass (evaluation, twins) walks. An empty split gives empty arrays."""
+    rows = store.split_indices(split)
+    product_id = store.column("product_id")[rows]
+    order = np.lexsort((store.column("image_index")[rows], product_id))
+    rows, product_id = rows[order], product_id[order]
+    starts = np.flatnonzero(np.r_[True, product_id[1:] != product_id[:-1]]) if len(rows) else np.zeros(0, np.int64)
+    return rows, product_id, starts

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from prodcat.aggregation import log_normalise
 from prodcat.features.extract import hash_words, join_pictures, picture_table
+from prodcat.loaders import product_sorted_rows
 from prodcat.utils import get_logger, progress, read_json, write_json
 
 if TYPE_CHECKING:
@@ -253,13 +254,9 @@ class TwinResults:
 
 def _split_products(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(valid rows sorted by product then image, product ids, first row of each product, product labels)."""
-    rows = store.split_indices(split)
+    rows, product_id, starts = product_sorted_rows(store, split)
     if not len(rows):
         raise ValueError(f"{store.path}: no valid {split!r} images in this feature store")
-    product_id = store.column("product_id")[rows]
-    order = np.lexsort((store.column("image_index")[rows], product_id))
-    rows, product_id = rows[order], product_id[order]
-    starts = np.flatnonzero(np.r_[True, product_id[1:] != product_id[:-1]])
     labels = store.column("label")[rows].astype(np.int64)[starts]
     return rows, product_id[starts], starts, labels
 
