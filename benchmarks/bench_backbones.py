@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import cpu_model, write_result  # noqa: E402
 
 CACHE = Path(os.environ.get("PRODCAT_BENCH_CACHE", "/tmp/prodcat-bench"))
 # As quoted in issue 14 (timm's results for the TF ports); nothing here measures ImageNet.
@@ -183,16 +182,6 @@ def accuracy_row(correct_by_seed: list[np.ndarray]) -> dict[str, Any]:
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def print_table(rows: list[dict[str, Any]], split: str) -> None:
     print(f"\nproduct top-1 on {split} (synthetic demo data), linear head, pictures/s of auto-mode extraction:")
     print(f"{'backbone':34} {'top-1':>7} {'seed sd':>8} {'95% CI':>15} {'n':>5} {'pics/s':>7} {'x Lite0':>7}")
@@ -250,7 +239,7 @@ def main() -> None:
         "head": dataclasses.asdict(recipe) | {"kind": "linear on standardised pooled features", "seeds": seeds},
         "aggregation": "mean of picture probabilities per product",
         "timing": "pack + normalise + forward, interleaved chunks, 2 torch threads; JPEG decoding excluded",
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "contention": "shared machine: other jobs ran alongside; ratios side by side, absolute pics/s indicative",
         "seconds_total": round(time.perf_counter() - started, 1),

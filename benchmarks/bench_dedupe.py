@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import cpu_model, write_result  # noqa: E402
 
 CACHE = Path(os.environ.get("PRODCAT_BENCH_CACHE", "/tmp/prodcat-bench"))
 STOCK_SHARE = 0.37  # chance a picture is replaced by an earlier picture of the same leaf (a reused stock photo)
@@ -160,7 +160,7 @@ def main() -> None:
     details = {
         "backbone": args.backbone,
         "mode": runner.mode,
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "threads": 2,
         "batch": config.batch_size,
         "products": products,
@@ -182,18 +182,6 @@ def main() -> None:
         print(f"BENCH {name} {dedupe / plain:.3f} ratio (quick: no result file) {details}")
         return
     write_result(name, dedupe / plain, "ratio", 1.3, ">=", details)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from prodcat.data.catalog import ingest
 from prodcat.data.dedupe import hash_pictures
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import cpu_model, write_result  # noqa: E402
 
 CACHE = Path(os.environ.get("PRODCAT_BENCH_CACHE", "/tmp/prodcat-bench"))
 FULL_BYTES, QUICK_BYTES = 2**30, 50 * 2**20
@@ -104,18 +104,6 @@ def decode_file_iter_xxh3(path: Path) -> list[tuple[int, int, list[bytes]]]:
 def index_and_hash(path: Path) -> dict:
     """Ingest's scan of a file: the index, then every picture located and hashed."""
     return hash_pictures(index_bson(path))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def time_ingest(data_dir: Path, repeats: int) -> tuple[float, dict[str, Any]]:

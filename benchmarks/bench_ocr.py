@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import cpu_model, write_result  # noqa: E402
 
 CDISCOUNT_PICTURES = 12_371_293
 TEXT_HEAVY_SHARE = 0.114  # issue 15: books, music, DVD/Blu-ray, video games hold 11.4% of Cdiscount's pictures
@@ -70,18 +70,6 @@ def make_engine(name: str) -> Any:
     from prodcat.ocr.engine import create_engine
 
     return create_engine(name)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def covers(seeds: range, hard: bool) -> list[Any]:

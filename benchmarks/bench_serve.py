@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _serve_reliability as reliability  # noqa: E402
-from _common import write_result  # noqa: E402
+from _common import cpu_model, write_result  # noqa: E402
 
 FULL = {"latency_requests": 200, "load_requests": 2000, "clients": 16, "malformed_fraction": 0.05, "chunks": 4}
 QUICK = {"latency_requests": 8, "load_requests": 64, "clients": 16, "malformed_fraction": 0.05, "chunks": 4}
@@ -486,15 +486,6 @@ def _measure(args: argparse.Namespace, config: dict[str, Any]) -> tuple[dict[str
             server.stop()
 
 
-def _cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown"
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"{names[0]} x {len(names)}" if names else "unknown"
-
-
 def run_reliability(args: argparse.Namespace, config: dict[str, Any]) -> list[str]:
     """Both issue-12 measurements on one micro-batching server with ServeConfig defaults; returns the problems."""
     from prodcat.config import ServeConfig
@@ -520,7 +511,7 @@ def run_reliability(args: argparse.Namespace, config: dict[str, Any]) -> list[st
         "threads": THREADS,
         "server": "uvicorn on 127.0.0.1, ServeConfig defaults",
         "clients": config["clients"],
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "load_average_1_5_15_before": [round(value, 2) for value in load_before],
         "load_average_1_5_15_after": [round(value, 2) for value in os.getloadavg()],
     }
