@@ -16,7 +16,7 @@ SYNTHETIC = "demo data is synthetic (prodcat demo-data): numbers show the method
 def demo_store(workdir: Path, quick: bool) -> Path:
     """`workdir` with W/features/FEATURES extracted (train, val, holdout); skipped where it is there already."""
     from prodcat.data.catalog import ingest
-    from prodcat.data.demo import generate_demo
+    from prodcat.data.synthetic.demo import generate_demo
     from prodcat.features.extract import extract
 
     paths = WorkPaths(workdir)

@@ -59,8 +59,8 @@ def demo_pictures(products: int, categories: int) -> Pictures:
     from prodcat.config import DemoConfig, IngestConfig
     from prodcat.data.bson_index import BsonReader
     from prodcat.data.catalog import ingest, load_catalog
-    from prodcat.data.demo import generate_demo
     from prodcat.data.images import decode_image
+    from prodcat.data.synthetic.demo import generate_demo
 
     root = CACHE / f"backbones-{products}-{categories}"
     if not (root / "W" / "catalog" / "train.parquet").is_file():
@@ -232,7 +232,7 @@ def main() -> None:
         )
     print_table(rows, eval_split)
     details = {
-        "data": "SYNTHETIC demo data (prodcat.data.demo.generate_demo): rendered pictures, not photos",
+        "data": "SYNTHETIC demo data (prodcat.data.synthetic.demo.generate_demo): rendered pictures, not photos",
         "demo": {"products": products, "categories": categories, "pictures": len(pictures.images), "seed": 0},
         "eval_split": eval_split,
         "eval_note": "holdout when ingest made one, else val; the head has no tuned setting, nothing selected on it",

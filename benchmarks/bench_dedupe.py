@@ -89,7 +89,7 @@ def _picture_table(workdir: Path) -> None:
 def _workdir(products: int) -> tuple[Path, dict[str, float]]:
     from prodcat.config import DemoConfig, IngestConfig
     from prodcat.data.catalog import ingest
-    from prodcat.data.demo import generate_demo
+    from prodcat.data.synthetic.demo import generate_demo
 
     root = CACHE / f"dedupe-{products}"
     if not (root / "W" / "catalog" / "pictures.parquet").is_file():

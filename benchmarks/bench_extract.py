@@ -27,7 +27,7 @@ CACHE = Path(os.environ.get("PRODCAT_BENCH_CACHE", "/tmp/prodcat-bench"))
 def _workdir(products: int) -> Path:
     from prodcat.config import DemoConfig, IngestConfig
     from prodcat.data.catalog import ingest
-    from prodcat.data.demo import generate_demo
+    from prodcat.data.synthetic.demo import generate_demo
 
     root = CACHE / f"extract-{products}"
     if not (root / "W" / "catalog" / "train.parquet").is_file():

@@ -147,7 +147,7 @@ def pipeline(
 def make_demo(workdir: Path, products: int) -> None:
     from prodcat.config import DemoConfig, IngestConfig
     from prodcat.data.catalog import ingest
-    from prodcat.data.demo import generate_demo
+    from prodcat.data.synthetic.demo import generate_demo
 
     generate_demo(
         workdir / "data", DemoConfig(products=products, test_products=0, categories=60, unique_images_per_leaf=64)

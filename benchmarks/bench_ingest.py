@@ -61,7 +61,7 @@ def bench_data(target_bytes: int) -> Path:
         if (folder / "train.bson").stat().st_size >= target_bytes:
             print(f"reusing {folder}", flush=True)
             return folder
-    from prodcat.data.demo import generate_demo
+    from prodcat.data.synthetic.demo import generate_demo
 
     per_product = FIRST_GUESS_BYTES_PER_PRODUCT
     for _ in range(2):

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from prodcat.config import TrainConfig
+from prodcat.features.loaders import FeatureLoader
 from prodcat.features.store import write_store
-from prodcat.loaders import FeatureLoader
 from prodcat.model import build_classifier, build_optimizer
-from prodcat.train import StepPlan
+from prodcat.train.loop import StepPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved_times, write_result  # noqa: E402

@@ -2,10 +2,11 @@
 
 Hold `--held-out` leaves out of training (their train and val products are dropped from a copy of the feature
 store), train the per-picture linear head on the rest, then add each held-out leaf back as a prototype from 5 of its
-dropped train products (`prodcat.prototypes`: CL2N class means; scale and bias fitted by val episodes over the known
-leaves, never on the holdout). Reported on the holdout, per seed: the held-out leaves' product top-1 (they score 0
-without prototypes: the head never saw them), and the other leaves' product top-1 before and after adding them
-(n, 95% Wilson interval; mean_prob aggregation, fixed). The reference line: the same head trained WITH those leaves.
+dropped train products (`prodcat.predict.prototypes`: CL2N class means; scale and bias fitted by val episodes over
+the known leaves, never on the holdout). Reported on the holdout, per seed: the held-out leaves' product top-1
+(they score 0 without prototypes: the head never saw them), and the other leaves' product top-1 before and after
+adding them (n, 95% Wilson interval; mean_prob aggregation, fixed).
+The reference line: the same head trained WITH those leaves.
 
 The example products' features are the store's own (exactly what `Predictor.image_features` gives for their
 pictures, which is how `prodcat add-category` computes them).
@@ -30,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 from _demo_store import FEATURES, SYNTHETIC, demo_store  # noqa: E402
 from prodcat.config import TrainConfig  # noqa: E402
-from prodcat.evaluate import proportion_ci  # noqa: E402
+from prodcat.evaluate.evaluation import proportion_ci  # noqa: E402
+from prodcat.features.products import group_products  # noqa: E402
 from prodcat.features.store import FeatureStore, write_store  # noqa: E402
 from prodcat.paths import WorkPaths  # noqa: E402
-from prodcat.predict import Predictor  # noqa: E402
-from prodcat.products import group_products  # noqa: E402
-from prodcat.prototypes import Prototypes, calibrate, class_mean, train_center  # noqa: E402
-from prodcat.train import train  # noqa: E402
+from prodcat.predict.predictor import Predictor  # noqa: E402
+from prodcat.predict.prototypes import Prototypes, calibrate, class_mean, train_center  # noqa: E402
+from prodcat.train.loop import train  # noqa: E402
 
 HELD_STORE = f"{FEATURES}-heldout"
 

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 from _demo_store import FEATURES, SYNTHETIC, demo_store  # noqa: E402
 from prodcat.config import EvalConfig, TrainConfig  # noqa: E402
-from prodcat.evaluate import evaluate, proportion_ci  # noqa: E402
-from prodcat.predict import PRODUCT_HEAD  # noqa: E402
-from prodcat.train import run_summary, train  # noqa: E402
+from prodcat.evaluate.evaluation import evaluate, proportion_ci  # noqa: E402
+from prodcat.predict.predictor import PRODUCT_HEAD  # noqa: E402
+from prodcat.train.loop import run_summary, train  # noqa: E402
 
 SETTINGS = {"full": {"epochs": 12.0, "batch_size": 128}, "quick": {"epochs": 4.0, "batch_size": 64}}
 

@@ -2,7 +2,7 @@
 
 The servers are real uvicorn processes on loopback (one with micro-batching, one with one forward per request),
 each with torch.set_num_threads(2); the clients run in this process. The model is a real backbone forward:
-`--run W/runs/NAME` serves a trained run through `prodcat.predict.Predictor`; without it (the default, as no run
+`--run W/runs/NAME` serves a trained run through the Predictor (`prodcat.predict`); without it (the default, as no run
 is built here) a bench-local predictor implementing the same contract runs timm `efficientnet_lite0` (random init)
 + a linear layer over 60 classes at 180x180, one batched forward per call. Photos are 180x180 JPEGs (Cdiscount's
 size) cut from scikit-image's sample pictures.
@@ -89,7 +89,7 @@ class BenchPredictor:
         return ((torch.cat(resized) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def _scores(self, log_probs: torch.Tensor, top_k: int) -> list[Any]:
-        from prodcat.predict import CategoryScore
+        from prodcat.predict.predictor import CategoryScore
 
         values, labels = log_probs.topk(min(top_k, NUM_CLASSES))
         return [
@@ -101,7 +101,7 @@ class BenchPredictor:
 
     @torch.inference_mode()
     def predict_products(self, products: list[list[torch.Tensor]], top_k: int = 5) -> list[Any]:
-        from prodcat.predict import ProductPrediction
+        from prodcat.predict.predictor import ProductPrediction
 
         images = [image for product in products for image in product]
         log_probs = torch.log_softmax(self.head(self.backbone(self._preprocess(images))), dim=1)
@@ -125,7 +125,7 @@ class BenchPredictor:
 
 def build_predictor(run: str | None) -> Any:
     if run:
-        from prodcat.predict import Predictor
+        from prodcat.predict.predictor import Predictor
 
         return Predictor.load(run)
     return BenchPredictor()

@@ -61,7 +61,7 @@ def make_demo(products: int, categories: int) -> Path:
     """Synthetic demo data -> ingest with val and holdout splits; returns the work directory (cached)."""
     from prodcat.config import DemoConfig, IngestConfig
     from prodcat.data.catalog import ingest
-    from prodcat.data.demo import generate_demo
+    from prodcat.data.synthetic.demo import generate_demo
 
     root = CACHE / f"tta-{products}-{categories}"
     work = root / "W"
@@ -160,7 +160,7 @@ def rows_of(stores: dict[str, Any]) -> dict[str, Rows]:
 
 def evaluate_head(rows: Rows, seed: int, recipe: HeadRecipe, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Train the linear head on every view of the train rows; (hit 0/1, label) per `split` product."""
-    from prodcat.predict import aggregate_products
+    from prodcat.predict.predictor import aggregate_products
 
     train = rows.split == "train"
     stacked = np.concatenate([view[train] for view in rows.views])
@@ -199,7 +199,7 @@ def _bootstrap(values: np.ndarray, statistic: Any, resamples: int = 2000) -> lis
 
 def summary_row(hits: list[np.ndarray], label: np.ndarray, baseline: list[np.ndarray] | None) -> dict[str, Any]:
     """Top-1 and macro over seeds, seed spread, intervals over products (seed-averaged hits), paired delta."""
-    from prodcat.evaluate import macro_accuracy
+    from prodcat.evaluate.evaluation import macro_accuracy
 
     top1 = [float(h.mean()) for h in hits]
     macro = [macro_accuracy(h, np.ones(len(h)), label) for h in hits]
@@ -280,7 +280,7 @@ def main() -> None:
     print(f"\nextract pictures/s {cost['extract_pictures_per_s']} (time x{cost['extract_time_ratio_flip_over_none']});"
           f" runner {cost['runner_pictures_per_s']} (x{cost['runner_time_ratio_flip_over_none']})")  # fmt: skip
     details = {
-        "data": "SYNTHETIC demo data (prodcat.data.demo.generate_demo): rendered pictures, not photos",
+        "data": "SYNTHETIC demo data (prodcat.data.synthetic.demo.generate_demo): rendered pictures, not photos",
         "demo": {"products": products, "categories": categories, "seed": 0, "val": 0.2, "holdout": 0.2},
         "rows": {tta: manifests[tta]["rows"] for tta in manifests},
         "computed_pictures": computed,

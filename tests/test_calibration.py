@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prodcat.calibration import (
+from prodcat.evaluate.levers import Arm, config_changes, lever_row, paired_bootstrap
+from prodcat.model import build_classifier, create_loss, list_losses
+from prodcat.predict.calibration import (
     ProductCalibration,
     adjust_logits,
     apply_temperature,
@@ -19,8 +21,6 @@ from prodcat.calibration import (
     nll,
     reliability,
 )
-from prodcat.levers import Arm, config_changes, lever_row, paired_bootstrap
-from prodcat.model import build_classifier, create_loss, list_losses
 from prodcat.report.levers import levers_table_html, levers_table_markdown
 
 

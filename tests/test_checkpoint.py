@@ -26,7 +26,7 @@ from prodcat.checkpoint import (
 )
 from prodcat.config import ConfigError
 from prodcat.model import build_optimizer
-from prodcat.train import read_metrics, train
+from prodcat.train.loop import read_metrics, train
 from train_fixtures import make_workdir, tiny_config
 
 torch.set_num_threads(1)
@@ -303,7 +303,7 @@ def test_starting_over_an_existing_run_needs_overwrite(finished_run: Path, tmp_p
 
 def test_a_checkpoint_with_non_finite_weights_is_refused(finished_run: Path, tmp_path: Path) -> None:
     from prodcat.checkpoint import save_checkpoint
-    from prodcat.predict import Predictor
+    from prodcat.predict.predictor import Predictor
 
     root = shutil.copytree(finished_run, tmp_path / "work")
     run_dir = root / "runs" / "done"

@@ -111,7 +111,7 @@ def test_predict_bson_missing_or_a_folder(tmp_path: Path, fake_run: Path) -> Non
 
 
 def test_a_corrupt_checkpoint_is_one_line(tmp_path: Path) -> None:
-    from prodcat.train import train
+    from prodcat.train.loop import train
     from train_fixtures import tiny_config
 
     make_workdir(tmp_path, rows=60)

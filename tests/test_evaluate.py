@@ -13,7 +13,7 @@ import torch
 
 from prodcat.config import EvalConfig, ExtractConfig, TrainConfig, save_config
 from prodcat.data.taxonomy import Taxonomy
-from prodcat.evaluate import (
+from prodcat.evaluate.evaluation import (
     FIGURES,
     SplitError,
     _require_split,
@@ -31,7 +31,7 @@ from prodcat.evaluate import (
 )
 from prodcat.features.store import FeatureStore, write_store
 from prodcat.paths import WorkPaths
-from prodcat.predict import AGGREGATIONS, Predictor
+from prodcat.predict.predictor import AGGREGATIONS, Predictor
 
 ROWS = [
     (10, "MAISON & <JARDIN>", "ABRI", "ABRI DE JARDIN"),
@@ -122,7 +122,7 @@ COMMON = dict(
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from prodcat.train import train
+    from prodcat.train.loop import train
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("evalwork")
@@ -387,7 +387,7 @@ def test_no_holdout_says_what_to_rerun(tmp_path: Path) -> None:
 
 def test_holdout_labels_never_change_a_choice(workdir: dict, tmp_path: Path) -> None:
     """Same data, holdout labels shuffled, trained and evaluated again: checkpoint, aggregation, threshold agree."""
-    from prodcat.train import train
+    from prodcat.train.loop import train
 
     build_workdir(tmp_path, permute_holdout=True)
     shuffled_run = train(TrainConfig(head="linear", loss="softmax", run_name="flat", workdir=str(tmp_path), **COMMON))
@@ -502,7 +502,7 @@ def test_cli_prints_protocol_and_fails_in_one_line(workdir: dict, tmp_path: Path
     from typer.testing import CliRunner
 
     from prodcat.cli import app
-    from prodcat.train import train
+    from prodcat.train.loop import train
 
     runner = CliRunner()
     result = runner.invoke(app, ["evaluate", "--run", str(workdir["runs"]["flat"])])

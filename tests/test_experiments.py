@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from prodcat.config import ConfigError
-from prodcat.experiments import _clip_negatives, compare, sweep
 from prodcat.paths import WorkPaths
-from prodcat.train import read_metrics
+from prodcat.train.experiments import _clip_negatives, compare, sweep
+from prodcat.train.loop import read_metrics
 from train_fixtures import make_workdir
 
 torch.set_num_threads(1)

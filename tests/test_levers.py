@@ -11,17 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from prodcat.calibration import adjust_logits, apply_temperature, log_prior
 from prodcat.config import EvalConfig, TrainConfig
-from prodcat.evaluate import FIGURES, evaluate, macro_accuracy, train_pictures_per_leaf
-from prodcat.experiments import compare
-from prodcat.predict import Predictor, aggregate_products
+from prodcat.evaluate.evaluation import FIGURES, evaluate, macro_accuracy, train_pictures_per_leaf
+from prodcat.predict.calibration import adjust_logits, apply_temperature, log_prior
+from prodcat.predict.predictor import Predictor, aggregate_products
+from prodcat.train.experiments import compare
 from test_evaluate import COMMON, build_workdir
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from prodcat.train import train
+    from prodcat.train.loop import train
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("leverwork")

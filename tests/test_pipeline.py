@@ -18,8 +18,8 @@ from prodcat.data.catalog import ingest
 from prodcat.data.taxonomy import read_category_csv
 from prodcat.features.extract import extract
 from prodcat.pipeline import run_demo
-from prodcat.predict import predict_bson
-from prodcat.train import train
+from prodcat.predict.submission import predict_bson
+from prodcat.train.loop import train
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cdiscount"
 
@@ -107,7 +107,7 @@ def test_predict_cli_never_drops_a_product_with_bad_pictures(tmp_path: Path) -> 
     workdir = tmp_path / "demo"
     run_demo_dir = tmp_path / "src"
     from prodcat.config import DemoConfig
-    from prodcat.data.demo import generate_demo
+    from prodcat.data.synthetic.demo import generate_demo
 
     generate_demo(run_demo_dir, DemoConfig(products=60, test_products=0, categories=4, seed=1))
     ingest(IngestConfig(data_dir=str(run_demo_dir), workdir=str(workdir), val_fraction=0.2))

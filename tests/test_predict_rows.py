@@ -17,10 +17,10 @@ def _zeroed_entry(document: bytes, index: int, shift: int) -> bytes:
 def test_every_readable_id_gets_one_row(tmp_path: Path) -> None:
     from prodcat.config import DemoConfig, ExtractConfig, IngestConfig, TrainConfig
     from prodcat.data.catalog import ingest
-    from prodcat.data.demo import generate_demo
+    from prodcat.data.synthetic.demo import generate_demo
     from prodcat.features.extract import extract
-    from prodcat.predict import predict_bson
-    from prodcat.train import train
+    from prodcat.predict.submission import predict_bson
+    from prodcat.train.loop import train
 
     torch.set_num_threads(2)
     data, workdir = tmp_path / "data", tmp_path / "W"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from prodcat.predict import PRODUCT_HEAD, Predictor
-from prodcat.products import PAD, ProductLoader, group_index, group_products
+from prodcat.features.products import PAD, ProductLoader, group_index, group_products
+from prodcat.predict.predictor import PRODUCT_HEAD, Predictor
 from product_fixtures import make_product_workdir, product_config
 
 torch.set_num_threads(2)
@@ -53,7 +53,7 @@ def test_product_loader_groups_rows_by_product(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from prodcat.train import train
+    from prodcat.train.loop import train
 
     root = tmp_path_factory.mktemp("products")
     make_product_workdir(root)
@@ -62,7 +62,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_product_head_trains_on_products(trained: dict) -> None:
-    from prodcat.train import read_metrics, run_summary
+    from prodcat.train.loop import read_metrics, run_summary
 
     summary = run_summary(trained["run"])
     products = 150 * 3 // 5
@@ -95,7 +95,7 @@ def test_predictor_product_prediction_ignores_picture_order(trained: dict) -> No
 
 def test_evaluate_reports_the_product_head(trained: dict) -> None:
     from prodcat.config import EvalConfig
-    from prodcat.evaluate import evaluate
+    from prodcat.evaluate.evaluation import evaluate
 
     metrics = evaluate(EvalConfig(run=str(trained["run"]), split="holdout"))
     methods = metrics["product"]["methods"]

@@ -11,8 +11,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from prodcat.predict import Predictor
-from prodcat.prototypes import Prototypes, add_category, class_mean, embed, fit_scale_bias, read_example_products
+from prodcat.predict.predictor import Predictor
+from prodcat.predict.prototypes import (
+    Prototypes,
+    add_category,
+    class_mean,
+    embed,
+    fit_scale_bias,
+    read_example_products,
+)
 from product_fixtures import CLASSES, DIM, make_product_workdir, product_config
 
 torch.set_num_threads(2)
@@ -79,7 +86,7 @@ class _Lookup:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from prodcat.train import train
+    from prodcat.train.loop import train
 
     root = tmp_path_factory.mktemp("protos")
     _, _, centres = make_product_workdir(root, products=120)

@@ -11,10 +11,10 @@ import torch
 
 from prodcat.checkpoint import load_checkpoint, read_meta
 from prodcat.config import TrainConfig, load_config
+from prodcat.features.loaders import FeatureLoader, gather_rows
 from prodcat.features.store import StoreError, write_store
-from prodcat.loaders import FeatureLoader, gather_rows
 from prodcat.paths import WorkPaths
-from prodcat.train import StepPlan, lr_at, read_metrics, train
+from prodcat.train.loop import StepPlan, lr_at, read_metrics, train
 from train_fixtures import SPATIAL_STORE, make_workdir, tiny_config
 
 torch.set_num_threads(1)  # tiny matmuls: more threads only add contention on the shared cores
@@ -178,7 +178,7 @@ def test_labels_outside_the_taxonomy_are_refused(tmp_path: Path) -> None:
 
 def test_divergence_stops_with_an_error_and_never_saves_a_non_finite_model(tmp_path: Path) -> None:
     from prodcat.checkpoint import checkpoint_dir
-    from prodcat.train import TrainingDiverged
+    from prodcat.train.loop import TrainingDiverged
 
     make_workdir(tmp_path, rows=120)
     # Evaluated only at the end: the diverged weights are the only ones there would be to save.

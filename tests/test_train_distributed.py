@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 
 from prodcat.checkpoint import checkpoint_dir, read_meta
-from prodcat.train import read_metrics, train
+from prodcat.train.loop import read_metrics, train
 from train_fixtures import make_workdir, tiny_config
 
 torch.set_num_threads(1)

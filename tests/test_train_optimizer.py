@@ -15,7 +15,7 @@ import torch
 from prodcat.checkpoint import read_meta
 from prodcat.config import ConfigError, TrainConfig
 from prodcat.model import list_optimizers
-from prodcat.train import _saved_optimizer, read_metrics, run_summary, setup, train
+from prodcat.train.loop import _saved_optimizer, read_metrics, run_summary, setup, train
 from train_fixtures import make_workdir, tiny_config
 
 torch.set_num_threads(1)

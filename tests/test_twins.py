@@ -17,8 +17,8 @@ from prodcat.config import ExtractConfig
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import write_store
 from prodcat.paths import WorkPaths
-from prodcat.predict import Predictor
-from prodcat.twins import (
+from prodcat.predict.predictor import Predictor
+from prodcat.predict.twins import (
     TwinChoice,
     TwinIndex,
     Votes,
@@ -182,10 +182,10 @@ def test_predict_bson_looks_up_training_twins(tmp_path: Path) -> None:
     from picture_table import write_picture_table
     from prodcat.config import DemoConfig, IngestConfig, TrainConfig
     from prodcat.data.catalog import ingest, load_catalog
-    from prodcat.data.demo import generate_demo
+    from prodcat.data.synthetic.demo import generate_demo
     from prodcat.features.extract import extract
-    from prodcat.predict import predict_bson
-    from prodcat.train import train
+    from prodcat.predict.submission import predict_bson
+    from prodcat.train.loop import train
 
     torch.set_num_threads(2)
     data, workdir = tmp_path / "data", tmp_path / "W"

@@ -95,7 +95,7 @@ def demo_data(
     ] = DemoConfig.text_leaves,
 ) -> None:
     """Write a synthetic data set in Kaggle's Cdiscount formats (the embedded default)."""
-    from prodcat.data.demo import generate_demo
+    from prodcat.data.synthetic.demo import generate_demo
 
     config = DemoConfig(
         products=products,
@@ -259,7 +259,7 @@ def train(
     distributed: Annotated[bool, typer.Option(help="DistributedDataParallel under torchrun.")] = False,
 ) -> None:
     """Train a head on cached features with full, sampled or adaptive softmax."""
-    # The config is checked before prodcat.train (and torch) is imported: a misspelt --loss fails at once.
+    # The config is checked before prodcat.train.loop (and torch) is imported: a misspelt --loss fails at once.
     config = TrainConfig(
         workdir=str(workdir),
         features=features,
@@ -285,7 +285,7 @@ def train(
         overwrite=overwrite,
         distributed=distributed,
     )
-    from prodcat.train import train as run_train
+    from prodcat.train.loop import train as run_train
 
     typer.echo(f"run -> {run_train(config)}")
 
@@ -310,7 +310,7 @@ def compare(
     ] = None,
 ) -> None:
     """Same head, budget, seeds and optimizer: softmax vs sampled vs adaptive (x optimizers) -> W/reports/compare/."""
-    from prodcat.experiments import compare as run_compare
+    from prodcat.train.experiments import compare as run_compare
 
     result = run_compare(
         workdir,
@@ -343,7 +343,7 @@ def sweep(
     ] = None,
 ) -> None:
     """Accuracy and step time against the number of sampled negatives, one optimizer -> W/reports/sweep/."""
-    from prodcat.experiments import sweep as run_sweep
+    from prodcat.train.experiments import sweep as run_sweep
 
     values = tuple(int(v) for v in _csv(num_sampled) or ())
     result = run_sweep(
@@ -392,8 +392,8 @@ def evaluate(
         run=str(run), split=split, aggregation=aggregation, target_accuracy=target_accuracy, objective=objective,
         compare_runs=tuple(_csv(compare_runs) or ()),
     )  # fmt: skip
-    from prodcat.evaluate import evaluate as run_evaluate
-    from prodcat.evaluate import summary_lines
+    from prodcat.evaluate.evaluation import evaluate as run_evaluate
+    from prodcat.evaluate.evaluation import summary_lines
 
     metrics = run_evaluate(config)
     typer.echo("\n".join(summary_lines(metrics)))
@@ -408,7 +408,7 @@ def predict(
 ) -> None:
     """Predict every product of a BSON file into a Kaggle submission, in input order."""
     require_file(bson, "BSON")
-    from prodcat.predict import predict_bson
+    from prodcat.predict.submission import predict_bson
 
     summary = predict_bson(run, bson, out, batch_size=batch_size)
     typer.echo(f"{summary['products']} products -> {out} ({summary['fallback_products']} without decodable images)")
@@ -495,9 +495,9 @@ def add_category(
 ) -> None:
     """Add a leaf to a trained run from a few example products (a prototype on the frozen features, no
     retraining); predict and serve know it at once."""
-    from prodcat.predict import Predictor
-    from prodcat.prototypes import add_category as run_add
-    from prodcat.prototypes import read_example_products
+    from prodcat.predict.predictor import Predictor
+    from prodcat.predict.prototypes import add_category as run_add
+    from prodcat.predict.prototypes import read_example_products
 
     try:
         products = read_example_products(pictures=pictures, bson=bson)
@@ -520,7 +520,7 @@ def text_head(
     overwrite: Annotated[bool, typer.Option(help="Replace the run's text model.")] = False,
 ) -> None:
     """Fuse the words `prodcat ocr` read with the run's pictures (late and concat fusion; keeps the better on val)."""
-    from prodcat.text_fusion import FusionConfig, train_text_model
+    from prodcat.train.text_fusion import FusionConfig, train_text_model
 
     config = FusionConfig(run=str(run), fusion=fusion, epochs=epochs, n_features=n_features, overwrite=overwrite)
     summary = train_text_model(config)

@@ -81,7 +81,7 @@ class DemoConfig:
     unique_images_per_leaf: int | None = None  # reuse a pool of rendered pictures per leaf (fast, for big files)
     stock_share: float = 0.5  # products showing a stock set shared with ~5 others (byte-identical pictures)
     placeholder_share: float = 0.02  # products showing only a "no picture" placeholder shared by all categories
-    # Leaves that are book/music/film/game covers (prodcat.data.covers): alike in picture, told apart by their
+    # Leaves that are book/music/film/game covers (prodcat.data.synthetic.covers): alike in picture, told apart by their
     # printed words. None: min(8, categories // 5), none below 10 categories.
     text_leaves: int | None = None
 

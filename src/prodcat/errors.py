@@ -115,8 +115,8 @@ _STAGE_ERRORS = (
     ("prodcat.data.catalog", "IngestError"),
     ("prodcat.data.taxonomy", "TaxonomyError"),
     ("prodcat.data.bson_index", "BsonDamageError"),
-    ("prodcat.evaluate", "SplitError"),
-    ("prodcat.train", "TrainingDiverged"),
+    ("prodcat.evaluate.evaluation", "SplitError"),
+    ("prodcat.train.loop", "TrainingDiverged"),
     ("prodcat.ocr.engine", "EngineUnavailable"),
     ("prodcat.ocr.stage", "OcrError"),
 )

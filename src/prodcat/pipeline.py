@@ -81,14 +81,14 @@ def _step(name: str, timings: dict[str, float]) -> Iterator[None]:
 def run_demo(workdir: str | Path, quick: bool = False) -> dict:
     """Run every stage into `workdir`; returns (and prints) the headline numbers."""
     from prodcat.data.catalog import ingest
-    from prodcat.data.demo import generate_demo
-    from prodcat.evaluate import evaluate
-    from prodcat.experiments import compare, sweep
+    from prodcat.data.synthetic.demo import generate_demo
+    from prodcat.evaluate.evaluation import evaluate
     from prodcat.features.extract import extract
-    from prodcat.predict import predict_bson
+    from prodcat.predict.submission import predict_bson
     from prodcat.report.explore import explore
     from prodcat.report.html import build_report
-    from prodcat.train import train
+    from prodcat.train.experiments import compare, sweep
+    from prodcat.train.loop import train
 
     plan = DemoPlan.quick() if quick else DemoPlan()
     paths, data_dir, timings = WorkPaths(workdir), Path(workdir) / "data", {}

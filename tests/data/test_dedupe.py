@@ -16,7 +16,7 @@ from prodcat.config import DemoConfig, IngestConfig
 from prodcat.data import dedupe
 from prodcat.data.bson_index import BsonReader, index_bson
 from prodcat.data.catalog import ingest, load_catalog
-from prodcat.data.demo import generate_demo
+from prodcat.data.synthetic.demo import generate_demo
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.paths import WorkPaths
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from prodcat.config import ConfigError, DemoConfig
-from prodcat.data.demo import (
+from prodcat.data.synthetic.demo import (
     category_counts,
     generate_demo,
     make_looks,

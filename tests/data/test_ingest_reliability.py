@@ -99,7 +99,7 @@ def test_test_documents_with_readable_ids_keep_their_rows(
 
 
 def test_submission_rows_one_per_readable_id_in_order(tmp_path, write_bson, make_product, caplog):
-    from prodcat.predict import _submission_rows
+    from prodcat.predict.submission import _submission_rows
 
     frames, ids = damaged_test_file(tmp_path / "query.bson", make_product, write_bson)
     with caplog.at_level(logging.WARNING, logger="prodcat"):

@@ -17,8 +17,8 @@ from PIL import Image
 from prodcat.config import DemoConfig, ExtractConfig, IngestConfig
 from prodcat.data.bson_index import BsonReader
 from prodcat.data.catalog import ingest
-from prodcat.data.demo import generate_demo
 from prodcat.data.images import decode_image
+from prodcat.data.synthetic.demo import generate_demo
 from prodcat.features.backbones import Preprocessor, create_backbone
 from prodcat.features.extract import extract, plan_rows
 from prodcat.features.inference import InferenceRunner

@@ -208,8 +208,8 @@ def test_old_store_config_without_tta_loads_as_none(workdir: Path) -> None:
 
 @pytest.mark.parametrize("tta", TTA_MODES)
 def test_predictor_applies_the_store_tta(workdir: Path, tta: str) -> None:
-    from prodcat.predict import Predictor
-    from prodcat.train import train
+    from prodcat.predict.predictor import Predictor
+    from prodcat.train.loop import train
 
     store = FeatureStore.open(extract(_config(workdir, tta=tta, name="s")))
     other = FeatureStore.open(extract(_config(workdir, tta=next(m for m in TTA_MODES if m != tta), name="o")))

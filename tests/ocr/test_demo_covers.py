@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from prodcat.config import ConfigError, DemoConfig
-from prodcat.data.covers import COVER_LEAVES, TEXT_DEPARTMENTS, cover_words, find_fonts, render_cover_product
-from prodcat.data.demo import cover_leaves, generate_demo, make_taxonomy
+from prodcat.data.synthetic.covers import COVER_LEAVES, TEXT_DEPARTMENTS, cover_words, find_fonts, render_cover_product
+from prodcat.data.synthetic.demo import cover_leaves, generate_demo, make_taxonomy
 from prodcat.ocr.samples import ground_truth_words
 
 

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from prodcat.config import ExtractConfig, TrainConfig, save_config
-from prodcat.data.covers import COVER_LEAVES, render_cover_product
+from prodcat.data.synthetic.covers import COVER_LEAVES, render_cover_product
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import write_store
 from prodcat.paths import WorkPaths
-from prodcat.text_fusion import FusionConfig, choose_late_weight, late_fuse, load_text_model, train_text_model
+from prodcat.train.text_fusion import FusionConfig, choose_late_weight, late_fuse, load_text_model, train_text_model
 from prodcat.utils import write_parquet
 
 STORE = "toy"
@@ -68,7 +68,7 @@ def _build(root: Path, products: int = 240, dim: int = 8) -> Taxonomy:
 
 @pytest.fixture(scope="module")
 def fusion_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from prodcat.train import train
+    from prodcat.train.loop import train
 
     root = tmp_path_factory.mktemp("fusion")
     _build(root)
@@ -121,7 +121,7 @@ def _cover_tensor(leaf_index: int, seed: int) -> tuple[torch.Tensor, bytes]:
 def _predictor_on_centre(fusion_run: dict, monkeypatch: pytest.MonkeyPatch):
     """The run's Predictor whose backbone always sees the LIBRAIRIE department's centre (no backbone built)."""
     from prodcat.features.store import FeatureStore
-    from prodcat.predict import Predictor
+    from prodcat.predict.predictor import Predictor
 
     predictor = Predictor.load(fusion_run["run"])
     store = FeatureStore.open(WorkPaths(fusion_run["root"]).feature_store(STORE))

@@ -75,7 +75,7 @@ def test_rest_of_prodcat_never_imports_the_ocr_package() -> None:
     # The CLI, predictor and server must load (and run) on a machine without any OCR engine.
     code = (
         "import sys; sys.modules['tesserocr'] = None; sys.modules['rapidocr_onnxruntime'] = None\n"
-        "import prodcat.cli, prodcat.predict, prodcat.serve.app, prodcat.pipeline\n"
+        "import prodcat.cli, prodcat.predict.predictor, prodcat.serve.app, prodcat.pipeline\n"
         "print(sorted(m for m in sys.modules if m.startswith('prodcat.ocr')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)

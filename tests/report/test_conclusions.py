@@ -117,7 +117,7 @@ def test_sweep_conclusions() -> None:
 
 
 def test_sweep_ticks_at_the_values_tried(tmp_path: Path) -> None:
-    from prodcat.experiments import _plot_sweep
+    from prodcat.train.experiments import _plot_sweep
 
     ks = [2, 4, 8, 16, 32]
     points = [{"num_sampled": k, "val_top1_mean": 0.5, "val_top1_std": None, "step_seconds_mean": 0.01} for k in ks]

@@ -90,10 +90,10 @@ def _write_store(root: Path, rng: np.random.Generator) -> None:
 
 @pytest.fixture(scope="module")
 def full_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from prodcat.evaluate import evaluate
-    from prodcat.experiments import compare, sweep
+    from prodcat.evaluate.evaluation import evaluate
     from prodcat.report.explore import explore
-    from prodcat.train import train
+    from prodcat.train.experiments import compare, sweep
+    from prodcat.train.loop import train
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("reportwork")

@@ -16,7 +16,7 @@ from PIL import Image
 from serve_rows import ROWS  # a module of its own: tests import it, and `conftest` is ambiguous across folders
 
 from prodcat.data.taxonomy import Taxonomy
-from prodcat.predict import CategoryScore, ProductPrediction
+from prodcat.predict.predictor import CategoryScore, ProductPrediction
 
 
 class FakePredictor:

@@ -229,7 +229,7 @@ def test_serve_config_checks() -> None:
 def test_serve_loads_the_run_and_binds_loopback(monkeypatch: pytest.MonkeyPatch, make_predictor: Callable) -> None:
     import uvicorn
 
-    from prodcat.predict import Predictor
+    from prodcat.predict.predictor import Predictor
 
     predictor, seen = make_predictor(), {}
 

@@ -16,7 +16,7 @@ from serve_rows import ROWS
 from prodcat.config import ExtractConfig, ServeConfig
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.paths import WorkPaths
-from prodcat.predict import Predictor
+from prodcat.predict.predictor import Predictor
 from prodcat.serve.app import create_app
 from prodcat.utils import write_json
 

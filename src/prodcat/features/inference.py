@@ -344,8 +344,8 @@ _CALIBRATION_PHOTOS = 16
 @functools.lru_cache(maxsize=1)
 def calibration_images() -> tuple[torch.Tensor, ...]:
     """16 rendered product photos at 180x180 (the demo generator's; deterministic, no files), decoded like data."""
-    from prodcat.data.demo import make_looks, make_taxonomy, render_product
     from prodcat.data.images import decode_image
+    from prodcat.data.synthetic.demo import make_looks, make_taxonomy, render_product
 
     looks = make_looks(make_taxonomy(_CALIBRATION_PHOTOS, seed=7), seed=7)
     rng = np.random.default_rng(7)

@@ -15,7 +15,7 @@ import unicodedata
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from prodcat.data.covers import find_fonts
+from prodcat.data.synthetic.covers import find_fonts
 
 __all__ = ["COVER_WORDS", "RenderedCover", "render_cover", "find_fonts", "ground_truth_words", "words_right"]
 

@@ -40,7 +40,7 @@ def probe_stage(path: str, megabytes: int) -> dict[str, Any]:
 
 def demo_data(data_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from prodcat.config import DemoConfig
-    from prodcat.data.demo import generate_demo
+    from prodcat.data.synthetic.demo import generate_demo
 
     summary = generate_demo(data_dir, DemoConfig(**config))
     return {"items": summary["train_images"] + summary["test_images"], "unit": "pictures", **summary}
@@ -87,7 +87,7 @@ def extract_stage(workdir: str, batch_size: int = 64) -> dict[str, Any]:
 def train_stage(config: dict[str, Any]) -> dict[str, Any]:
     """Train one run; also the epoch time implied by the measured step time (extrapolated when it stopped early)."""
     from prodcat.config import TrainConfig
-    from prodcat.train import train
+    from prodcat.train.loop import train
 
     run_dir = train(TrainConfig(**config))
     summary = read_json(run_dir / "summary.json")
@@ -112,7 +112,7 @@ def train_stage(config: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_stage(run: str, bootstrap_resamples: int = 1000) -> dict[str, Any]:
     from prodcat.config import EvalConfig
-    from prodcat.evaluate import FREQUENCY_GROUPS, evaluate
+    from prodcat.evaluate.evaluation import FREQUENCY_GROUPS, evaluate
 
     metrics = evaluate(EvalConfig(run=run, split="holdout", bootstrap_resamples=bootstrap_resamples))
     product, frequency = metrics["product"], metrics["taxonomy"]["frequency"]
@@ -133,7 +133,7 @@ def evaluate_stage(run: str, bootstrap_resamples: int = 1000) -> dict[str, Any]:
 
 
 def predict_bson_stage(run: str, bson: str, out: str) -> dict[str, Any]:
-    from prodcat.predict import predict_bson
+    from prodcat.predict.submission import predict_bson
 
     summary = predict_bson(run, bson, out)
     return {"items": int(summary["products"]), "unit": "test products", **summary}
@@ -170,7 +170,7 @@ def predict_from_store(run: str, out: str, chunk_rows: int = 4096) -> dict[str, 
     Products with no stored row get the most frequent training category. Training twins are not used here.
     """
     from prodcat.features.store import FeatureStore
-    from prodcat.predict import Predictor, aggregate_products
+    from prodcat.predict.predictor import Predictor, aggregate_products
 
     predictor = Predictor.load(run)
     workdir = predictor.extract_config.workdir

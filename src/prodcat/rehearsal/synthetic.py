@@ -24,8 +24,14 @@ import numpy as np
 import pyarrow as pa
 
 from prodcat.config import ExtractConfig, save_config
-from prodcat.data.demo import CategoryRow, category_counts, counts_from_images, make_taxonomy, read_taxonomy_rows
 from prodcat.data.split import SPLITS
+from prodcat.data.synthetic.demo import (
+    CategoryRow,
+    category_counts,
+    counts_from_images,
+    make_taxonomy,
+    read_taxonomy_rows,
+)
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import FeatureStore, ShardResult, make_rows
 from prodcat.paths import WorkPaths

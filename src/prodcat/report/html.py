@@ -200,7 +200,7 @@ def _training(paths: WorkPaths) -> Section:
 
 # -- compare and sweep -------------------------------------------------------------------------------------------------
 def _experiment(paths: WorkPaths, name: str, title: str, command: str) -> Section:
-    """A folder written by `prodcat.experiments` (`<name>.json`, `<name>.png`): conclusions, table and figure."""
+    """A folder written by `prodcat.train.experiments` (`<name>.json`, `<name>.png`): conclusions, table and figure."""
     folder = paths.report(name)
     data = _read(folder / f"{name}.json")
     figure = _figure(folder / f"{name}.png", title)

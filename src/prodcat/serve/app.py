@@ -35,7 +35,7 @@ from prodcat.serve.batching import BatchInfo, ModelError, OverloadedError, Runne
 from prodcat.utils import get_logger, read_json
 
 if TYPE_CHECKING:
-    from prodcat.predict import CategoryScore, Predictor, ProductPrediction
+    from prodcat.predict.predictor import CategoryScore, Predictor, ProductPrediction
 
 __all__ = ["ApiError", "STATIC_DIR", "create_app", "serve"]
 
@@ -650,7 +650,7 @@ def serve(config: ServeConfig) -> None:
     """Load `config.run`, then serve the API and the web page with uvicorn on config.host:config.port."""
     import uvicorn
 
-    from prodcat.predict import Predictor
+    from prodcat.predict.predictor import Predictor
 
     if not config.run:
         raise ValueError("serve needs a run directory (--run W/runs/NAME)")

@@ -30,7 +30,7 @@ from prodcat.utils import get_logger
 if TYPE_CHECKING:
     import torch
 
-    from prodcat.predict import Predictor, ProductPrediction
+    from prodcat.predict.predictor import Predictor, ProductPrediction
 
 __all__ = ["BatchInfo", "DirectRunner", "MicroBatcher", "ModelError", "OverloadedError", "Runner", "create_runner"]
 

@@ -35,15 +35,15 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from prodcat.config import DemoConfig
-from prodcat.data import _demo_names as names
-from prodcat.data._demo_stats import (
+from prodcat.data.synthetic import names
+from prodcat.data.synthetic.covers import COVER_LEAVES, TEXT_DEPARTMENTS, CoverLeaf, render_cover_product
+from prodcat.data.synthetic.stats import (
     CATEGORY_SIZE_QUANTILES,
     IMAGES_PER_PRODUCT,
     REAL_CATEGORIES,
     REAL_LEVEL1,
     REAL_LEVEL2,
 )
-from prodcat.data.covers import COVER_LEAVES, TEXT_DEPARTMENTS, CoverLeaf, render_cover_product
 from prodcat.utils import atomic_open, atomic_write_text, progress
 
 __all__ = [
@@ -149,7 +149,7 @@ def _leaf_names(count: int, rng: np.random.Generator) -> list[str]:
 
 def make_taxonomy(categories: int, seed: int = 0, text_leaves: int = 0) -> list[CategoryRow]:
     """The synthetic category_names.csv rows, sorted by names as Kaggle's file is; ids are 10-digit, distinct.
-    `text_leaves` of them are the cover leaves of prodcat.data.covers (books, music, films, games); the other
+    `text_leaves` of them are the cover leaves of prodcat.data.synthetic.covers (books, music, films, games); the other
     leaves then never use those departments' names."""
     if categories < 2:
         raise ValueError(f"categories must be >= 2, got {categories}")

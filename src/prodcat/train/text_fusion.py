@@ -25,7 +25,7 @@ from torch import nn
 
 from prodcat.config import ConfigError
 from prodcat.ocr.text_features import TextFeatureConfig
-from prodcat.ocr.text_model import (  # the prediction side, re-exported for the trainer's users
+from prodcat.predict.text_model import (  # the prediction side, re-exported for the trainer's users
     TEXT_DIR,
     FusedLinear,
     ProductSet,
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 FUSIONS = ("auto", "late", "concat")
-log = get_logger("prodcat.text_fusion")
+log = get_logger("prodcat.train.text_fusion")
 
 
 @dataclasses.dataclass
@@ -101,10 +101,10 @@ def _split_products(store: Any, split: str) -> tuple[np.ndarray, np.ndarray, np.
 
 def product_set(predictor: Any, split: str, texts: dict[int, str]) -> ProductSet:
     """The products of `split` from the run's feature store, with the words of `texts` (product -> text)."""
-    from prodcat.aggregation import aggregate_products
-    from prodcat.aggregation import sum_by_product as _sum_by_product
     from prodcat.features.store import FeatureStore
     from prodcat.paths import WorkPaths
+    from prodcat.predict.aggregation import aggregate_products
+    from prodcat.predict.aggregation import sum_by_product as _sum_by_product
 
     store = FeatureStore.open(WorkPaths(predictor.extract_config.workdir).feature_store(predictor.store_name))
     rows, index, ids, labels = _split_products(store, split)
@@ -173,13 +173,13 @@ def choose_late_weight(
 # -- measuring -------------------------------------------------------------------------------------------------------
 def text_leaf_mask(taxonomy: Any) -> np.ndarray:
     """(C,) True for leaves of the text-heavy departments (books, music, films, games; the real names)."""
-    from prodcat.data.covers import TEXT_DEPARTMENTS
+    from prodcat.data.synthetic.covers import TEXT_DEPARTMENTS
 
     return np.array([taxonomy.names(label)[0] in TEXT_DEPARTMENTS for label in range(taxonomy.num_classes)])
 
 
 def _top1(log_probs: np.ndarray, data: ProductSet, text_leaves: np.ndarray) -> dict[str, Any]:
-    from prodcat.evaluate import proportion_ci
+    from prodcat.evaluate.evaluation import proportion_ci
 
     hit = log_probs.argmax(1) == data.label
     on_text = text_leaves[data.label]
@@ -253,7 +253,7 @@ def _subset(data: ProductSet, mask: np.ndarray) -> ProductSet:
 
 def train_text_model(config: FusionConfig) -> dict[str, Any]:
     """Fit both fusions beside the run, keep the better on val (or the one asked for) in R/text/; the summary."""
-    from prodcat.predict import Predictor
+    from prodcat.predict.predictor import Predictor
 
     run_dir = Path(config.run)
     target = run_dir / TEXT_DIR

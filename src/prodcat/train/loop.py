@@ -51,8 +51,8 @@ from prodcat.config import ConfigError, TrainConfig, save_config
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.distributed import DistInfo, cleanup, init_distributed
 from prodcat.errors import require_store
+from prodcat.features.loaders import FeatureLoader
 from prodcat.features.store import FeatureStore, StoreError
-from prodcat.loaders import FeatureLoader
 from prodcat.paths import WorkPaths
 from prodcat.utils import atomic_write_bytes, atomic_write_text, get_logger, progress, read_json, write_json
 
@@ -69,7 +69,7 @@ __all__ = [
     "plot_curves",
 ]
 
-log = get_logger("prodcat.train")
+log = get_logger("prodcat.train.loop")
 
 
 class TrainingDiverged(RuntimeError):
@@ -366,7 +366,7 @@ def _loader(
     """Rows for a per-picture head; whole products (padded, with a picture mask) for a product head, whose steps,
     batch size and validation then count products."""
     if getattr(model, "reads_products", False):
-        from prodcat.products import ProductLoader
+        from prodcat.features.products import ProductLoader
 
         return ProductLoader(store, rows, device, limit)
     return FeatureLoader(store, rows, device, limit)

@@ -29,8 +29,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from prodcat import levers
-from prodcat.calibration import (
+from prodcat.config import EvalConfig, TrainConfig, config_from_dict, load_config, save_config
+from prodcat.data.catalog import load_catalog
+from prodcat.data.taxonomy import Taxonomy
+from prodcat.evaluate import levers
+from prodcat.features.loaders import product_sorted_rows
+from prodcat.features.store import FeatureStore
+from prodcat.paths import WorkPaths
+from prodcat.predict.calibration import (
     ECE_BINS,
     PRIOR_FILE,
     ProductCalibration,
@@ -42,13 +48,7 @@ from prodcat.calibration import (
     reliability,
     save_prior,
 )
-from prodcat.config import EvalConfig, TrainConfig, config_from_dict, load_config, save_config
-from prodcat.data.catalog import load_catalog
-from prodcat.data.taxonomy import Taxonomy
-from prodcat.features.store import FeatureStore
-from prodcat.loaders import product_sorted_rows
-from prodcat.paths import WorkPaths
-from prodcat.predict import AGGREGATIONS, Predictor, aggregate_products
+from prodcat.predict.predictor import AGGREGATIONS, Predictor, aggregate_products
 from prodcat.utils import atomic_write_text, get_logger, progress, write_json, write_parquet
 
 __all__ = [
@@ -96,7 +96,7 @@ FIGURES = {
     "taxonomy": "taxonomy.png",
     "reliability": "reliability.png",
 }
-log = get_logger("prodcat.evaluate")
+log = get_logger("prodcat.evaluate.evaluation")
 
 
 class SplitError(ValueError):
@@ -863,7 +863,7 @@ def _calibration_metrics(
 
 def _twin_lever(predictor: Predictor, store: FeatureStore, config: EvalConfig) -> dict[str, Any]:
     """Twins chosen on val (RUN/eval/twins.json), their effect measured on the reported split."""
-    from prodcat.twins import TwinChoice, choose_twins, load_twin_choice, twin_predictions
+    from prodcat.predict.twins import TwinChoice, choose_twins, load_twin_choice, twin_predictions
 
     start = time.perf_counter()
     try:
@@ -891,7 +891,7 @@ def _not_measured(lever: str, detail: str) -> dict[str, Any]:
 
 
 def _levers(run_dir: Path, data: Collected, search: dict[str, Any], twins: dict, config: EvalConfig) -> dict[str, Any]:
-    """The levers table (see prodcat.levers): each lever against this run's plain product predictions."""
+    """The levers table (see prodcat.evaluate.levers): each lever against this run's plain product predictions."""
     assert data.variants is not None
     label, variants, resamples = data.product_label, data.variants, config.bootstrap_resamples
     arm = {name: levers.Arm(v.top1, v.prob.astype(np.float64)) for name, v in variants.items()}
@@ -1120,7 +1120,7 @@ def _write_predictions(path: Path, data: Collected, chosen: str, split: str) -> 
         columns["base_top1_label"] = pa.array(data.variants["base"].top1.astype(np.int32))
         columns["base_top1_prob"] = pa.array(data.variants["base"].prob.astype(np.float32))
     table = pa.table(columns).replace_schema_metadata(
-        {b"prodcat.aggregation": chosen.encode(), b"prodcat.split": split.encode()}
+        {b"prodcat.predict.aggregation": chosen.encode(), b"prodcat.split": split.encode()}
     )
     write_parquet(path, table)
 

@@ -47,7 +47,7 @@ PROTOTYPE_TENSORS = "prototypes.safetensors"
 PROTOTYPE_META = "prototypes.json"
 DEFAULT_SCALE, DEFAULT_BIAS = 10.0, -5.0  # fallback without a val split: a prototype wins near cos 0.5 + log p / 10
 SCALES = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
-log = get_logger("prodcat.prototypes")
+log = get_logger("prodcat.predict.prototypes")
 
 
 def embed(features: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -274,7 +274,7 @@ def calibrate(
     seed: int = 0,
 ) -> tuple[float, float, str]:  # fmt: skip
     """(scale, bias, how) by leave-one-leaf-out episodes on the store's val split; the fallback rule without one."""
-    from prodcat.products import group_products
+    from prodcat.features.products import group_products
 
     rng = np.random.default_rng(seed)
     val = store.split_indices("val")
@@ -312,7 +312,7 @@ def add_category(
 
     The first category added also fixes the centre (train mean) and the scale/bias (val episodes); later ones reuse
     them, so adding a category never changes how the others score. `predictor` is the run's
-    `prodcat.predict.Predictor` (its feature extractor and taxonomy), passed in so that this module, which the
+    `prodcat.predict.predictor.Predictor` (its feature extractor and taxonomy), passed in so that this module, which the
     Predictor uses, never imports it.
     """
     from prodcat.features.store import FeatureStore

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from prodcat.features.loaders import FeatureLoader, gather_rows
 from prodcat.features.store import FeatureStore, StoreError
-from prodcat.loaders import FeatureLoader, gather_rows
 
 __all__ = ["ProductGroups", "group_products", "group_index", "ProductLoader", "PAD"]
 

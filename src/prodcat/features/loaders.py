@@ -1,6 +1,6 @@
 """Batches of cached features for training: rows of the feature store, resident on the device when the split fits
-the memory limit, else streamed from the memory-mapped shards by reader threads (`prodcat.products` groups them by
-product for product heads)."""
+the memory limit, else streamed from the memory-mapped shards by reader threads
+(`prodcat.features.products` groups them by product for product heads)."""
 
 from __future__ import annotations
 

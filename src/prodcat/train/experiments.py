@@ -32,12 +32,12 @@ from prodcat.data.taxonomy import Taxonomy
 from prodcat.errors import require_store
 from prodcat.features.store import FeatureStore
 from prodcat.paths import WorkPaths
-from prodcat.train import StepPlan, read_metrics, run_summary, train
+from prodcat.train.loop import StepPlan, read_metrics, run_summary, train
 from prodcat.utils import atomic_write_text, get_logger, log_to_file, write_json
 
 __all__ = ["compare", "sweep", "ExperimentResult", "EVALS_PER_RUN", "DEFAULT_SEEDS"]
 
-log = get_logger("prodcat.experiments")
+log = get_logger("prodcat.train.experiments")
 
 EVALS_PER_RUN = 15  # validation points per run: enough for a curve, few enough not to dominate a tiny run
 DEFAULT_SEEDS = 3  # where a spread is shown, over three seeds unless asked otherwise
@@ -126,7 +126,7 @@ def _mean_or_none(values: Sequence[float | None]) -> float | None:
 def _product_interval(run_dirs: Sequence[Path]) -> dict[str, Any] | None:
     """HOOK: the 95% interval over products of the headline accuracy, shown beside the seed spread.
 
-    Holdout evaluation with intervals over products is being added to `prodcat.evaluate`. Once a run's
+    Holdout evaluation with intervals over products is being added to `prodcat.evaluate.evaluation`. Once a run's
     `eval/metrics.json` carries one, read it here (e.g. from seed 0's run) as {"low", "high", "n", "split"}; the
     tables, JSON and report then show it. Until then None ("n/a"). It must not be computed from the val numbers
     below: those are where checkpoints and aggregations get selected.

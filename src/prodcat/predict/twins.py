@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from prodcat.aggregation import log_normalise
 from prodcat.features.extract import hash_words, join_pictures, picture_table
-from prodcat.loaders import product_sorted_rows
+from prodcat.features.loaders import product_sorted_rows
+from prodcat.predict.aggregation import log_normalise
 from prodcat.utils import get_logger, progress, read_json, write_json
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ __all__ = [
 TWINS_FILE = "twins.json"
 BLEND_WEIGHTS = (0.1, 0.25, 0.5, 1.0)
 SMOOTHING = 1.0  # pseudo-votes spread evenly over the classes: a label no twin holds is unlikely, not impossible
-log = get_logger("prodcat.twins")
+log = get_logger("prodcat.predict.twins")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from prodcat.calibration import ECE_BINS
+from prodcat.predict.calibration import ECE_BINS
 
 __all__ = ["Arm", "paired_bootstrap", "lever_row", "run_comparison_row", "config_changes", "LEVERS_NOTE"]
 

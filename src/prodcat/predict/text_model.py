@@ -1,5 +1,5 @@
 """A run's text model at prediction time: load R/text/, read the words on pictures, fuse them with the picture
-scores. Below the Predictor (which uses it) and free of it; the training side is `prodcat.text_fusion`."""
+scores. Below the Predictor (which uses it) and free of it; the training side is `prodcat.train.text_fusion`."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from prodcat.aggregation import sum_by_product
 from prodcat.config import config_from_dict
 from prodcat.ocr.text_features import TextFeatureConfig, product_texts, text_features
+from prodcat.predict.aggregation import sum_by_product
 from prodcat.utils import get_logger
 
 __all__ = ["ProductSet", "FusedLinear", "TextModel", "TEXT_DIR", "head_log_probs", "late_fuse", "load_text_model",
            "fuse_stored", "read_texts"]  # fmt: skip
 
 TEXT_DIR = "text"  # R/text/checkpoints/best.json + best.000000.safetensors, R/text/fusion.json
-log = get_logger("prodcat.ocr.text_model")
+log = get_logger("prodcat.predict.text_model")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,1 @@
+"""Evaluation: select on val, report on holdout (`evaluation`); the levers table (`levers`)."""
