@@ -24,6 +24,7 @@ from prodcat.predict.aggregation import sum_by_product as _sum_by_product
 from prodcat.utils import get_logger, read_json
 
 if TYPE_CHECKING:
+    from prodcat.predict.calibration import ProductCalibration
     from prodcat.predict.prototypes import Prototypes
     from prodcat.predict.twins import TwinChoice, TwinIndex, TwinMatch
 
@@ -240,6 +241,32 @@ class Predictor:
             table = np.concatenate([table, np.full(self.num_outputs - len(table), -1, dtype=np.int64)])
             table[prototypes.labels] = [c["category_id"] for c in prototypes.categories]
         return table[np.asarray(labels, dtype=np.int64)]
+
+    # -- calibration: the text model's own while it fuses the scores ------------------------------------------------
+    def _fused_calibration(self) -> Any:
+        text = getattr(self, "text_model", None)  # read in __init__ before the text model is loaded
+        return text if text is not None and text.calibration is not None else None
+
+    @property
+    def calibration(self) -> ProductCalibration:
+        """What `adjust` and `temper` apply: the text model's (chosen on val's fused scores) while one is in use,
+        else evaluate's (chosen on val's picture scores). Assigning sets evaluate's."""
+        fused = self._fused_calibration()
+        return self._calibration if fused is None else fused.calibration
+
+    @calibration.setter
+    def calibration(self, value: ProductCalibration) -> None:
+        self._calibration = value
+
+    @property
+    def accept_threshold(self) -> float | None:
+        """The auto-accept threshold chosen on val with the calibration above (None: no product is auto-accepted)."""
+        fused = self._fused_calibration()
+        return self._accept_threshold if fused is None else fused.accept_threshold
+
+    @accept_threshold.setter
+    def accept_threshold(self, value: float | None) -> None:
+        self._accept_threshold = value
 
     def adjust(self, product_log_probs: np.ndarray) -> np.ndarray:
         """The val-chosen logit adjustment; added categories' columns get no prior (a neutral 0 in log prior)."""
