@@ -530,6 +530,13 @@ def text_head(
         f"{held['picture']['all']['n']}): picture {held['picture']['all']['top1']:.3f}, late "
         f"{held['late']['all']['top1']:.3f}, concat {held['concat']['all']['top1']:.3f}"
     )
+    calibration = summary["calibration"]
+    ece = calibration["holdout"]
+    typer.echo(
+        f"fused scores calibrated on val (n = {calibration['n']}): holdout ECE (n = {ece['n']}) "
+        f"{ece['before']['ece']:.4f} with the picture calibration ({ece['before']['calibration']}) -> "
+        f"{ece['after']['ece']:.4f} with this one"
+    )
 
 
 MAKES_WORKDIR = ("ingest", "demo")  # the others log to W/logs only where W already exists (no folder for a typo)
