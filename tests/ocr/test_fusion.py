@@ -215,6 +215,7 @@ def test_report_section_shows_the_fusion_table_and_examples(fusion_run: dict) ->
     assert section.id == "ocr" and section.available
     assert "late fusion" in section.body and "± n/a" in section.body  # one seed: no spread to show
     assert "synthetic" in section.body and any(leaf.level3 in section.body for leaf in LEAVES)  # examples
+    assert "their own calibration (served now)" in section.body and "on val's fused scores (n = 48)" in section.body
     rows = {row["arm"]: row for row in fusion_rows([fusion_run["summary"]] * 2)}
     assert rows["late"]["text_leaves"].endswith("± 0.000") and rows["late"]["text_leaves_n"] == 32
     empty = ocr_section(fusion_run["root"] / "nowhere", words_right=fusion_run["root"] / "absent.json")
