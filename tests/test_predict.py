@@ -165,7 +165,7 @@ def test_a_run_from_before_extract_json_reads_its_workdir_with_a_warning(
         monkeypatch.chdir(tmp_path)
         with caplog.at_level("WARNING", logger="prodcat"):
             predictor = Predictor.load(old)
-        assert "no extract.json" in caplog.text and "relative workdir 'W'" in caplog.text
+        assert "no extract.json" in caplog.text and "workdir 'W' holds no feature store" in caplog.text
         assert predictor.run.workdir == workdir and not predictor.run.self_contained
         assert predictor.extract_config.backbone == "arrays" and Path(predictor.extract_config.workdir) == workdir
         features, _, _ = _val_products(array_run)

@@ -11,8 +11,8 @@ R = W/runs/NAME holds, beside its checkpoints (prodcat.checkpoint):
   twins.parquet     hash, product id and label of each train-split picture: the twin index (written with twins.json)
   prototypes.*      added categories (add-category); text/: the text model (text-head)
 A copy of R predicts as R does, from any directory, without the workdir. Runs from before extract.json read the
-feature store's config from the workdir, with a warning; a relative workdir is also looked for above the run
-(W/runs/NAME -> W), which is where `make demo` puts it.
+feature store's config from the workdir, with a warning; a workdir that does not hold the run's store (a relative
+one from before absolute paths, or a workdir moved as a whole) is looked for above the run (W/runs/NAME -> W).
 
 Light on purpose (no torch): the report reads runs through it too.
 """
@@ -66,11 +66,15 @@ class RunError(UserError):
     """A run folder is missing a file prediction needs, or holds one that cannot be read."""
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _read(path: Path) -> Any:
     try:
         return read_json(path)
     except (OSError, ValueError) as error:  # ValueError: bad JSON or UTF-8
-        raise RunError(f"{path}: unreadable ({' '.join(str(error).split())}); restore it or re-run its stage") from None
+        raise RunError(f"{path}: unreadable ({_one_line(error)}); restore it or re-run its stage") from None
 
 
 def read_evaluation(run_dir: str | Path) -> dict[str, Any]:
@@ -134,11 +138,12 @@ class Run:
         """The workdir the run was trained in (for evaluate, which reads its feature store; predict needs none)."""
         stored = Path(self.train_config.workdir)
         above = self.path.absolute().parent.parent  # W/runs/NAME -> W
-        if stored.is_absolute() or (stored / "features" / self.store_name).is_dir():
+        if (stored / "features" / self.store_name).is_dir():
             return stored
         if self.path.absolute().parent.name == "runs" and (above / "features" / self.store_name).is_dir():
-            log.warning("%s: relative workdir %r (a run from before absolute paths): using %s, the folder above the "
-                        "run", self.path, str(stored), above)  # fmt: skip
+            # A run from before absolute paths (relative to another directory), or a workdir moved as a whole.
+            log.warning("%s: workdir %r holds no feature store %r; using %s, the folder above the run", self.path,
+                        str(stored), self.store_name, above)  # fmt: skip
             return above
         return stored
 
@@ -162,7 +167,7 @@ class Run:
         try:
             return Taxonomy.load(path)
         except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-            raise RunError(f"{path}: unreadable taxonomy ({' '.join(str(error).split())})") from None
+            raise RunError(f"{path}: unreadable taxonomy ({_one_line(error)})") from None
 
     @functools.cached_property
     def _extraction(self) -> tuple[ExtractConfig, dict[str, Any]]:
@@ -170,9 +175,11 @@ class Run:
         if path.is_file():
             data = _read(path)
             try:
-                return config_from_dict(ExtractConfig, data["config"]), dict(data.get("manifest") or {})
+                config = config_from_dict(ExtractConfig, data["config"])
             except (KeyError, TypeError, ConfigError) as error:
-                raise RunError(f"{path}: invalid extraction config ({error}); train the run again") from None
+                raise RunError(f"{path}: invalid extraction config ({_one_line(error)}); train the run again") from None
+            # The run's workdir (the same path, unless the workdir moved as a whole): where stored rows are read.
+            return dataclasses.replace(config, workdir=str(self.workdir)), dict(data.get("manifest") or {})
         store_config = self.store_path / CONFIG_FILE
         if not store_config.is_file():
             raise RunError(f"{path}: missing, and so is {store_config}: nothing says which backbone made this run's "
@@ -222,7 +229,7 @@ def _train_config(run_dir: Path) -> TrainConfig:
     try:
         return config_from_dict(TrainConfig, data)
     except (ConfigError, TypeError) as error:
-        raise RunError(f"{path}: invalid training config ({' '.join(str(error).split())})") from None
+        raise RunError(f"{path}: invalid training config ({_one_line(error)})") from None
 
 
 def load_run(run_dir: str | Path) -> Run:
