@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from prodcat.config import ExtractConfig, TrainConfig, config_from_dict, load_config
+from prodcat.config import ExtractConfig
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.extract import stored_features
-from prodcat.paths import WorkPaths
 from prodcat.predict.aggregation import AGGREGATIONS, aggregate_products
 from prodcat.predict.aggregation import sum_by_product as _sum_by_product
-from prodcat.utils import get_logger, read_json
+from prodcat.predict.run import Run, load_run, read_choices
+from prodcat.utils import get_logger
 
 if TYPE_CHECKING:
     from prodcat.predict.calibration import ProductCalibration
@@ -74,28 +74,25 @@ class Predictor:
         run_dir: Path,
         device: torch.device | None = None,
         store_name: str | None = None,
+        run: Run | None = None,
     ) -> None:
         self.model = model.eval()
         self.taxonomy = taxonomy
         self.extract_config = extract_config
         self.meta = meta
         self.run_dir = Path(run_dir)
+        self.run = run  # the loaded run folder (None for a Predictor built by hand, as the tests do)
         self.device = device or torch.device("cpu")
         self._backbone: tuple[Any, Any, Any] | None = None
-        evaluation = self.run_dir / "eval" / "metrics.json"
-        metrics = read_json(evaluation) if evaluation.is_file() else {}
+        choices = run.choices if run is not None else read_choices(self.run_dir)  # made on val by evaluate
         self.reads_products = bool(getattr(model, "reads_products", False))
         default = PRODUCT_HEAD if self.reads_products else "mean_prob"
-        self.aggregation: str = metrics.get("product", {}).get("aggregation", default)
+        self.aggregation: str = choices.aggregation or default
         self.store_name = store_name or extract_config.store_name  # the feature store the head was trained on
-        self.accept_threshold: float | None = metrics.get("confidence", {}).get("threshold")
-        from prodcat.predict.calibration import load_calibration
-
+        self.accept_threshold: float | None = choices.threshold
         # Logit adjustment (tau) and temperature (T) chosen on val; the threshold above is on calibrated probabilities.
-        self.calibration = load_calibration(self.run_dir, metrics)
-        from prodcat.predict.twins import load_twin_choice
-
-        self.twin_choice: TwinChoice | None = load_twin_choice(self.run_dir)  # None: not chosen on val yet
+        self.calibration = choices.calibration
+        self.twin_choice: TwinChoice | None = choices.twin_choice()  # None: not chosen on val yet
         self._twins: TwinIndex | None | bool = False  # False: not built yet
         self._prototypes: Prototypes | None = None
         self._prototype_signature: tuple[int, int] | None = None
@@ -106,21 +103,13 @@ class Predictor:
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None, which: str = "best") -> Predictor:
+        """Everything from the run folder alone (`load_run`): weights, taxonomy, extraction config, val choices."""
         from prodcat.checkpoint import load_checkpoint
 
-        run_dir = Path(run_dir)
-        model, meta = load_checkpoint(run_dir, which=which)
-        train_config = (
-            config_from_dict(TrainConfig, meta["config"])
-            if "config" in meta
-            else load_config(TrainConfig, run_dir / "config.json")
-        )
-        paths = WorkPaths(train_config.workdir)
-        store_config = paths.feature_store(train_config.features) / "config.json"
-        extract_config = load_config(ExtractConfig, store_config)
-        taxonomy = Taxonomy.load(paths.taxonomy)
+        run = load_run(run_dir)
+        model, meta = load_checkpoint(run.path, which=which, taxonomy=run.taxonomy)
         target = torch.device(device) if device is not None else torch.device("cpu")
-        return cls(model.to(target), taxonomy, extract_config, meta, run_dir, target, store_name=train_config.features)
+        return cls(model.to(target), run.taxonomy, run.extract_config, meta, run.path, target, run.store_name, run)
 
     # -- features ------------------------------------------------------------------------------------------------
     def _feature_path(self) -> tuple[Any, Any, Any]:
@@ -284,16 +273,18 @@ class Predictor:
     # -- training twins --------------------------------------------------------------------------------------------
     @property
     def twins(self) -> TwinIndex | None:
-        """Hashes of the train split's pictures -> their products' labels (None without catalog/pictures.parquet);
-        built on first use."""
+        """Hashes of the train split's pictures -> their products' labels: RUN/twins.parquet, else the workdir's
+        catalog (None without catalog/pictures.parquet); built on first use."""
         if self._twins is False:
-            from prodcat.predict.twins import TwinIndex
+            from prodcat.predict.twins import TwinIndex, load_twin_table
 
-            try:
-                self._twins = TwinIndex.from_workdir(self.extract_config.workdir, ("train",))
-            except FileNotFoundError as error:  # no train catalog beside the run: no twins, say why once
-                log.info("no training twins: %s", error)
-                self._twins = None
+            self._twins = load_twin_table(self.run_dir)  # written with the twins choice: the run's own
+            if self._twins is None:  # not chosen yet: the workdir's catalog, as long as it is there
+                try:
+                    self._twins = TwinIndex.from_workdir(self.extract_config.workdir, ("train",))
+                except FileNotFoundError as error:  # no train catalog beside the run: no twins, say why once
+                    log.info("no training twins: %s", error)
+                    self._twins = None
         return self._twins  # type: ignore[return-value]
 
     @property

@@ -9,6 +9,7 @@ URIs), so index.html alone can be copied or mailed. A section whose inputs are m
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,8 @@ def _training(paths: WorkPaths) -> Section:
         )
     rows, figures = [], []
     for run in runs:
-        config = _read(run / "config.json") or {}
+        found = insights.open_run(run)  # the training config as predict and serve read it
+        config = dataclasses.asdict(found.train_config) if found is not None else {}
         summary = _read(run / "summary.json") or {}
         best, final = summary.get("best") or {}, summary.get("final") or {}
         rows.append(
@@ -319,7 +321,7 @@ def _sweep_body(data: dict[str, Any]) -> str:
 def _evaluated(paths: WorkPaths) -> list[tuple[Path, dict[str, Any]]]:
     result = []
     for run in _runs(paths):
-        metrics = _read(run / "eval" / "metrics.json")
+        metrics = insights.run_part(insights.open_run(run), "metrics")
         if isinstance(metrics, dict) and "product" in metrics and "image" in metrics:
             result.append((run, metrics))
     return result
@@ -767,7 +769,7 @@ def build_report(workdir: str | Path) -> Path:
     paths.reports.mkdir(parents=True, exist_ok=True)
     evaluated = _evaluated(paths)
     chosen = _best(evaluated)
-    best = None if chosen is None else insights.BestRun.load(paths, *chosen)
+    best = None if chosen is None else insights.BestRun.load(*chosen)
     synthetic = _synthetic_note(paths)
     sections = [
         _headline_section(best, synthetic),

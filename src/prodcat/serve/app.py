@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prodcat.config import ServeConfig
 from prodcat.data.images import ALLOWED_FORMATS, DecodedImage, ImageDecodeError, decode_image_sized
 from prodcat.serve.batching import BatchInfo, ModelError, OverloadedError, Runner, create_runner
-from prodcat.utils import get_logger, read_json
+from prodcat.utils import get_logger
 
 if TYPE_CHECKING:
     from prodcat.predict.predictor import CategoryScore, Predictor, ProductPrediction
@@ -504,7 +504,7 @@ def _model_info(predictor: Predictor, config: ServeConfig) -> dict[str, Any]:
     info: dict[str, Any] = {
         # The run's name, not the path as typed on the command line (which may reveal the server's layout).
         "run": None if run_dir is None else Path(run_dir).name,
-        "evaluation": _evaluation_info(run_dir),
+        "evaluation": _evaluation_info(predictor, run_dir),
         "num_classes": int(taxonomy.num_classes),
         "num_level1": int(taxonomy.num_level1),
         "num_level2": int(taxonomy.num_level2),
@@ -522,13 +522,16 @@ def _model_info(predictor: Predictor, config: ServeConfig) -> dict[str, Any]:
     return info
 
 
-def _evaluation_info(run_dir: Path | None) -> dict[str, Any] | None:
+def _evaluation_info(predictor: Predictor, run_dir: Path | None) -> dict[str, Any] | None:
     """The run's held-out product accuracy (from `prodcat evaluate`), for the page to name; None before evaluation."""
-    path = None if run_dir is None else Path(run_dir) / "eval" / "metrics.json"
-    if path is None or not path.is_file():
-        return None
+    from prodcat.errors import UserError
+    from prodcat.predict.run import read_evaluation
+
+    run = getattr(predictor, "run", None)  # the run folder a loaded Predictor read (prodcat.predict.run)
     try:
-        metrics = read_json(path)
+        metrics = run.metrics if run is not None else read_evaluation(run_dir) if run_dir is not None else {}
+        if not metrics:
+            return None
         product = metrics["product"]
         return {
             "split": metrics.get("split"),
@@ -536,8 +539,8 @@ def _evaluation_info(run_dir: Path | None) -> dict[str, Any] | None:
             "product_top1_ci95": [_probability(v) for v in product.get("top1_ci95") or []] or None,
             "products": product.get("n", metrics.get("products")),
         }
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        log.warning("%s: %s", path, error)
+    except (UserError, KeyError, TypeError) as error:  # an unreadable or odd metrics.json names nothing
+        log.warning("%s: %s", run_dir, error)
         return None
 
 

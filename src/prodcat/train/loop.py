@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from prodcat.checkpoint import (
-    TAXONOMY_FILE,
     CheckpointError,
     build_model,
     checkpoint_dir,
@@ -53,7 +52,8 @@ from prodcat.distributed import DistInfo, cleanup, init_distributed
 from prodcat.errors import require_store
 from prodcat.features.loaders import FeatureLoader
 from prodcat.features.store import FeatureStore, StoreError
-from prodcat.paths import WorkPaths
+from prodcat.paths import TAXONOMY_FILE, WorkPaths
+from prodcat.predict.run import save_extraction
 from prodcat.utils import atomic_write_bytes, atomic_write_text, get_logger, progress, read_json, write_json
 
 __all__ = [
@@ -319,6 +319,11 @@ def _config_dict(config: TrainConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
+def _kept_config(config: TrainConfig) -> TrainConfig:
+    """The config as the run folder keeps it: workdir absolute, so the run reads the same from any directory."""
+    return dataclasses.replace(config, workdir=os.path.abspath(config.workdir))
+
+
 def setup(config: TrainConfig) -> Run:
     """Process group, seeds, store and taxonomy, classifier, optimizer, data, and the resumed state if asked."""
     owns_group = not (dist.is_available() and dist.is_initialized())
@@ -393,8 +398,10 @@ def _restore_or_start(run: Run, paths: WorkPaths) -> None:
         if meta is None and run.config.overwrite:
             _clear_earlier_run(run.run_dir)
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(run.config, run.run_dir / "config.json")
+        # What prediction needs from the workdir, copied into the run (prodcat.predict.run): it stands alone.
+        save_config(_kept_config(run.config), run.run_dir / "config.json")
         atomic_write_bytes(run.run_dir / TAXONOMY_FILE, paths.taxonomy.read_bytes())
+        save_extraction(run.run_dir, paths.root, run.config.features)
         _truncate_metrics(run.run_dir, run.step if meta is not None else None)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -464,7 +471,7 @@ def _clear_earlier_run(run_dir: Path) -> None:
         if (run_dir / name).is_dir():
             shutil.rmtree(run_dir / name)
             removed.append(name)
-    for name in ("summary.json", "curves.png", "metrics.jsonl"):
+    for name in ("summary.json", "curves.png", "metrics.jsonl", "twins.parquet"):  # twins: written with eval/'s choice
         if (run_dir / name).is_file():
             (run_dir / name).unlink()
             removed.append(name)
@@ -663,7 +670,7 @@ def _meta(run: Run, line: dict[str, Any]) -> dict[str, Any]:
         "metrics": line,
         "in_shape": list(run.store.feature_shape),
         "num_classes": run.taxonomy.num_classes,
-        "config": _config_dict(run.config),
+        "config": _config_dict(_kept_config(run.config)),
         "taxonomy": TAXONOMY_FILE,
         # read back on resume: a different plan means the store changed under the run
         "steps_per_epoch": run.plan.steps_per_epoch,
@@ -671,8 +678,7 @@ def _meta(run: Run, line: dict[str, Any]) -> dict[str, Any]:
         "warmup_steps": run.plan.warmup_steps,
         "batch_size": run.plan.batch_size,
         "world_size": run.dist.world_size,
-        "optimizer": run.config.optimizer,
-        "sparse_output": run.sparse_output,  # whether the output gradients were sparse (the rule is `optimizer`'s)
+        "sparse_output": run.sparse_output,  # whether the output gradients were sparse (the rule is config's optimizer)
         "torch": torch.__version__,
     }
 
