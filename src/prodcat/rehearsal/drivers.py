@@ -7,13 +7,14 @@ is rewritten after every stage, so a run stopped half-way still says what it cos
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from prodcat.rehearsal.records import StageRecord, machine_info, run_stage
 from prodcat.rehearsal.synthetic import STORE_NAME, FullPlan, store_bytes
-from prodcat.utils import get_logger, write_json
+from prodcat.utils import get_logger, read_json, write_json
 
 __all__ = ["RehearsalPlan", "run_rehearsal", "run_rehearsal_full", "ARMS", "SYNTHETIC_NOTE"]
 
@@ -73,20 +74,51 @@ class RehearsalPlan:
 
 
 class _Recorder:
-    """Runs stages and keeps W/reports/rehearsal.json current."""
+    """Runs stages and keeps W/reports/rehearsal.json current.
 
-    def __init__(self, workdir: str | Path, kind: str, plan: Any, isolate: bool) -> None:
+    With `resume`, a stage already recorded as done by an earlier run of the same plan is not run again: its record
+    (cost as measured then) and result are reused, so a rehearsal stopped half-way (hours on 2 cores) goes on where
+    it stopped. Only the number of seeds may differ from the earlier plan (fewer seeds finish sooner)."""
+
+    RESUMABLE_CHANGES = ("seeds",)
+
+    def __init__(self, workdir: str | Path, kind: str, plan: Any, isolate: bool, resume: bool = False) -> None:
         self.workdir, self.isolate = Path(workdir), isolate
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.records: list[StageRecord] = []
         self.payload: dict[str, Any] = {"kind": kind, "note": SYNTHETIC_NOTE, "plan": dataclasses.asdict(plan),
                                         "machine_before": machine_info(), "stages": [], "results": {}}  # fmt: skip
+        self.done: dict[str, dict[str, Any]] = self._earlier(kind) if resume else {}
 
     @property
     def path(self) -> Path:
         return self.workdir / "reports" / "rehearsal.json"
 
+    def _earlier(self, kind: str) -> dict[str, dict[str, Any]]:
+        """The stages an earlier run of the same plan finished, by name (refused in one line when the plan differs)."""
+        if not self.path.is_file():
+            log.info("--resume: %s not found, starting from the first stage", self.path)
+            return {}
+        earlier = read_json(self.path)
+        plan, before = json.loads(json.dumps(self.payload["plan"])), earlier.get("plan", {})  # tuples read as lists
+        changed = sorted(k for k in plan if k not in self.RESUMABLE_CHANGES and before.get(k) != plan[k])
+        if earlier.get("kind") != kind or changed:
+            field = changed[0] if changed else "kind"
+            raise ValueError(
+                f"{self.path}: made by a different plan ({field}: {before.get(field)!r} there, "
+                f"{plan.get(field)!r} now); resume with the same sizes, or use a new --workdir"
+            )
+        self.payload["resumed_from"] = {"machine_before": earlier.get("machine_before"),
+                                        "stages": [s["name"] for s in earlier.get("stages", [])]}  # fmt: skip
+        return {stage["name"]: stage for stage in earlier.get("stages", [])}
+
     def stage(self, name: str, function: str, **kwargs: Any) -> dict[str, Any]:
+        if name in self.done:
+            record = StageRecord(**self.done[name])
+            log.info("--resume: stage %s was done by the earlier run (%.0f s), not run again", name, record.seconds)
+            self.records.append(record)
+            self.save()
+            return record.details | {"items": record.items, "unit": record.unit}
         try:
             result, record = run_stage(name, f"{_STAGES}:{function}", kwargs, self.workdir, self.isolate)
         except Exception as error:  # the record says where a long run stopped, and why
@@ -103,12 +135,14 @@ class _Recorder:
         write_json(self.path, self.payload)
 
 
-def run_rehearsal(workdir: str | Path, plan: RehearsalPlan, isolate: bool = True) -> dict[str, Any]:
+def run_rehearsal(
+    workdir: str | Path, plan: RehearsalPlan, isolate: bool = True, resume: bool = False
+) -> dict[str, Any]:
     """Demo data of the real shape -> ingest -> explore -> extract -> train every arm x seed -> evaluate on the
     holdout -> predict test.bson with the run best on val -> report; returns the rehearsal record."""
     from prodcat.rehearsal.report import write_at_scale
 
-    rec, work = _Recorder(workdir, "pictures", plan, isolate), str(workdir)
+    rec, work = _Recorder(workdir, "pictures", plan, isolate, resume), str(workdir)
     data_dir = str(Path(workdir) / "data")
     rec.stage("demo data", "demo_data", data_dir=data_dir, config=plan.demo_config())
     rec.stage("ingest", "ingest_stage", data_dir=data_dir, workdir=work, val_fraction=plan.val_fraction,
@@ -153,12 +187,14 @@ def check_disk(workdir: str | Path, plan: FullPlan, margin: float = 1.15) -> dic
     return {"free_gb": round(free / 1e9, 1), "store_gb": round(store_bytes(plan) / 1e9, 1)}
 
 
-def run_rehearsal_full(workdir: str | Path, plan: FullPlan, isolate: bool = True) -> dict[str, Any]:
+def run_rehearsal_full(
+    workdir: str | Path, plan: FullPlan, isolate: bool = True, resume: bool = False
+) -> dict[str, Any]:
     """Synthetic full-size store -> fixed steps of sampled and of full softmax (epoch time extrapolated) ->
     evaluate on the holdout -> predict every test product from the store -> check the submission."""
     from prodcat.rehearsal.report import check_submission, write_at_scale
 
-    rec, work = _Recorder(workdir, "full", plan, isolate), str(workdir)
+    rec, work = _Recorder(workdir, "full", plan, isolate, resume), str(workdir)
     rec.payload["disk"] = check_disk(workdir, plan)
     rec.stage("synthetic store", "synthetic_stage", workdir=work, plan=dataclasses.asdict(plan))
     runs: dict[str, dict[str, Any]] = {}
