@@ -71,6 +71,7 @@ __all__ = [
 ONNX_OPSET = 18  # Resize with antialias (torchvision's resize of the Predictor) needs opset 18
 SIDECAR_FORMAT = 1
 OUTPUTS = ("labels", "probabilities", "category_ids", "picture_labels", "picture_probabilities")
+ONNX_MAX_BYTES = 2**31 - 2**24  # one protobuf file is at most 2 GiB; room left for the graph itself
 CHECK_TOLERANCE = 1e-4  # ONNX Runtime vs the same graph in PyTorch, on the self-check photos
 log = get_logger("prodcat.predict.export")
 
@@ -331,6 +332,10 @@ def _example(graph: ProductGraph) -> torch.Tensor:
 
 def graph_bytes(graph: ProductGraph) -> bytes:
     """The ONNX model of `graph` (TorchScript exporter: batch, height and width stay dynamic)."""
+    weights = sum(t.numel() * t.element_size() for t in graph.state_dict().values())
+    if weights > ONNX_MAX_BYTES:  # protobuf's limit for one file; external data files would make it two
+        raise ExportError(f"the graph holds {weights / 1e9:.1f} GB of weights, over one ONNX file's 2 GB limit; "
+                          "serve this run with the PyTorch Predictor (prodcat serve --run)")  # fmt: skip
     buffer = io.BytesIO()
     axes = {
         "pictures": {0: "pictures", 1: "height", 2: "width"},
