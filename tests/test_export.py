@@ -247,6 +247,8 @@ def test_bad_runs_and_outputs_are_one_line(demo: Path, tmp_path: Path) -> None:
     one_line_error(["export", "--run", run, "--out", out], "--overwrite")
     assert out.read_bytes() == b"someone's file"  # never replaced without the flag
     one_line_error(["export", "--run", run, "--out", tmp_path], "is a folder")
+    one_line_error(["serve", "--port", 0], "--run", "--onnx")  # neither a run nor an exported file
+    one_line_error(["serve", "--onnx", tmp_path / "missing.onnx", "--port", 0], "no such file", "prodcat export")
 
 
 def test_a_changed_file_or_missing_sidecar_is_refused(demo: Path, tmp_path: Path) -> None:
