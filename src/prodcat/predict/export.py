@@ -467,7 +467,7 @@ def _model_choices(predictor: Predictor, graph: ProductGraph) -> dict[str, Any]:
         "name": graph.aggregation,
         "meaning": _AGGREGATION_MEANING[graph.aggregation],
         "over": "the N pictures of the one product given",
-        "chosen_on": "val (prodcat evaluate)",
+        "chosen_on": "val (prodcat evaluate)" if _evaluated(predictor) else "default: the run was never evaluated",
     }
     calibration = {"tau": graph.tau, "temperature": graph.temperature, "order": "logit adjustment, then temperature"}
     return {
@@ -477,6 +477,10 @@ def _model_choices(predictor: Predictor, graph: ProductGraph) -> dict[str, Any]:
         "calibration": calibration,
         "accept_threshold": predictor.accept_threshold,
     }
+
+
+def _evaluated(predictor: Predictor) -> bool:
+    return (Path(predictor.run_dir) / "eval" / "metrics.json").is_file()
 
 
 def _labels(predictor: Predictor, graph: ProductGraph) -> dict[str, Any]:
@@ -555,6 +559,10 @@ def export_onnx(config: ExportConfig) -> dict[str, Any]:
         )
     predictor = Predictor.load(config.run, which=config.which)
     graph = build_graph(predictor, config.top_k)
+    if not _evaluated(predictor):
+        log.warning("%s was never evaluated: the graph gets the default aggregation (%s) and no calibration; run "
+                    "`prodcat evaluate --run %s` first to bake in the choices made on val", config.run,
+                    graph.aggregation, config.run)  # fmt: skip
     if predictor.text_model is not None:
         log.warning(
             "%s has a text head (%s): the graph exports the picture path alone (OCR words are not an input)",

@@ -40,7 +40,7 @@ def read_sidecar(onnx_path: str | Path) -> dict[str, Any]:
         raise UserError(
             f"{path}: the sidecar of {onnx_path.name} is missing or unreadable ({error}); export again "
             "with `prodcat export`"
-        )
+        ) from None
     if sidecar.get("format") != SIDECAR_FORMAT:
         raise UserError(
             f"{path}: sidecar format {sidecar.get('format')!r}, this prodcat reads {SIDECAR_FORMAT}; "
