@@ -310,6 +310,14 @@ def _backbone(predictor: Predictor) -> nn.Module:
     return InferenceRunner(backbone, precision="float32", device="cpu").backbone
 
 
+def picture_choices(predictor: Predictor) -> Any:
+    """Evaluate's val choices (aggregation, threshold, tau, T) for the picture scores: the graph's. A Predictor with
+    a text model calibrates its fused scores with the text model's own, which the graph (no words) must not take."""
+    from prodcat.predict.run import read_choices
+
+    return predictor.run.choices if predictor.run is not None else read_choices(predictor.run_dir)
+
+
 def build_graph(predictor: Predictor, top_k: int = 5) -> ProductGraph:
     """The run of `predictor` as one torch module (what is exported), checked for what the graph can express."""
     _check_expressible(predictor)
@@ -323,7 +331,7 @@ def build_graph(predictor: Predictor, top_k: int = 5) -> ProductGraph:
         features,
         predictor.model.cpu(),
         predictor.aggregation,
-        predictor.calibration,
+        picture_choices(predictor).calibration,
         category_ids,
         top_k,
         prototypes,
@@ -475,7 +483,7 @@ def _model_choices(predictor: Predictor, graph: ProductGraph) -> dict[str, Any]:
         "extract_config": dataclasses.asdict(extract),
         "aggregation": aggregation,
         "calibration": calibration,
-        "accept_threshold": predictor.accept_threshold,
+        "accept_threshold": picture_choices(predictor).threshold,
     }
 
 
@@ -508,7 +516,8 @@ def _left_out(predictor: Predictor) -> dict[str, Any]:
             "run_has_text_head": text is not None,
             "kind": None if text is None else text.kind,
             "note": "OCR words are not an input of the graph: a run with a text head exports its picture path "
-            "alone, so predictions ignore the words read on the pictures",
+            "alone, with evaluate's picture calibration and threshold (the PyTorch Predictor fuses the words and "
+            "applies the text model's own), so predictions ignore the words read on the pictures",
         },
         "training_twins": {
             "in_graph": False,
