@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from prodcat.config import DemoConfig, EvalConfig, ExtractConfig, IngestConfig, ServeConfig, TrainConfig
+from prodcat.config import DemoConfig, EvalConfig, ExportConfig, ExtractConfig, IngestConfig, ServeConfig, TrainConfig
 from prodcat.errors import UserError, describe, require_catalog, require_file, require_run
 
 # One paragraph per string: rich keeps a single newline as a line break.
@@ -418,6 +418,27 @@ def predict(
 
 
 @app.command()
+def export(
+    run: Run,
+    out: Annotated[Path, typer.Option(help="The ONNX file to write; its JSON sidecar goes beside it (OUT.json).")],
+    top_k: Annotated[int, typer.Option(help="Leaves per product, fixed in the graph.")] = ExportConfig.top_k,
+    which: Annotated[str, typer.Option(help="Checkpoint: best (on val) | last.")] = ExportConfig.which,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT and its sidecar.")] = False,
+) -> None:
+    """One ONNX graph of the run: a product's uint8 pictures -> its top-k leaves and calibrated probabilities."""
+    from prodcat.predict.export import export_onnx, sidecar_path
+
+    config = ExportConfig(run=str(run), out=str(out), top_k=top_k, which=which, overwrite=overwrite)
+    sidecar = export_onnx(config)
+    check = sidecar["self_check"]
+    typer.echo(
+        f"{out} + {sidecar_path(out).name}: aggregation {sidecar['aggregation']['name']}, top-{sidecar['top_k']}; "
+        f"ONNX Runtime = PyTorch on {check['top1_agree']}/{check['products']} rendered products "
+        f"(probabilities within {check['max_probability_difference']:.1g})"
+    )
+
+
+@app.command()
 def report(workdir: Workdir) -> None:
     """One self-contained HTML page: exploration, training, comparison, sweep, evaluation, gallery."""
     from prodcat.report.html import build_report
@@ -427,7 +448,7 @@ def report(workdir: Workdir) -> None:
 
 @app.command()
 def serve(
-    run: Run,
+    run: Annotated[Path | None, typer.Option(help="Run directory (W/runs/NAME); optional with --onnx.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default; 0.0.0.0 for every one).")] = (
         ServeConfig.host
     ),
@@ -436,11 +457,16 @@ def serve(
     micro_batching: Annotated[
         bool, typer.Option(help="Batch concurrent requests into one forward (off: one forward per request).")
     ] = True,
+    onnx: Annotated[
+        Path | None, typer.Option(help="Serve from this file of `prodcat export` (ONNX Runtime) instead of PyTorch.")
+    ] = None,
 ) -> None:
     """HTTP API (POST /v1/classify) and a web page to categorise a product's photos."""
     from prodcat.serve.app import serve as run_serve
 
-    run_serve(ServeConfig(run=str(run), host=host, port=port, top_k=top_k, micro_batching=micro_batching))
+    config = ServeConfig(run=str(run or ""), onnx=str(onnx or ""), host=host, port=port, top_k=top_k,
+                         micro_batching=micro_batching)  # fmt: skip
+    run_serve(config)
 
 
 @app.command()

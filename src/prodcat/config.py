@@ -19,6 +19,7 @@ __all__ = [
     "TrainConfig",
     "EvalConfig",
     "ServeConfig",
+    "ExportConfig",
     "save_config",
     "load_config",
     "config_from_dict",
@@ -347,6 +348,7 @@ class ServeConfig:
     """HTTP server: request limits and micro-batching of model forwards."""
 
     run: str = ""
+    onnx: str = ""  # serve from this exported file (`prodcat export`) instead of the run's PyTorch Predictor
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     top_k: int = 5
@@ -382,6 +384,22 @@ class ServeConfig:
         _check(self.max_queued_bytes >= 1, "max_queued_bytes must be >= 1")
         _check(min(self.header_timeout_s, self.body_timeout_s, self.body_idle_timeout_s) > 0, "timeouts must be > 0")
         _check(self.max_header_bytes >= 1024, "max_header_bytes must be >= 1024")
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """ONNX export of a run: one graph from a product's uint8 pictures to its top-k leaves (prodcat.predict.export)."""
+
+    run: str = ""
+    out: str = ""  # the .onnx file; its JSON sidecar is written beside it as OUT.json
+    top_k: int = 5  # leaves per product, fixed in the graph
+    which: str = "best"  # checkpoint: best | last
+    overwrite: bool = False  # replace an existing OUT (and its sidecar); without it an existing file is an error
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        _check_choice(self.which, ("best", "last"), "which")
+        _check(bool(self.out), "export needs an output file (--out model.onnx)")
 
 
 def _to_jsonable(value: Any) -> Any:

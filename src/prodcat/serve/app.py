@@ -650,19 +650,26 @@ def _warm_up(predictor: Predictor) -> None:
 
 
 def serve(config: ServeConfig) -> None:
-    """Load `config.run`, then serve the API and the web page with uvicorn on config.host:config.port."""
+    """Load `config.run` (or the exported `config.onnx`), then serve the API and the web page with uvicorn."""
     import uvicorn
 
     from prodcat.predict.predictor import Predictor
 
-    if not config.run:
-        raise ValueError("serve needs a run directory (--run W/runs/NAME)")
+    if not config.run and not config.onnx:
+        from prodcat.config import ConfigError  # a ValueError too, and one line on the command line
+
+        raise ConfigError("serve needs a run directory (--run W/runs/NAME) or an exported file (--onnx model.onnx)")
     check_port(config.host, config.port)  # before the model loads and before "serving on ..." is printed
-    predictor = Predictor.load(config.run)
+    if config.onnx:  # the exported graph (prodcat export) through ONNX Runtime: same contract, no PyTorch model
+        from prodcat.predict.onnx_predictor import OnnxPredictor
+
+        predictor = OnnxPredictor.load(config.onnx)
+    else:
+        predictor = Predictor.load(config.run)
     _warm_up(predictor)
     log.info(
         "serving %s on http://%s:%d (micro-batching %s)",
-        config.run,
+        config.onnx or config.run,
         config.host,
         config.port,
         "on" if config.micro_batching else "off",
