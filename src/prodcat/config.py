@@ -19,12 +19,27 @@ __all__ = [
     "TrainConfig",
     "EvalConfig",
     "ServeConfig",
+    "PRECISIONS",
+    "TTA_MODES",
+    "FEATURE_KINDS",
+    "CALIBRATION_MIN_COSINE",
     "save_config",
     "load_config",
     "config_from_dict",
 ]
 
 C = TypeVar("C")
+
+# Inference precisions of extraction and serving: auto (bf16 only where the calibration below passes, else float32,
+# by ONNX Runtime on the CPU) | float32 | bfloat16 (autocast). Training takes the last two.
+PRECISIONS = ("auto", "float32", "bfloat16")
+# auto keeps bf16 only if every calibration photo's pooled vector is within this cosine of float32's
+# (prodcat.features.calibration_photos; the goal is 0.999 on every photo, the margin covers photos unlike these).
+CALIBRATION_MIN_COSINE = 0.9995
+# Test-time augmentation: flips only (the third-place Kaggle team found crops and transposes hurt).
+TTA_MODES = ("none", "flip_mean")
+# What a feature store keeps of the backbone: the globally pooled vector or the last feature map (channels last).
+FEATURE_KINDS = ("pooled", "spatial")
 
 
 class ConfigError(UserError, ValueError):
@@ -173,8 +188,8 @@ class ExtractConfig:
     workers: int | None = None  # DataLoader decode workers; None = auto (0 on small CPU hosts, more with a GPU)
     shard_size: int = 4096  # images per shard
     limit: int | None = None  # products per split, for quick looks
-    # auto: bf16 only where a calibration keeps features within cosine 0.9995 of float32, else float32
-    # (ONNX Runtime on the CPU); float32 | bfloat16 force PyTorch in that precision.
+    # auto: bf16 only where a calibration keeps features within cosine CALIBRATION_MIN_COSINE of float32, else
+    # float32 (ONNX Runtime on the CPU); float32 | bfloat16 force PyTorch in that precision.
     precision: str = "auto"
     distributed: bool = False
     name: str | None = None  # store name; default "<backbone>-<features>"
@@ -185,9 +200,9 @@ class ExtractConfig:
     tta: str = "none"
 
     def __post_init__(self) -> None:
-        _check_choice(self.features, ("pooled", "spatial"), "features")
-        _check_choice(self.tta, ("none", "flip_mean"), "tta")
-        _check_choice(self.precision, ("auto", "float32", "bfloat16"), "precision")
+        _check_choice(self.features, FEATURE_KINDS, "features")
+        _check_choice(self.tta, TTA_MODES, "tta")
+        _check_choice(self.precision, PRECISIONS, "precision")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.shard_size >= 1, "shard_size must be >= 1")
         _check(self.workers is None or self.workers >= 0, "workers must be >= 0")
@@ -244,7 +259,7 @@ class TrainConfig:
     stop_after: int | None = None  # end this session after this global step (checkpointed); --resume continues
 
     def __post_init__(self) -> None:
-        _check_choice(self.precision, ("float32", "bfloat16"), "precision")
+        _check_choice(self.precision, PRECISIONS[1:], "precision")
         _check(self.stop_after is None or self.stop_after >= 1, "stop_after must be >= 1")
         # Checked before the optimizer and head, whose registries load torch: a typo here fails in well under 1 s.
         _check_choice(self.loss, LOSS_NAMES, "loss")

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from prodcat.config import ExtractConfig, save_config
 from prodcat.data.bson_index import BsonReader
 from prodcat.data.catalog import catalog_source, load_catalog
+from prodcat.data.images import DEFAULT_MAX_PIXELS
 from prodcat.distributed import DistInfo, barrier, cleanup, init_distributed
 from prodcat.errors import UserError, require_catalog
 from prodcat.features.store import FeatureStore, ShardResult, StoreError, make_rows
@@ -521,7 +522,7 @@ def _run_shards(
     batches = _shard_batches(store, shards, config.batch_size, plan.owner)
     if not batches:
         return
-    dataset = _BatchDataset(plan, batches, preprocess, max_pixels=40_000_000)
+    dataset = _BatchDataset(plan, batches, preprocess, max_pixels=DEFAULT_MAX_PIXELS)
     workers = auto_workers(info.device) if config.workers is None else config.workers
     loader = (
         DataLoader(

@@ -3,9 +3,9 @@ keeps float32 features.
 
 "auto" uses bf16 autocast only where it keeps the features: where the device runs bf16 natively, the runner first
 compares bf16 with float32 on 16 rendered product photos (the demo generator's, deterministic, no files) and keeps
-bf16 only if every pooled vector is within cosine 0.9995 of float32 (the goal is 0.999 on every photo; the margin
-covers photos unlike these). Otherwise it runs float32: on the CPU the folded backbone exported once to ONNX and run
-by ONNX Runtime (its NCHWc-blocked x86 kernels), on CUDA PyTorch.
+bf16 only if every pooled vector is within cosine `CALIBRATION_MIN_COSINE` (prodcat.config) of float32 (the goal is
+0.999 on every photo; the margin covers photos unlike these). Otherwise it runs float32: on the CPU the folded
+backbone exported once to ONNX and run by ONNX Runtime (its NCHWc-blocked x86 kernels), on CUDA PyTorch.
 Measured on the 2-thread AMD EPYC at batch 32, 180x180 (benchmarks/bench_forward.py): ONNX Runtime float32 runs
 EfficientNet-Lite0 about 4x faster than plain float32 eager, bf16 autocast about 4.3x; but Lite0's bf16 features
 fall to cosine 0.9974 on real Cdiscount photos (only 65% reach 0.999), so Lite0 gets ONNX Runtime, while
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prodcat.config import CALIBRATION_MIN_COSINE, PRECISIONS, TTA_MODES
 from prodcat.features.backbones import Backbone, BackboneSpec, Preprocessor
 
 __all__ = [
@@ -40,11 +41,9 @@ __all__ = [
     "flip_mean",
     "PRECISIONS",
     "TTA_MODES",
+    "CALIBRATION_MIN_COSINE",
 ]
 
-PRECISIONS = ("auto", "float32", "bfloat16")
-# Test-time augmentation: flips only (the third-place Kaggle team found crops and transposes hurt).
-TTA_MODES = ("none", "flip_mean")
 _logger = logging.getLogger("prodcat.features.inference")
 
 
@@ -337,7 +336,6 @@ class _ExportedOutputs(nn.Module):
         return feature_map, pooled
 
 
-CALIBRATION_MIN_COSINE = 0.9995
 _CALIBRATION_PHOTOS = 16
 
 
