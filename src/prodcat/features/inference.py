@@ -2,10 +2,10 @@
 keeps float32 features.
 
 "auto" uses bf16 autocast only where it keeps the features: where the device runs bf16 natively, the runner first
-compares bf16 with float32 on 16 rendered product photos (the demo generator's, deterministic, no files) and keeps
-bf16 only if every pooled vector is within cosine `CALIBRATION_MIN_COSINE` (prodcat.config) of float32 (the goal is
-0.999 on every photo; the margin covers photos unlike these). Otherwise it runs float32: on the CPU the folded
-backbone exported once to ONNX and run by ONNX Runtime (its NCHWc-blocked x86 kernels), on CUDA PyTorch.
+compares bf16 with float32 on 16 real photos (crops of scikit-learn's two sample photos, `calibration_photos`) and
+keeps bf16 only if every pooled vector is within cosine `CALIBRATION_MIN_COSINE` (prodcat.config) of float32 (the
+goal is 0.999 on every photo, the margin covers photos unlike these). Otherwise it runs float32: on the CPU the
+folded backbone exported once to ONNX and run by ONNX Runtime (its NCHWc-blocked x86 kernels), on CUDA PyTorch.
 Measured on the 2-thread AMD EPYC at batch 32, 180x180 (benchmarks/bench_forward.py): ONNX Runtime float32 runs
 EfficientNet-Lite0 about 4x faster than plain float32 eager, bf16 autocast about 4.3x; but Lite0's bf16 features
 fall to cosine 0.9974 on real Cdiscount photos (only 65% reach 0.999), so Lite0 gets ONNX Runtime, while
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import io
 import logging
 import warnings
@@ -32,6 +31,7 @@ from torch import nn
 
 from prodcat.config import CALIBRATION_MIN_COSINE, PRECISIONS, TTA_MODES
 from prodcat.features.backbones import Backbone, BackboneSpec, Preprocessor
+from prodcat.features.calibration_photos import calibration_images
 
 __all__ = [
     "InferenceRunner",
@@ -334,20 +334,6 @@ class _ExportedOutputs(nn.Module):
         if self.logits:
             return feature_map, pooled, self.backbone.logits_from_features(feature_map)
         return feature_map, pooled
-
-
-_CALIBRATION_PHOTOS = 16
-
-
-@functools.lru_cache(maxsize=1)
-def calibration_images() -> tuple[torch.Tensor, ...]:
-    """16 rendered product photos at 180x180 (the demo generator's; deterministic, no files), decoded like data."""
-    from prodcat.data.images import decode_image
-    from prodcat.data.synthetic.demo import make_looks, make_taxonomy, render_product
-
-    looks = make_looks(make_taxonomy(_CALIBRATION_PHOTOS, seed=7), seed=7)
-    rng = np.random.default_rng(7)
-    return tuple(decode_image(render_product(look, rng, views=1)[0]) for look in looks)
 
 
 def _default_device() -> torch.device:
