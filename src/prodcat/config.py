@@ -198,6 +198,9 @@ class ExtractConfig:
     # Test-time augmentation at extraction: none | flip_mean (each vector is the mean of the picture's features and
     # its horizontal mirror's; 2x backbone cost, forwards of 2 x batch_size). Serving applies the store's mode.
     tta: str = "none"
+    # Written by extract, not an option: the inference engine that made the store (FeatureExtractor.engine, e.g.
+    # cpu-onnxruntime-fp32-bn-folded); the Predictor warns when its own differs. None: a store from before this.
+    engine: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice(self.features, FEATURE_KINDS, "features")

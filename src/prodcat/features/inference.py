@@ -139,7 +139,7 @@ class InferenceRunner:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = torch.device(device) if device is not None else _default_device()
         self.backbone, self.folded = self._prepare(backbone, fold)
-        self._preprocess = Preprocessor(backbone.spec)
+        self.preprocess = Preprocessor(backbone.spec)  # its one preprocessor: `pack` for callers, `normalize` here
         self.calibration_cosine: float | None = None  # bf16 vs float32 on the calibration photos, when measured
         fast = precision == "auto" and bf16_is_fast(self.device)
         if precision == "auto":
@@ -188,7 +188,7 @@ class InferenceRunner:
 
     def _bf16_keeps_features(self) -> bool:
         """bf16 vs float32 pooled features on the calibration photos: keep bf16 only above the cosine bar."""
-        batch = self._preprocess.normalize(self._preprocess.pack(calibration_images()).to(self.device))
+        batch = self.preprocess.normalize(self.preprocess.pack(calibration_images()).to(self.device))
         reference = self._forward_torch(batch, torch.float32, spatial=False, logits=False)["pooled"]
         candidate = self._forward_torch(batch, torch.bfloat16, spatial=False, logits=False)["pooled"]
         self.calibration_cosine = F.cosine_similarity(candidate, reference).min().item()
@@ -224,7 +224,7 @@ class InferenceRunner:
             # ONNX Runtime reads plain NCHW: reorder now, while the batch is uint8 (a quarter of the float bytes).
             batch = batch.contiguous()
         if batch.dtype == torch.uint8:
-            return self._preprocess.normalize(batch.to(self.device, non_blocking=True))
+            return self.preprocess.normalize(batch.to(self.device, non_blocking=True))
         return batch.to(self.device, dtype=torch.float32, non_blocking=True)
 
     def _forward_torch(
