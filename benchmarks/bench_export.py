@@ -83,8 +83,8 @@ def _latencies(predictors: dict[str, Any], products: list[list[torch.Tensor]]) -
 
 
 def _engine(predictor: Any) -> str:
-    try:  # the runner the Predictor built for its backbone (private: the name of what it chose)
-        return str(predictor._feature_path()[2].mode)
+    try:  # the engine of the Predictor's FeatureExtractor (private: the name of what it chose)
+        return str(predictor._feature_path().engine)
     except Exception:  # noqa: BLE001 - only a label in the results
         return "unknown"
 

@@ -20,12 +20,27 @@ __all__ = [
     "EvalConfig",
     "ServeConfig",
     "ExportConfig",
+    "PRECISIONS",
+    "TTA_MODES",
+    "FEATURE_KINDS",
+    "CALIBRATION_MIN_COSINE",
     "save_config",
     "load_config",
     "config_from_dict",
 ]
 
 C = TypeVar("C")
+
+# Inference precisions of extraction and serving: auto (bf16 only where the calibration below passes, else float32,
+# by ONNX Runtime on the CPU) | float32 | bfloat16 (autocast). Training takes the last two.
+PRECISIONS = ("auto", "float32", "bfloat16")
+# auto keeps bf16 only if every calibration photo's pooled vector is within this cosine of float32's
+# (prodcat.features.calibration_photos; the goal is 0.999 on every photo, the margin covers photos unlike these).
+CALIBRATION_MIN_COSINE = 0.9995
+# Test-time augmentation: flips only (the third-place Kaggle team found crops and transposes hurt).
+TTA_MODES = ("none", "flip_mean")
+# What a feature store keeps of the backbone: the globally pooled vector or the last feature map (channels last).
+FEATURE_KINDS = ("pooled", "spatial")
 
 
 class ConfigError(UserError, ValueError):
@@ -174,8 +189,8 @@ class ExtractConfig:
     workers: int | None = None  # DataLoader decode workers; None = auto (0 on small CPU hosts, more with a GPU)
     shard_size: int = 4096  # images per shard
     limit: int | None = None  # products per split, for quick looks
-    # auto: bf16 only where a calibration keeps features within cosine 0.9995 of float32, else float32
-    # (ONNX Runtime on the CPU); float32 | bfloat16 force PyTorch in that precision.
+    # auto: bf16 only where a calibration keeps features within cosine CALIBRATION_MIN_COSINE of float32, else
+    # float32 (ONNX Runtime on the CPU); float32 | bfloat16 force PyTorch in that precision.
     precision: str = "auto"
     distributed: bool = False
     name: str | None = None  # store name; default "<backbone>-<features>"
@@ -184,11 +199,14 @@ class ExtractConfig:
     # Test-time augmentation at extraction: none | flip_mean (each vector is the mean of the picture's features and
     # its horizontal mirror's; 2x backbone cost, forwards of 2 x batch_size). Serving applies the store's mode.
     tta: str = "none"
+    # Written by extract, not an option: the inference engine that made the store (FeatureExtractor.engine, e.g.
+    # cpu-onnxruntime-fp32-bn-folded); the Predictor warns when its own differs. None: a store from before this.
+    engine: str | None = None
 
     def __post_init__(self) -> None:
-        _check_choice(self.features, ("pooled", "spatial"), "features")
-        _check_choice(self.tta, ("none", "flip_mean"), "tta")
-        _check_choice(self.precision, ("auto", "float32", "bfloat16"), "precision")
+        _check_choice(self.features, FEATURE_KINDS, "features")
+        _check_choice(self.tta, TTA_MODES, "tta")
+        _check_choice(self.precision, PRECISIONS, "precision")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.shard_size >= 1, "shard_size must be >= 1")
         _check(self.workers is None or self.workers >= 0, "workers must be >= 0")
@@ -245,7 +263,7 @@ class TrainConfig:
     stop_after: int | None = None  # end this session after this global step (checkpointed); --resume continues
 
     def __post_init__(self) -> None:
-        _check_choice(self.precision, ("float32", "bfloat16"), "precision")
+        _check_choice(self.precision, PRECISIONS[1:], "precision")
         _check(self.stop_after is None or self.stop_after >= 1, "stop_after must be >= 1")
         # Checked before the optimizer and head, whose registries load torch: a typo here fails in well under 1 s.
         _check_choice(self.loss, LOSS_NAMES, "loss")

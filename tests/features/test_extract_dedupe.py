@@ -155,22 +155,20 @@ def test_stale_picture_table_is_refused(workdir: Path) -> None:
 def test_partial_shards_of_other_ranks_are_completed(workdir: Path) -> None:
     """Two ranks, simulated in one process: rank 1's shards run first, so their copies wait for rank 0's shards."""
     from prodcat.distributed import DistInfo
-    from prodcat.features.backbones import Preprocessor, create_backbone
-    from prodcat.features.inference import InferenceRunner
+    from prodcat.features.extractor import FeatureExtractor
 
     reference = FeatureStore.open(extract(_config(workdir, name="reference")))
     config = _config(workdir, name="ranks")
-    backbone = create_backbone(BACKBONE, random_init=True)
-    runner = InferenceRunner(backbone, precision="float32")
+    extractor = FeatureExtractor.from_config(config)
     plan = plan_rows(workdir, config.splits)
     path = workdir / "features" / "ranks"
     info = DistInfo()
-    store = extract_module._open_store(path, plan, reference.feature_shape, backbone, runner, config, info)
+    store = extract_module._open_store(path, plan, extractor, config, info)
     shards = store.missing_shards()
     odd, even = shards[1::2], shards[0::2]
-    extract_module._run_shards(store, odd, plan, Preprocessor(backbone.spec), runner, config, info)
+    extract_module._run_shards(store, odd, plan, extractor, config, info)
     assert any(store.is_partial(shard) for shard in odd)
-    extract_module._run_shards(store, even, plan, Preprocessor(backbone.spec), runner, config, info)
+    extract_module._run_shards(store, even, plan, extractor, config, info)
     extract_module._complete_partial(store, odd, plan.owner)
     assert not store.missing_shards() and not list((path / "shards").glob("*.part.json"))
     store.finalize()

@@ -132,6 +132,11 @@ class Preprocessor:
         self.shift = -mean / std
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy for decode workers (spawned ones get it pickled) leaves the device copies of mean/std behind: workers
+        # only `pack`, and a CUDA tensor would make each of them start CUDA.
+        return {**self.__dict__, "_on_device": {}}
+
     def resize(self, image: torch.Tensor) -> torch.Tensor:
         if tuple(image.shape[-2:]) == self.size:
             return image

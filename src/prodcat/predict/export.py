@@ -301,13 +301,14 @@ def _check_expressible(predictor: Predictor) -> None:
 
 
 def _backbone(predictor: Predictor) -> nn.Module:
-    """The store's backbone as the Predictor's runner holds it: float32, BatchNorm folded (when exact), on the CPU."""
-    from prodcat.features.backbones import create_backbone
-    from prodcat.features.inference import InferenceRunner
+    """The store's backbone as the Predictor's FeatureExtractor holds it (the one factory), float32 with BatchNorm
+    folded (when exact), on the CPU: the graph computes in float32 whatever engine the store was made with."""
+    import dataclasses
 
-    config = predictor.extract_config
-    backbone = create_backbone(config.backbone, weights=config.weights, random_init=config.random_init)
-    return InferenceRunner(backbone, precision="float32", device="cpu").backbone
+    from prodcat.features.extractor import FeatureExtractor
+
+    config = dataclasses.replace(predictor.extract_config, precision="float32")
+    return FeatureExtractor.from_config(config, device="cpu").runner.backbone
 
 
 def picture_choices(predictor: Predictor) -> Any:

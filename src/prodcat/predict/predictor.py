@@ -17,13 +17,13 @@ import torch
 
 from prodcat.config import ExtractConfig
 from prodcat.data.taxonomy import Taxonomy
-from prodcat.features.extract import stored_features
 from prodcat.predict.aggregation import AGGREGATIONS, aggregate_products
 from prodcat.predict.aggregation import sum_by_product as _sum_by_product
 from prodcat.predict.run import Run, load_run, read_choices
 from prodcat.utils import get_logger
 
 if TYPE_CHECKING:
+    from prodcat.features.extractor import FeatureExtractor
     from prodcat.predict.calibration import ProductCalibration
     from prodcat.predict.prototypes import Prototypes
     from prodcat.predict.twins import TwinChoice, TwinIndex, TwinMatch
@@ -83,7 +83,7 @@ class Predictor:
         self.run_dir = Path(run_dir)
         self.run = run  # the loaded run folder (None for a Predictor built by hand, as the tests do)
         self.device = device or torch.device("cpu")
-        self._backbone: tuple[Any, Any, Any] | None = None
+        self._extractor: FeatureExtractor | None = None
         choices = run.choices if run is not None else read_choices(self.run_dir)  # made on val by evaluate
         self.reads_products = bool(getattr(model, "reads_products", False))
         default = PRODUCT_HEAD if self.reads_products else "mean_prob"
@@ -112,32 +112,23 @@ class Predictor:
         return cls(model.to(target), run.taxonomy, run.extract_config, meta, run.path, target, run.store_name, run)
 
     # -- features ------------------------------------------------------------------------------------------------
-    def _feature_path(self) -> tuple[Any, Any, Any]:
-        """Backbone, preprocessor and runner, built on first use (evaluate on cached features never needs them)."""
-        if self._backbone is None:
-            from prodcat.features.backbones import Preprocessor, create_backbone
-            from prodcat.features.inference import InferenceRunner
+    def _feature_path(self) -> FeatureExtractor:
+        """The extraction's FeatureExtractor, built on first use (evaluate on cached features never needs it); warns
+        when its engine is not the one the store was made with."""
+        if self._extractor is None:
+            from prodcat.features.extractor import FeatureExtractor
 
-            config = self.extract_config
-            backbone = create_backbone(config.backbone, weights=config.weights, random_init=config.random_init)
-            runner = InferenceRunner(backbone, precision=config.precision, device=self.device)
-            self._backbone = (backbone, Preprocessor(backbone.spec), runner)
-        return self._backbone
+            self._extractor = FeatureExtractor.from_config(self.extract_config, device=self.device)
+            self._extractor.warn_if_engine_differs(self.extract_config.engine, self.store_name)
+        return self._extractor
 
     def image_features(self, images: Sequence[torch.Tensor], batch_size: int = 64) -> np.ndarray:
-        """Backbone features of decoded uint8 (3, H, W) images, exactly as extraction stores them."""
-        _, preprocess, runner = self._feature_path()
-        spatial = self.extract_config.features == "spatial"
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            # uint8 batch, normalised on the runner's device: the same path as extraction, so features match.
-            batch = preprocess.pack(list(images[start : start + batch_size]))
-            # The store's TTA too (its config.json; "none" before TTA existed): served rows equal stored ones.
-            out = runner(batch, spatial=spatial, tta=self.extract_config.tta)
-            # Exactly what the store keeps (channels, float16 rounding), so served and evaluated scores match.
-            stored = stored_features(out, self.extract_config.features, self.extract_config.spatial_channels)
-            chunks.append(torch.from_numpy(stored).to(torch.float32).numpy())
-        return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
+        """Backbone features of decoded uint8 (3, H, W) images, exactly as extraction stores them (the same
+        extractor: preprocessing, engine choice, TTA, channels, float16 rounding), as float32."""
+        extractor = self._feature_path()
+        starts = range(0, len(images), batch_size)
+        chunks = [extractor(list(images[start : start + batch_size])) for start in starts]
+        return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0,), np.float32)
 
     @torch.inference_mode()
     def head_log_probs(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:

@@ -559,10 +559,10 @@ def _decode_size(predictor: Predictor) -> tuple[int, int] | None:
         extract_config = getattr(predictor, "extract_config", None)
         if extract_config is None:
             return None
-        from prodcat.features.backbones import get_spec
+        from prodcat.features.extractor import input_size
 
         try:
-            size = get_spec(extract_config.backbone).image_size
+            size = input_size(extract_config)  # what the predictor's FeatureExtractor resizes pictures to
         except Exception as error:  # noqa: BLE001 - serving still works, only without reduced decoding
             log.warning("no input size for backbone %r (%s); pictures decode at full size", extract_config, error)
             return None
