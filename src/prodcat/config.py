@@ -299,11 +299,10 @@ def _check_optimizer(name: str) -> None:
 
 
 def _check_head(name: str) -> None:
-    # The registered heads plus "hier" (built by the classifier, not the registry); torch is loaded by now.
-    from prodcat.model.classifier import HIER_HEAD
+    # The head registry's names ("hier" among them); torch is loaded by now.
     from prodcat.model.heads import list_heads
 
-    _check_choice(name, sorted([*list_heads(), HIER_HEAD]), "head")
+    _check_choice(name, list_heads(), "head")
 
 
 @dataclasses.dataclass
