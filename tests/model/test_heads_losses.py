@@ -40,7 +40,8 @@ def test_hier_is_a_registered_head_built_into_a_per_level_classifier() -> None:
 
     assert is_hierarchical_head(create_head("hier", (8,), hidden_dim=4))
     assert not any(is_hierarchical_head(create_head(name, (8,))) for name in list_heads() if name != "hier")
-    model = build_classifier("hier", "softmax", (8,), 4, hidden_dim=4, leaf_level1=[0, 0, 1, 1], leaf_level2=[0, 1, 2, 3])
+    levels = {"leaf_level1": [0, 0, 1, 1], "leaf_level2": [0, 1, 2, 3]}
+    model = build_classifier("hier", "softmax", (8,), 4, hidden_dim=4, **levels)
     assert isinstance(model, HierarchicalClassifier) and model.head.out_dim == 4
 
 

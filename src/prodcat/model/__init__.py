@@ -1,7 +1,7 @@
 """Heads and losses trained on cached features, with their registries.
 
-Importing the package registers every head (`linear`, `mlp`, `conv`, `hier`, `gated_product`), loss (`softmax`, `sampled`,
-`adaptive`), sampler (`uniform`, `log_uniform`, `unigram`) and optimizer (`adamw`, `sgd`, `rowwise_adamw`,
+Importing the package registers every head (`linear`, `mlp`, `conv`, `hier`, `gated_product`), loss (`softmax`,
+`sampled`, `adaptive`), sampler (`uniform`, `log_uniform`, `unigram`) and optimizer (`adamw`, `sgd`, `rowwise_adamw`,
 `rowwise_sgd`).
 """
 
