@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist  # not `dist`: Run.dist is this process's DistInfo
 import torch.nn.functional as F
 from torch import nn
 
@@ -321,7 +321,7 @@ def _config_dict(config: TrainConfig) -> dict[str, Any]:
 
 def setup(config: TrainConfig) -> Run:
     """Process group, seeds, store and taxonomy, classifier, optimizer, data, and the resumed state if asked."""
-    owns_group = not (dist.is_available() and dist.is_initialized())
+    owns_group = not (torch_dist.is_available() and torch_dist.is_initialized())
     info = init_distributed(config.distributed)
     device = _device(config, info)
     _seed_everything(config.seed)
@@ -503,7 +503,7 @@ def validate(run: Run) -> dict[str, float]:
         sums[2] += hits.any(dim=1).sum()
         sums[3] += len(leaf)
     if run.dist.enabled:
-        dist.all_reduce(sums)
+        torch_dist.all_reduce(sums)
     model.train(was_training)
     loss_sum, top1, top5, count = sums.tolist()
     return {"val_loss": loss_sum / count, "val_top1": top1 / count, "val_top5": top5 / count, "val_rows": int(count)}
@@ -535,7 +535,7 @@ def _should_stop(run: Run, session_start: float) -> bool:
         late = torch.tensor(float(time.perf_counter() - session_start + run.elapsed > config.max_seconds))
         if run.dist.enabled:  # every rank must stop at the same step
             late = late.to(run.device)
-            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+            torch_dist.all_reduce(late, op=torch_dist.ReduceOp.MAX)
         stop = stop or bool(late.item())
     return stop
 
@@ -605,7 +605,7 @@ def _evaluate_and_save(run: Run, interval: _Interval, session_start: float) -> d
     if interval.loss_sum is not None:
         total = interval.loss_sum.double().reshape(1)
         if run.dist.enabled:
-            dist.all_reduce(total)
+            torch_dist.all_reduce(total)
         train_loss = float(total.item()) / interval.rows
     metrics = validate(run)
     _check_finite(run, train_loss, metrics["val_loss"])
