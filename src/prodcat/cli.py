@@ -10,7 +10,16 @@ from typing import Annotated
 
 import typer
 
-from prodcat.config import DemoConfig, EvalConfig, ExtractConfig, IngestConfig, ServeConfig, TrainConfig
+from prodcat.config import (
+    CompareConfig,
+    DemoConfig,
+    EvalConfig,
+    ExtractConfig,
+    IngestConfig,
+    ServeConfig,
+    SweepConfig,
+    TrainConfig,
+)
 from prodcat.errors import UserError, describe, require_catalog, require_file, require_run
 
 # One paragraph per string: rich keeps a single newline as a line break.
@@ -216,7 +225,7 @@ def extract(
         limit=limit,
         precision=precision,
         distributed=distributed,
-        name=name,
+        store_name=name,
         dedupe=dedupe,
         tta=tta,
     )
@@ -227,7 +236,7 @@ def extract(
 @app.command()
 def train(
     workdir: Workdir,
-    features: Features = TrainConfig.features,
+    features: Features = TrainConfig.store,
     head: Annotated[str, typer.Option(help=HEAD_HELP)] = TrainConfig.head,
     loss: Annotated[str, typer.Option(help=LOSS_HELP)] = TrainConfig.loss,
     run_name: Annotated[
@@ -262,7 +271,7 @@ def train(
     # The config is checked before prodcat.train.loop (and torch) is imported: a misspelt --loss fails at once.
     config = TrainConfig(
         workdir=str(workdir),
-        features=features,
+        store=features,
         head=head,
         loss=loss,
         run_name=run_name,
@@ -293,7 +302,7 @@ def train(
 @app.command()
 def compare(
     workdir: Workdir,
-    features: Features = TrainConfig.features,
+    features: Features = TrainConfig.store,
     head: Annotated[str, typer.Option(help=HEAD_HELP)] = TrainConfig.head,
     losses: Annotated[str, typer.Option(help=f"Comma-separated losses compared. {LOSS_HELP}")] = (
         "softmax,sampled,adaptive"
@@ -313,16 +322,18 @@ def compare(
     from prodcat.train.experiments import compare as run_compare
 
     result = run_compare(
-        workdir,
-        features=features,
-        head=head,
-        losses=_csv(losses) or (),
-        epochs=epochs,
-        num_sampled=num_sampled,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        optimizers=_csv(optimizers),
-        **({} if seeds is None else {"seeds": seeds}),
+        CompareConfig(
+            workdir=str(workdir),
+            store=features,
+            head=head,
+            losses=_csv(losses) or (),
+            epochs=epochs,
+            num_sampled=num_sampled,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            optimizers=_csv(optimizers) or (),
+            **({} if seeds is None else {"seeds": seeds}),
+        )
     )
     typer.echo(f"comparison of {len(result.runs)} runs -> {result.report}")
 
@@ -330,7 +341,7 @@ def compare(
 @app.command()
 def sweep(
     workdir: Workdir,
-    features: Features = TrainConfig.features,
+    features: Features = TrainConfig.store,
     head: Annotated[str, typer.Option(help=HEAD_HELP)] = TrainConfig.head,
     num_sampled: Annotated[str, typer.Option(help="Comma-separated sampled negatives.")] = "8,32,128,512,2048",
     sampler: Annotated[str, typer.Option(help="uniform | log_uniform | unigram.")] = TrainConfig.sampler,
@@ -347,15 +358,17 @@ def sweep(
 
     values = tuple(int(v) for v in _csv(num_sampled) or ())
     result = run_sweep(
-        workdir,
-        features=features,
-        head=head,
-        num_sampled=values,
-        sampler=sampler,
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        **({} if seeds is None else {"seeds": seeds}),
+        SweepConfig(
+            workdir=str(workdir),
+            store=features,
+            head=head,
+            num_sampled=values,
+            sampler=sampler,
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            **({} if seeds is None else {"seeds": seeds}),
+        )
     )
     typer.echo(f"sweep of {len(result.runs)} runs -> {result.report}")
 

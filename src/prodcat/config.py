@@ -17,8 +17,13 @@ __all__ = [
     "ExploreConfig",
     "ExtractConfig",
     "TrainConfig",
+    "CompareConfig",
+    "SweepConfig",
     "EvalConfig",
+    "PredictConfig",
     "ServeConfig",
+    "ConfigError",
+    "option",
     "save_config",
     "load_config",
     "config_from_dict",
@@ -67,28 +72,74 @@ def _check_number(value: float | None, field: str, low: float, *, strict: bool =
     _check(ok, f"{field} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
 
 
+def option(
+    default: Any,
+    help: str,
+    *,
+    aliases: tuple[str, ...] = (),
+    short: str | None = None,
+    path: bool = False,
+    positional: bool = False,
+) -> Any:
+    """A config field with its description: the one place its default and --help text live.
+
+    `prodcat.cli_options` derives the command-line flag `--field-name` from it. `aliases`: earlier names, still
+    accepted as flags (`--alias`) and as keys of older config.json files. `path`: the CLI reads a file or folder (an
+    empty default means the CLI requires one). `short`: a one-letter flag too (`-w`). `positional`: an argument.
+    """
+    metadata = {"help": help, "aliases": tuple(aliases), "short": short, "path": path, "positional": positional}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+WORKDIR_HELP = "Working directory holding catalog, features, runs."
+RUN_HELP = "Run directory (W/runs/NAME)."
+SEED_HELP = "Random seed (same seed, same result)."
+HEAD_HELP = (
+    "linear | mlp | conv | hier (an mlp trunk with one output per taxonomy level, decoded consistently) | "
+    "gated_product (attention over a product's 1-4 pictures, trained on products)."
+)
+LOSS_HELP = (
+    "softmax (full) | sampled (sampled softmax: K negatives per step) | adaptive (adaptive softmax) | "
+    "balanced_softmax (softmax on logits + log prior: long-tail training)."
+)
+OPTIMIZER_HELP = (
+    "adamw | sgd | rowwise_adamw | rowwise_sgd, for every loss and head. rowwise_*: row-wise updates of the output "
+    "layers (sparse rows with the sampled loss: what makes 1 M classes fit), AdamW / SGD elsewhere."
+)
+SEEDS_HELP = "Seeds 0..N-1 per arm (one seed shows no spread: n/a)."
+
+
 @dataclasses.dataclass
 class DemoConfig:
     """Synthetic Cdiscount-format data set (the embedded default)."""
 
-    products: int = 3000
-    test_products: int = 300
-    categories: int = 60
-    seed: int = 0
-    image_size: int = 180
-    jpeg_quality: int = 90
-    tail_power: float = 1.0  # leaf sizes = real long tail ** tail_power (1: real shape, 0: uniform)
-    unique_images_per_leaf: int | None = None  # reuse a pool of rendered pictures per leaf (fast, for big files)
-    stock_share: float = 0.5  # products showing a stock set shared with ~5 others (byte-identical pictures)
-    placeholder_share: float = 0.02  # products showing only a "no picture" placeholder shared by all categories
-    # Leaves that are book/music/film/game covers (prodcat.data.synthetic.covers): alike in picture, told apart by their
-    # printed words. None: min(8, categories // 5), none below 10 categories.
-    text_leaves: int | None = None
-
-    # Real shape sources (the scale rehearsal): a Kaggle category_names.csv used as the taxonomy (`categories` must
-    # equal its rows) and a {category_id: images} JSON whose counts set the products per leaf (the real long tail).
-    taxonomy_csv: str | None = None
-    category_counts_json: str | None = None
+    products: int = option(3000, "Labelled products (train.bson).")
+    test_products: int = option(300, "Unlabelled products (test.bson; 0 writes none).")
+    categories: int = option(60, "Leaf categories, drawn from the real taxonomy's names.")
+    seed: int = option(0, "Random seed (same seed, same data).")
+    image_size: int = option(180, "Side of the square pictures in pixels (Cdiscount's are 180).")
+    jpeg_quality: int = option(90, "JPEG quality of the pictures, 1..100.")
+    tail_power: float = option(1.0, "Leaf sizes = the real long tail ** tail_power (1: the real shape, 0: uniform).")
+    unique_images_per_leaf: int | None = option(
+        None, "Reuse a pool of this many rendered pictures per leaf (fast, for big files); default: render each."
+    )
+    stock_share: float = option(
+        0.5, "Share of products showing a stock set shared with ~5 others (byte-identical pictures)."
+    )
+    placeholder_share: float = option(
+        0.02, "Share of products showing only a placeholder picture shared by all categories."
+    )
+    # Covers (prodcat.data.synthetic.covers): alike in picture, told apart by their printed words.
+    text_leaves: int | None = option(
+        None, "Book/music/film/game cover leaves (default: min(8, categories // 5), none below 10 categories)."
+    )
+    # Real shape sources (the scale rehearsal).
+    taxonomy_csv: str | None = option(
+        None, "A Kaggle category_names.csv used as the taxonomy (--categories must equal its rows)."
+    )
+    category_counts_json: str | None = option(
+        None, "A {category_id: images} JSON whose counts set the products per leaf (the real long tail)."
+    )
 
     def resolved_text_leaves(self) -> int:
         if self.text_leaves is not None:
@@ -132,12 +183,16 @@ class DemoConfig:
 class IngestConfig:
     """Index Kaggle BSON files and the taxonomy into Parquet catalogs."""
 
-    data_dir: str = ""
-    workdir: str = ""
-    val_fraction: float = 0.05  # products for selection (checkpoint, aggregation, thresholds, hyper-parameters)
-    holdout_fraction: float = 0.05  # products for reporting only: nothing is tuned on them
-    seed: int = 0
-    strict: bool = False
+    data_dir: str = option(
+        "", "Folder with train.bson and/or test.bson and category_names.csv.", path=True, positional=True
+    )
+    workdir: str = option("", WORKDIR_HELP, short="-w", path=True)
+    val_fraction: float = option(
+        0.05, "Share of train.bson products for selection (checkpoint, aggregation, thresholds, hyper-parameters)."
+    )
+    holdout_fraction: float = option(0.05, "Share of train.bson products for reporting only (never tuned on).")
+    seed: int = option(0, "Seed of the split (same seed, same split).")
+    strict: bool = option(False, "Stop at the first bad document instead of skipping it.")
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
@@ -151,8 +206,10 @@ class IngestConfig:
 
 @dataclasses.dataclass
 class ExploreConfig:
-    workdir: str = ""
-    top_k: int = 5
+    """Counts per taxonomy level, histograms, head and tail categories."""
+
+    workdir: str = option("", WORKDIR_HELP, short="-w", path=True)
+    top_k: int = option(5, "Largest and smallest categories listed per level.")
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
@@ -162,27 +219,47 @@ class ExploreConfig:
 class ExtractConfig:
     """Frozen-backbone feature extraction into a sharded, memory-mappable store."""
 
-    workdir: str = ""
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None
-    random_init: bool = False
-    features: str = "pooled"  # pooled | spatial
-    spatial_channels: int | None = None  # keep only the first N channels of a spatial map (smaller store)
-    splits: tuple[str, ...] = ("train", "val", "holdout", "test")
-    batch_size: int = 64
-    workers: int | None = None  # DataLoader decode workers; None = auto (0 on small CPU hosts, more with a GPU)
-    shard_size: int = 4096  # images per shard
-    limit: int | None = None  # products per split, for quick looks
-    # auto: bf16 only where a calibration keeps features within cosine 0.9995 of float32, else float32
-    # (ONNX Runtime on the CPU); float32 | bfloat16 force PyTorch in that precision.
-    precision: str = "auto"
-    distributed: bool = False
-    name: str | None = None  # store name; default "<backbone>-<features>"
-    # Decode and run each distinct picture once (by catalog/pictures.parquet hash); duplicates share its vector.
-    dedupe: bool = True
-    # Test-time augmentation at extraction: none | flip_mean (each vector is the mean of the picture's features and
-    # its horizontal mirror's; 2x backbone cost, forwards of 2 x batch_size). Serving applies the store's mode.
-    tta: str = "none"
+    workdir: str = option("", WORKDIR_HELP, short="-w", path=True)
+    backbone: str = option(
+        "efficientnet_lite0",
+        "efficientnet_lite0 (packaged weights) | efficientnet_lite1 | efficientnet_lite2 | legacy_xception | any "
+        "timm model name.",
+    )
+    weights: str | None = option(None, "Local weights: .safetensors or a torch state dict.", path=True)
+    random_init: bool = option(False, "Random weights (tests and speed runs only).")
+    features: str = option("pooled", "Feature kind: pooled | spatial.")
+    spatial_channels: int | None = option(
+        None, "With --features spatial: keep the first N channels of the map (smaller store)."
+    )
+    splits: tuple[str, ...] = option(
+        ("train", "val", "holdout", "test"),
+        "Splits to extract; those the catalog lacks (e.g. no test.bson) are skipped.",
+        aliases=("split",),
+    )
+    batch_size: int = option(64, "Pictures per forward.")
+    workers: int | None = option(
+        None, "DataLoader decode worker processes (default: auto, 0 on small CPU hosts, more with a GPU)."
+    )
+    shard_size: int = option(4096, "Pictures per shard (the unit a re-run resumes from).")
+    limit: int | None = option(None, "At most this many products per split (quick looks).")
+    precision: str = option(
+        "auto",
+        "auto (bf16 only where a calibration keeps features within cosine 0.9995 of float32, else float32; ONNX "
+        "Runtime on the CPU) | float32 | bfloat16 (PyTorch in that precision).",
+    )
+    distributed: bool = option(False, "Split shards across torchrun ranks.")
+    store_name: str | None = option(
+        None, "Store name under W/features (default <backbone>-<features>).", aliases=("name",)
+    )
+    dedupe: bool = option(
+        True, "Run each distinct picture once (by catalog/pictures.parquet hash); copies share its vector."
+    )
+    # Serving applies the store's mode (from its config.json), so served rows equal stored ones.
+    tta: str = option(
+        "none",
+        "Test-time augmentation: none | flip_mean (each vector the mean of the picture's features and its mirror's; "
+        "2x backbone time).",
+    )
 
     def __post_init__(self) -> None:
         _check_choice(self.features, ("pooled", "spatial"), "features")
@@ -193,55 +270,64 @@ class ExtractConfig:
         _check(self.workers is None or self.workers >= 0, "workers must be >= 0")
         _check(self.spatial_channels is None or self.spatial_channels >= 1, "spatial_channels must be >= 1")
         _check(self.limit is None or self.limit >= 1, f"limit must be >= 1 (or unset), got {self.limit}")
-        _check_name(self.name, "name")
+        _check_name(self.store_name, "store_name")
         self.splits = tuple(self.splits)
         for split in self.splits:
             _check_choice(split, ("train", "val", "holdout", "test"), "split")
 
     @property
-    def store_name(self) -> str:
-        return self.name or f"{self.backbone}-{self.features}"
+    def name(self) -> str:
+        """The store's folder name under W/features (TrainConfig.name is the run's, likewise resolved)."""
+        return self.store_name or f"{self.backbone}-{self.features}"
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Train a head on cached features."""
 
-    workdir: str = ""
-    features: str = "efficientnet_lite0-pooled"
-    head: str = "linear"  # linear | mlp | conv | hier
-    loss: str = "softmax"  # softmax | sampled | adaptive | balanced_softmax (prodcat.model.losses registry)
-    run_name: str | None = None
-    hidden_dim: int = 1024
-    dropout: float = 0.2
-    num_sampled: int = 256
-    sampler: str = "log_uniform"  # uniform | log_uniform | unigram
-    unigram_alpha: float = 0.75
-    sample_with_replacement: bool = False
-    remove_accidental_hits: bool = True
-    logq_correction: bool = True
-    hier_weights: tuple[float, float, float] = (0.25, 0.25, 1.0)  # level1, level2, leaf
-    # adamw | sgd | rowwise_adamw | rowwise_sgd: the update rule, for every loss and head (prodcat.model.optim).
-    # rowwise_*: the output layers row by row (sparse rows with the sampled loss: what makes 1 M classes fit).
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    warmup_steps: int = 50
-    epochs: float = 10.0
-    max_steps: int | None = None
-    batch_size: int = 256
-    label_smoothing: float = 0.0
-    eval_every: int = 100
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False  # start over a run that already has checkpoints or metrics (deletes them)
-    distributed: bool = False
-    max_seconds: float | None = None
-    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
-    precision: str = "float32"  # float32 | bfloat16 (autocast)
-    memory_limit_gb: float = 2.0  # splits smaller than this are loaded once; larger ones are streamed with prefetch
-    stop_after: int | None = None  # end this session after this global step (checkpointed); --resume continues
+    workdir: str = option("", WORKDIR_HELP, short="-w", path=True)
+    store: str = option(
+        "efficientnet_lite0-pooled",
+        "Feature store name under W/features (what `prodcat extract` wrote).",
+        aliases=("features",),
+    )
+    head: str = option("linear", HEAD_HELP)
+    loss: str = option("softmax", LOSS_HELP)  # the names: prodcat.model.losses registry
+    run_name: str | None = option(None, "Run folder name under W/runs (default HEAD-LOSS-sSEED).")
+    hidden_dim: int = option(1024, "Width of the mlp / conv / hier trunk.")
+    dropout: float = option(0.2, "Dropout before the output layer.")
+    num_sampled: int = option(256, "Negatives K per step for --loss sampled.")
+    sampler: str = option("log_uniform", "How --loss sampled draws negatives: uniform | log_uniform | unigram.")
+    unigram_alpha: float = option(0.75, "The unigram sampler draws classes in proportion to count ** alpha.")
+    sample_with_replacement: bool = option(
+        False, "Sampled negatives may repeat within one draw.", aliases=("with_replacement",)
+    )
+    remove_accidental_hits: bool = option(True, "Mask sampled negatives that are the true class.")
+    logq_correction: bool = option(True, "Subtract log Q(class) from sampled logits (unbiased sampled softmax).")
+    hier_weights: tuple[float, float, float] = option(
+        (0.25, 0.25, 1.0), "Loss weights of the hier head's outputs: level 1, level 2, leaf."
+    )
+    optimizer: str = option("adamw", OPTIMIZER_HELP)  # the names: prodcat.model.optim registry
+    lr: float = option(1e-3, "Peak learning rate (after warm-up, then cosine decay).")
+    weight_decay: float = option(1e-4, "Decoupled weight decay.")
+    momentum: float = option(0.9, "Momentum of sgd and rowwise_sgd.")
+    warmup_steps: int = option(50, "Linear learning-rate warm-up steps.")
+    epochs: float = option(10.0, "Passes over the train split (fractions allowed).")
+    max_steps: int | None = option(None, "Stop after this many steps (overrides --epochs).")
+    batch_size: int = option(256, "Examples per batch.")
+    label_smoothing: float = option(0.0, "Label smoothing of the full softmax (0: none).")
+    eval_every: int = option(100, "Validate (and checkpoint) every N steps.")
+    seed: int = option(0, SEED_HELP)
+    resume: bool = option(False, "Continue the run from its last checkpoint.")
+    overwrite: bool = option(False, "Delete the run's earlier checkpoints, metrics and evaluation, and start over.")
+    distributed: bool = option(False, "DistributedDataParallel under torchrun.")
+    max_seconds: float | None = option(None, "End this session after this many seconds of training (checkpointed).")
+    device: str = option("auto", "auto (CUDA when available) | cpu | cuda | cuda:N.")
+    precision: str = option("float32", "float32 | bfloat16 (autocast).")
+    memory_limit_gb: float = option(
+        2.0, "Splits smaller than this (GB) are loaded once; larger ones are streamed with prefetch."
+    )
+    stop_after: int | None = option(None, "End this session after this global step (checkpointed); --resume continues.")
 
     def __post_init__(self) -> None:
         _check_choice(self.precision, ("float32", "bfloat16"), "precision")
@@ -263,7 +349,7 @@ class TrainConfig:
         """Counts, rates and names that would otherwise be accepted silently (a negative step count trains 0 steps,
         a run name with '..' writes outside W/runs)."""
         _check_name(self.run_name, "run_name")
-        _check_name(self.features, "features")
+        _check_name(self.store, "store")
         _check_number(self.lr, "lr", 0.0, strict=True)
         _check_number(self.epochs, "epochs", 0.0, strict=True)
         _check_number(self.weight_decay, "weight_decay", 0.0)
@@ -288,6 +374,7 @@ class TrainConfig:
 
     @property
     def name(self) -> str:
+        """The run's folder name under W/runs (ExtractConfig.name is the store's, likewise resolved)."""
         return self.run_name or f"{self.head}-{self.loss}-s{self.seed}"
 
 
@@ -305,25 +392,107 @@ def _check_head(name: str) -> None:
     _check_choice(name, list_heads(), "head")
 
 
+def _like(cls: type, name: str, default: Any = dataclasses.MISSING, help: str | None = None) -> Any:
+    """A field with `cls.name`'s default and help (either replaced): one description for one meaning."""
+    source = next(f for f in dataclasses.fields(cls) if f.name == name)
+    metadata = {**source.metadata, "help": help or source.metadata["help"]}
+    value = source.default if default is dataclasses.MISSING else default
+    return dataclasses.field(default=value, metadata=metadata)
+
+
+def _check_experiment(config: CompareConfig | SweepConfig) -> None:
+    _check_name(config.store, "store")
+    _check(config.seeds >= 1, f"seeds must be >= 1, got {config.seeds}")
+    _check_number(config.epochs, "epochs", 0.0, strict=True)
+    _check(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    """Same head, budget, seeds and optimizer, one loss per arm (x optimizers): `prodcat compare`."""
+
+    workdir: str = _like(TrainConfig, "workdir")
+    store: str = _like(TrainConfig, "store")
+    head: str = _like(TrainConfig, "head")
+    losses: tuple[str, ...] = option(("softmax", "sampled", "adaptive"), f"Losses compared: {LOSS_HELP}")
+    seeds: int = option(3, SEEDS_HELP)
+    epochs: float = _like(TrainConfig, "epochs", 5.0)
+    num_sampled: int = _like(TrainConfig, "num_sampled", 64)
+    batch_size: int = _like(TrainConfig, "batch_size")
+    optimizer: str | None = option(None, f"Held fixed across arms (default {TrainConfig.optimizer}). {OPTIMIZER_HELP}")
+    optimizers: tuple[str, ...] = option((), "The optimizer as a second factor: every loss with each of these.")
+    arms: tuple[tuple[str, str], ...] = option(
+        (), "loss:optimizer cells of that grid instead, e.g. softmax:adamw,sampled:rowwise_sgd (--losses ignored)."
+    )
+    # A fresh process per run: a process's peak RSS never goes down, so runs sharing one would inherit the largest.
+    isolate: bool = option(True, "Train each run in its own (spawned) process, so its peak RSS is its own.")
+    note: str | None = option(None, "A line added to the report's notes (e.g. that the data is synthetic).")
+
+    def __post_init__(self) -> None:
+        self.losses = tuple(self.losses)
+        self.optimizers = tuple(self.optimizers)
+        self.arms = tuple((str(loss), str(name)) for loss, name in self.arms)
+        _check(bool(self.losses or self.arms), "compare needs at least one loss (or arm)")
+        for loss in (*self.losses, *(loss for loss, _ in self.arms)):
+            _check_choice(loss, LOSS_NAMES, "loss")
+        _check_experiment(self)
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """Sampled softmax at each number of negatives K, plus the full softmax, one optimizer: `prodcat sweep`."""
+
+    workdir: str = _like(TrainConfig, "workdir")
+    store: str = _like(TrainConfig, "store")
+    head: str = _like(TrainConfig, "head")
+    num_sampled: tuple[int, ...] = option((8, 32, 128, 512, 2048), "Sampled negatives K tried (clipped to C - 1).")
+    sampler: str = _like(TrainConfig, "sampler")
+    epochs: float = _like(TrainConfig, "epochs", 5.0)
+    seeds: int = option(3, SEEDS_HELP)
+    batch_size: int = _like(TrainConfig, "batch_size")
+    optimizer: str | None = option(
+        None, f"Every K and the full-softmax line (default {TrainConfig.optimizer}). {OPTIMIZER_HELP}"
+    )
+    isolate: bool = option(False, "Train each run in its own (spawned) process, so its peak RSS is its own.")
+    note: str | None = option(None, "A line added to the report's notes (e.g. that the data is synthetic).")
+
+    def __post_init__(self) -> None:
+        self.num_sampled = tuple(int(k) for k in self.num_sampled)
+        _check(bool(self.num_sampled), "sweep needs at least one num_sampled value")
+        _check(min(self.num_sampled) >= 1, f"num_sampled values must be >= 1, got {list(self.num_sampled)}")
+        _check_choice(self.sampler, ("uniform", "log_uniform", "unigram"), "sampler")
+        _check_experiment(self)
+
+
 @dataclasses.dataclass
 class EvalConfig:
     """Evaluate a run: choices (aggregation, auto-accept threshold) are made on val, numbers reported on `split`."""
 
-    run: str = ""
-    split: str = "holdout"  # holdout: nothing was tuned on it | val: the selection split itself (optimistic)
-    aggregation: str = "auto"  # auto (best product top-1 on val) | mean_prob | mean_logprob | vote
-    target_accuracy: float = 0.95
-    batch_size: int = 4096
-    bootstrap_resamples: int = 1000  # resamples of products for the intervals that are not a binomial proportion
-    # What the logit adjustment's tau maximises on val: top1 (a test set drawn like train, as Kaggle's) or macro
-    # (every leaf alike). Top-1 can drop while macro accuracy rises.
-    objective: str = "top1"
-    tau_grid: tuple[float, ...] = tuple(round(0.1 * step, 1) for step in range(21))  # 0.0 .. 2.0; (0.0,): off
-    calibrate: bool = True  # temperature scaling of product probabilities, T fitted on val
-    calibration_products: int = 10_000  # val products (at random) whose full distributions fit T
-    # Other runs one training change apart (e.g. the balanced_softmax run of the same seed), already evaluated on
-    # the same split: each becomes a row of the levers table.
-    compare_runs: tuple[str, ...] = ()
+    run: str = option("", RUN_HELP, path=True)
+    split: str = option(
+        "holdout", "Split reported on: holdout (nothing was tuned on it) | val (the selection split: optimistic)."
+    )
+    aggregation: str = option("auto", "auto (best product top-1 on val) | mean_prob | mean_logprob | vote.")
+    target_accuracy: float = option(0.95, "Auto-accept threshold: the lowest reaching this product accuracy on val.")
+    batch_size: int = option(4096, "Rows per forward.")
+    bootstrap_resamples: int = option(
+        1000, "Resamples of products for the intervals that are not a binomial proportion."
+    )
+    objective: str = option(
+        "top1",
+        "What the logit adjustment's tau maximises on val: top1 (test drawn like train, as Kaggle's) | macro (every "
+        "leaf alike). Top-1 can drop while macro rises.",
+    )
+    tau_grid: tuple[float, ...] = option(
+        tuple(round(0.1 * step, 1) for step in range(21)), "Logit-adjustment tau values tried on val (0.0 alone: off)."
+    )
+    calibrate: bool = option(True, "Temperature scaling of product probabilities, T fitted on val.")
+    calibration_products: int = option(10_000, "Val products (at random) whose full distributions fit T.")
+    compare_runs: tuple[str, ...] = option(
+        (),
+        "Evaluated runs one training change apart (e.g. a balanced_softmax run of the same seed), on the same "
+        "split: each becomes a row of the levers table.",
+    )
 
     def __post_init__(self) -> None:
         self.tau_grid = tuple(float(t) for t in self.tau_grid)
@@ -342,31 +511,49 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class PredictConfig:
+    """Classify every product of a BSON file into a Kaggle submission."""
+
+    run: str = option("", RUN_HELP, path=True)
+    bson: str = option("", "A Kaggle BSON file (test.bson).", path=True)
+    out: str = option("submission.csv", "Submission CSV: _id,category_id.", path=True)
+    batch_size: int = option(64, "Products per forward.")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass
 class ServeConfig:
     """HTTP server: request limits and micro-batching of model forwards."""
 
-    run: str = ""
-    host: str = "127.0.0.1"  # loopback unless told otherwise
-    port: int = 8000
-    top_k: int = 5
-    max_images: int = 4  # photos per product (per request)
-    max_upload_bytes: int = 10 * 1024 * 1024  # per photo
-    # Declared width * height; larger is refused before decoding (bombs). 12 MP takes a phone photo (4000 x 3000);
-    # non-JPEG formats decode at full size before they are reduced, so this bounds each decode's memory.
-    max_pixels: int = 12_000_000
-    # Pictures decoded at once: one full-size decode at a time bounds decoding memory (~50 MB for a 12 MP PNG),
-    # and a 180x180 JPEG decodes in ~1 ms, far below a forward, so one thread keeps up with the model.
-    decode_threads: int = 1
-    max_queued_bytes: int = 64 * 1024 * 1024  # decoded pixels waiting for or in a forward; beyond this, 503
-    header_timeout_s: float = 10.0  # request line + headers must arrive within this (slow clients are cut off)
-    body_timeout_s: float = 60.0  # the whole upload must arrive within this ...
-    body_idle_timeout_s: float = 10.0  # ... with no gap longer than this; else 408
-    max_header_bytes: int = 64 * 1024  # request line + headers; larger gets 431
-    docs: bool = True  # /docs (Swagger UI, served from local files) and /openapi.json
-    batch_window_ms: float = 5.0  # longest wait for more requests once one is queued
-    max_batch_images: int = 16  # images per forward; on 2 CPU cores the cost per image is lowest at ~8-16
-    micro_batching: bool = True  # False: one forward per request (the benchmark's baseline)
-    max_pending_requests: int = 512  # queued + decoding requests; beyond this the server answers 503
+    run: str = option("", RUN_HELP, path=True)
+    host: str = option("127.0.0.1", "Address to listen on (loopback by default; 0.0.0.0 for every one).")
+    port: int = option(8000, "TCP port (checked before the model loads).")
+    top_k: int = option(5, "Categories returned per product.")
+    max_images: int = option(4, "Photos per product (per request).")
+    max_upload_bytes: int = option(10 * 1024 * 1024, "Bytes per photo.")
+    # Non-JPEG formats decode at full size before they are reduced, so this bounds each decode's memory.
+    max_pixels: int = option(
+        12_000_000, "Declared width * height; larger is refused before decoding (12 MP takes a 4000 x 3000 photo)."
+    )
+    # One full-size decode at a time bounds decoding memory (~50 MB for a 12 MP PNG), and a 180x180 JPEG decodes in
+    # ~1 ms, far below a forward, so one thread keeps up with the model.
+    decode_threads: int = option(1, "Pictures decoded at once.")
+    max_queued_bytes: int = option(
+        64 * 1024 * 1024, "Decoded pixels waiting for or in a forward; beyond this the server answers 503."
+    )
+    header_timeout_s: float = option(10.0, "Seconds for the request line and headers (slow clients are cut off).")
+    body_timeout_s: float = option(60.0, "Seconds for the whole upload (else 408).")
+    body_idle_timeout_s: float = option(10.0, "Longest gap in an upload, in seconds (else 408).")
+    max_header_bytes: int = option(64 * 1024, "Request line + headers, in bytes; larger gets 431.")
+    docs: bool = option(True, "/docs (Swagger UI, served from local files) and /openapi.json.")
+    batch_window_ms: float = option(5.0, "Longest wait for more requests once one is queued, in ms.")
+    max_batch_images: int = option(16, "Images per forward; on 2 CPU cores the cost per image is lowest at ~8-16.")
+    micro_batching: bool = option(
+        True, "Batch concurrent requests into one forward (off: one forward per request, the benchmark's baseline)."
+    )
+    max_pending_requests: int = option(512, "Queued + decoding requests; beyond this the server answers 503.")
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port must be in 0..65535")
@@ -399,11 +586,20 @@ def save_config(config: Any, path: str | Path) -> Path:
 
 
 def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    """Build `cls` from a dict, ignoring unknown keys (older/newer runs) and re-running the checks."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in data.items() if k in names})
+    """Build `cls` from a dict, ignoring unknown keys (older/newer runs) and re-running the checks. A field's
+    earlier name (its `aliases`, e.g. TrainConfig.store was `features`) is read when the field itself is absent."""
+    values = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for key in (field.name, *field.metadata.get("aliases", ())):
+            if key in data:
+                values[field.name] = data[key]
+                break
+    return cls(**values)
 
 
 def load_config(cls: type[C], path: str | Path) -> C:
+    """Read a `save_config` file; one saved from another config class is refused (its keys would be ignored)."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
+    saved = data.get("_type", cls.__name__)
+    _check(saved == cls.__name__, f"{path} holds a {saved}, not a {cls.__name__}")
     return config_from_dict(cls, data)

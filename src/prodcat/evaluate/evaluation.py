@@ -1021,7 +1021,7 @@ def evaluate(config: EvalConfig) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     predictor = Predictor.load(run_dir, device=device)
     train_config = _train_config(predictor)
-    store = FeatureStore.open(WorkPaths(train_config.workdir).feature_store(train_config.features))
+    store = FeatureStore.open(WorkPaths(train_config.workdir).feature_store(train_config.store))
     for split in dict.fromkeys((SELECTION_SPLIT, config.split)):
         _require_split(store, train_config.workdir, split)
     hierarchical = train_config.head == "hier" and hasattr(predictor.model, "level_log_probs")
@@ -1046,7 +1046,7 @@ def evaluate(config: EvalConfig) -> dict:
         "run_dir": str(run_dir),
         "head": train_config.head,
         "loss": train_config.loss,
-        "features": train_config.features,
+        "store": train_config.store,
         "checkpoint_step": predictor.meta.get("step"),
         **metrics,
         "twins": twins["summary"],

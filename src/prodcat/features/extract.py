@@ -394,7 +394,7 @@ def extract(config: ExtractConfig) -> Path:
         runner = InferenceRunner(backbone, precision=config.precision, device=info.device)
         plan = plan_rows(config.workdir, config.splits, config.limit, dedupe=config.dedupe)
         shape = _feature_shape(runner, backbone.spec, config.features, config.spatial_channels)
-        store = _open_store(paths.feature_store(config.store_name), plan, shape, backbone, runner, config, info)
+        store = _open_store(paths.feature_store(config.name), plan, shape, backbone, runner, config, info)
         mine = [shard for shard in store.missing_shards() if shard % info.world_size == info.rank]
         todo = [shard for shard in mine if not store.is_partial(shard)]
         _run_shards(store, todo, plan, Preprocessor(backbone.spec), runner, config, info)

@@ -86,7 +86,7 @@ class Predictor:
         self.reads_products = bool(getattr(model, "reads_products", False))
         default = PRODUCT_HEAD if self.reads_products else "mean_prob"
         self.aggregation: str = metrics.get("product", {}).get("aggregation", default)
-        self.store_name = store_name or extract_config.store_name  # the feature store the head was trained on
+        self.store_name = store_name or extract_config.name  # the feature store the head was trained on
         self.accept_threshold: float | None = metrics.get("confidence", {}).get("threshold")
         from prodcat.predict.calibration import load_calibration
 
@@ -115,11 +115,11 @@ class Predictor:
             else load_config(TrainConfig, run_dir / "config.json")
         )
         paths = WorkPaths(train_config.workdir)
-        store_config = paths.feature_store(train_config.features) / "config.json"
+        store_config = paths.feature_store(train_config.store) / "config.json"
         extract_config = load_config(ExtractConfig, store_config)
         taxonomy = Taxonomy.load(paths.taxonomy)
         target = torch.device(device) if device is not None else torch.device("cpu")
-        return cls(model.to(target), taxonomy, extract_config, meta, run_dir, target, store_name=train_config.features)
+        return cls(model.to(target), taxonomy, extract_config, meta, run_dir, target, store_name=train_config.store)
 
     # -- features ------------------------------------------------------------------------------------------------
     def _feature_path(self) -> tuple[Any, Any, Any]:

@@ -65,7 +65,7 @@ class RehearsalPlan:
 
     def train_config(self, workdir: str, head: str, loss: str, seed: int) -> dict[str, Any]:
         return {
-            "workdir": workdir, "features": "efficientnet_lite0-pooled", "head": head, "loss": loss,
+            "workdir": workdir, "store": "efficientnet_lite0-pooled", "head": head, "loss": loss,
             "optimizer": self.optimizer, "num_sampled": self.num_sampled, "sampler": "log_uniform",
             "epochs": self.epochs, "batch_size": self.batch_size, "eval_every": self.eval_every, "lr": self.lr,
             "seed": seed, "run_name": f"scale-{head}-{loss}-{self.optimizer}-s{seed}", "overwrite": True,
@@ -164,7 +164,7 @@ def run_rehearsal_full(workdir: str | Path, plan: FullPlan, isolate: bool = True
     runs: dict[str, dict[str, Any]] = {}
     for loss in ("sampled", "softmax"):
         config = {
-            "workdir": work, "features": STORE_NAME, "head": "linear", "loss": loss, "optimizer": plan.optimizer,
+            "workdir": work, "store": STORE_NAME, "head": "linear", "loss": loss, "optimizer": plan.optimizer,
             "num_sampled": plan.num_sampled, "sampler": "log_uniform", "max_steps": plan.train_steps,
             "batch_size": plan.batch_size, "eval_every": plan.train_steps, "lr": plan.lr, "seed": plan.seed,
             "warmup_steps": min(50, plan.train_steps // 5), "run_name": f"full-linear-{loss}-{plan.optimizer}",

@@ -283,7 +283,7 @@ def write_synthetic_workdir(workdir: str | Path, plan: FullPlan) -> dict[str, An
     store.finalize()
     # Predictor.load reads the store's ExtractConfig; no backbone is ever built on stored features.
     save_config(
-        ExtractConfig(workdir=str(workdir), backbone="synthetic", name=STORE_NAME, random_init=True),
+        ExtractConfig(workdir=str(workdir), backbone="synthetic", store_name=STORE_NAME, random_init=True),
         paths.feature_store(STORE_NAME) / "config.json",
     )
     truth = {"product_id": products.product_id[plan.products :], "label": hidden}

@@ -326,7 +326,7 @@ def setup(config: TrainConfig) -> Run:
     device = _device(config, info)
     _seed_everything(config.seed)
     paths = WorkPaths(config.workdir)
-    store = FeatureStore.open(paths.feature_store(config.features))
+    store = FeatureStore.open(paths.feature_store(config.store))
     taxonomy = Taxonomy.load(paths.taxonomy)
     train_rows = _split_rows(store, "train", taxonomy.num_classes)
     # The train split's own label counts (not the catalog's, which include val and holdout products).
@@ -706,7 +706,7 @@ def _finish(run: Run, session_start: float, step_times: list[float]) -> dict[str
 
 def train(config: TrainConfig) -> Path:
     """Train a head on cached features; returns the run directory `W/runs/<config.name>`."""
-    require_store(config.workdir, config.features)  # lists the stores there (or says to ingest / extract first)
+    require_store(config.workdir, config.store)  # lists the stores there (or says to ingest / extract first)
     run = setup(config)
     try:
         with _deterministic_cuda() if run.device.type == "cuda" else contextlib.nullcontext():
