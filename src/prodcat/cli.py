@@ -237,7 +237,7 @@ def ocr(
 
 @app.command("add-category")
 def add_category(
-    run: Annotated[Path, typer.Option(help="Run directory (W/runs/NAME).")],
+    run: Run,
     category_id: Annotated[int, typer.Option(help="The new leaf's category id.")],
     names: Annotated[str, typer.Option(help="Its three names, 'level 1|level 2|leaf'.")],
     pictures: Annotated[
