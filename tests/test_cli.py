@@ -57,9 +57,8 @@ def test_the_stage_commands_take_every_field_of_their_config() -> None:
     configs = {_name(info): config_classes(info.callback) for info in app.registered_commands}
     assert configs["train"] == (TrainConfig,) and configs["extract"] == (ExtractConfig,)
     assert configs["compare"] == (CompareConfig,)
-    assert {"ingest", "explore", "evaluate", "predict", "serve", "sweep", "demo-data"} <= {
-        name for name, classes in configs.items() if classes
-    }
+    derived = {"ingest", "explore", "evaluate", "predict", "serve", "sweep", "demo-data", "ocr", "text-head"}
+    assert derived | {"rehearsal", "rehearsal-full"} <= {name for name, classes in configs.items() if classes}
 
 
 def test_flags_build_the_config_with_defaults_from_the_dataclass(monkeypatch, tmp_path: Path) -> None:

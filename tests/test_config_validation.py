@@ -131,6 +131,19 @@ def test_older_config_files_are_read_under_the_new_field_names(tmp_path) -> None
         load_config(SweepConfig, tmp_path / "c.json")  # its keys would be ignored, defaults taking their place
 
 
+def test_ocr_names_and_rehearsal_sizes_match_their_sources():
+    """The CLI builds every option from prodcat.config without importing the OCR or rehearsal code (numpy,
+    pyarrow): the names and counts kept there must be those of the registries and of the real data."""
+    from prodcat.config import OCR_ENGINES, OCR_SELECTORS, FullRehearsalConfig
+    from prodcat.ocr.engine import list_engines
+    from prodcat.ocr.select import list_selectors
+    from prodcat.rehearsal.synthetic import REAL
+
+    assert sorted(OCR_ENGINES) == list_engines() and sorted(OCR_SELECTORS) == list_selectors()
+    plan = FullRehearsalConfig()
+    assert (plan.products, plan.test_products) == (REAL["train_products"], REAL["test_products"])
+
+
 def test_loss_names_match_the_loss_registry():
     """config.LOSS_NAMES lets a typo fail before torch loads; it must list exactly the registered losses."""
     from prodcat.config import LOSS_NAMES

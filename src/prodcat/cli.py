@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +20,12 @@ from prodcat.config import (
     EvalConfig,
     ExploreConfig,
     ExtractConfig,
+    FullRehearsalConfig,
+    FusionConfig,
     IngestConfig,
+    OcrConfig,
     PredictConfig,
+    RehearsalConfig,
     ServeConfig,
     SweepConfig,
     TrainConfig,
@@ -64,10 +69,6 @@ def _root(
 # Options of a config come from its fields (prodcat.cli_options); these few belong to no config.
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help=WORKDIR_HELP)]
 Run = Annotated[Path, typer.Option(help=RUN_HELP)]
-
-
-def _csv(text: str | None) -> tuple[str, ...] | None:
-    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 @app.command("demo-data")
@@ -208,31 +209,13 @@ def demo(
 
 
 @app.command()
-def ocr(
-    workdir: Workdir,
-    split: Annotated[
-        str, typer.Option(help="Comma-separated splits: train,val,holdout,test.")
-    ] = "train,val,holdout,test",
-    workers: Annotated[int | None, typer.Option(help="OCR worker processes (default: one per core).")] = None,
-    select: Annotated[str, typer.Option(help="all | text_likely (a cheap text-presence test first).")] = "all",
-    engine: Annotated[str, typer.Option(help="tesseract | rapidocr")] = "tesseract",
-    limit: Annotated[int | None, typer.Option(help="At most this many products per split.")] = None,
-    shard_size: Annotated[int, typer.Option(help="Pictures per shard (the resume unit).")] = 256,
-) -> None:
+@from_configs
+def ocr(config: OcrConfig) -> None:
     """Read the words on the pictures (covers) into W/ocr/words.parquet; resumable."""
-    from prodcat.ocr.stage import OcrConfig, run_ocr
+    from prodcat.ocr.stage import run_ocr
 
-    config = OcrConfig(
-        workdir=str(workdir),
-        splits=_csv(split) or (),
-        workers=workers,
-        select=select,
-        engine=engine,
-        limit=limit,
-        shard_size=shard_size,
-    )
     summary = run_ocr(config)
-    typer.echo(f"ocr -> {workdir / 'ocr'}: {summary['ok']} of {summary['pictures']} pictures with text")
+    typer.echo(f"ocr -> {Path(config.workdir) / 'ocr'}: {summary['ok']} of {summary['pictures']} pictures with text")
 
 
 @app.command("add-category")
@@ -265,21 +248,15 @@ def add_category(
 
 
 @app.command("text-head")
-def text_head(
-    run: Annotated[Path, typer.Option(help="The picture run to add a text model to (W/runs/NAME).")],
-    fusion: Annotated[str, typer.Option(help="auto (better on val) | late | concat")] = "auto",
-    epochs: Annotated[int, typer.Option(help="Epochs over the train products.")] = 40,
-    n_features: Annotated[int, typer.Option(help="Hashed text vector size.")] = 2**14,
-    overwrite: Annotated[bool, typer.Option(help="Replace the run's text model.")] = False,
-) -> None:
+@from_configs
+def text_head(config: FusionConfig) -> None:
     """Fuse the words `prodcat ocr` read with the run's pictures (late and concat fusion; keeps the better on val)."""
-    from prodcat.train.text_fusion import FusionConfig, train_text_model
+    from prodcat.train.text_fusion import train_text_model
 
-    config = FusionConfig(run=str(run), fusion=fusion, epochs=epochs, n_features=n_features, overwrite=overwrite)
     summary = train_text_model(config)
     held = summary["holdout"]
     typer.echo(
-        f"text model ({summary['kept']}, chosen on val) -> {run / 'text'}; holdout product top-1 (n = "
+        f"text model ({summary['kept']}, chosen on val) -> {Path(config.run) / 'text'}; holdout product top-1 (n = "
         f"{held['picture']['all']['n']}): picture {held['picture']['all']['top1']:.3f}, late "
         f"{held['late']['all']['top1']:.3f}, concat {held['concat']['all']['top1']:.3f}"
     )
@@ -301,57 +278,32 @@ def _log_file(command: str, arguments: dict[str, object]) -> None:
             log_to_file(workdir / "logs" / "prodcat.log")
 
 
+InProcess = Annotated[bool, typer.Option(help="Run stages in this process (peak RSS not per stage).")]
+
+
 @app.command()
+@from_configs
 def rehearsal(
-    workdir: Workdir = Path("rehearsal_work"),
-    products: Annotated[int, typer.Option(help="Train products (>= categories).")] = 40_000,
-    test_products: int = 4_000,
-    categories: Annotated[int, typer.Option(help="Leaves (must match --taxonomy-csv when given).")] = 5270,
-    taxonomy_csv: Annotated[str | None, typer.Option(help="Kaggle's category_names.csv as the taxonomy.")] = None,
-    counts_json: Annotated[str | None, typer.Option(help="images_per_category.json: the real long tail.")] = None,
-    seeds: Annotated[int, typer.Option(help="Training seeds per arm.")] = 3,
-    epochs: Annotated[float, typer.Option(help="Epochs of every training run.")] = 5.0,
-    num_sampled: Annotated[int, typer.Option(help="Negatives K of the sampled-softmax arm.")] = 1024,
-    in_process: Annotated[bool, typer.Option(help="Run stages in this process (peak RSS not per stage).")] = False,
+    *, workdir: Workdir = Path("rehearsal_work"), plan: RehearsalConfig, in_process: InProcess = False
 ) -> None:
     """Scale rehearsal on pictures: 5,270 leaves of the real shape end to end, every stage recorded."""
     from prodcat.rehearsal import RehearsalPlan, run_rehearsal
 
-    try:
-        plan = RehearsalPlan(products=products, test_products=test_products, categories=categories,
-                             taxonomy_csv=taxonomy_csv, counts_json=counts_json, seeds=seeds, epochs=epochs,
-                             num_sampled=num_sampled)  # fmt: skip
-    except ValueError as error:  # the plan's own checks: one line, exit 2
-        raise UserError(str(error)) from error
-    payload = run_rehearsal(workdir, plan, isolate=not in_process)
+    payload = run_rehearsal(workdir, RehearsalPlan(**dataclasses.asdict(plan)), isolate=not in_process)
     typer.echo(f"rehearsal -> {workdir / 'reports' / 'rehearsal.json'} ({len(payload['stages'])} stages)")
 
 
 @app.command("rehearsal-full")
+@from_configs
 def rehearsal_full(
-    workdir: Workdir = Path("rehearsal_full_work"),
-    products: Annotated[int, typer.Option(help="Train products (default: the real 7,069,896).")] = 7_069_896,
-    test_products: Annotated[int, typer.Option(help="Test products (default: the real 1,768,182).")] = 1_768_182,
-    dim: Annotated[
-        int, typer.Option(help="Feature dimension (1,280 = Xception; smaller only if disk demands).")
-    ] = 1280,
-    categories: Annotated[int, typer.Option(help="Leaves (must match --taxonomy-csv when given).")] = 5270,
-    taxonomy_csv: Annotated[str | None, typer.Option(help="Kaggle's category_names.csv as the taxonomy.")] = None,
-    counts_json: Annotated[str | None, typer.Option(help="images_per_category.json: real products per leaf.")] = None,
-    steps: Annotated[int, typer.Option(help="Training steps per loss (epoch time extrapolated).")] = 300,
-    batch_size: Annotated[int, typer.Option(help="Training batch (rows per step).")] = 1024,
-    shard_size: Annotated[int, typer.Option(help="Rows per feature-store shard.")] = 65_536,
-    in_process: Annotated[bool, typer.Option(help="Run stages in this process (peak RSS not per stage).")] = False,
+    *, workdir: Workdir = Path("rehearsal_full_work"), plan: FullRehearsalConfig, in_process: InProcess = False
 ) -> None:
     """Full row counts without pictures: a synthetic 12.37 M-row store, train, evaluate, predict, all recorded."""
     from prodcat.rehearsal import FullPlan, run_rehearsal_full
 
     try:
-        plan = FullPlan(products=products, test_products=test_products, dim=dim, categories=categories,
-                        taxonomy_csv=taxonomy_csv, counts_json=counts_json, train_steps=steps, batch_size=batch_size,
-                        shard_size=shard_size)  # fmt: skip
-        payload = run_rehearsal_full(workdir, plan, isolate=not in_process)
-    except ValueError as error:  # the plan's own checks (an OSError is described by main(): full disk, ...)
+        payload = run_rehearsal_full(workdir, FullPlan(**dataclasses.asdict(plan)), isolate=not in_process)
+    except ValueError as error:  # the run's own checks (an OSError is described by main(): full disk, ...)
         raise UserError(str(error)) from error
     typer.echo(f"rehearsal-full -> {workdir / 'reports' / 'rehearsal.json'} ({len(payload['stages'])} stages)")
 

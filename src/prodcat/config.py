@@ -22,6 +22,11 @@ __all__ = [
     "EvalConfig",
     "PredictConfig",
     "ServeConfig",
+    "OcrConfig",
+    "TextFeatureConfig",
+    "FusionConfig",
+    "RehearsalConfig",
+    "FullRehearsalConfig",
     "ConfigError",
     "option",
     "save_config",
@@ -568,6 +573,166 @@ class ServeConfig:
         _check(self.max_queued_bytes >= 1, "max_queued_bytes must be >= 1")
         _check(min(self.header_timeout_s, self.body_timeout_s, self.body_idle_timeout_s) > 0, "timeouts must be > 0")
         _check(self.max_header_bytes >= 1024, "max_header_bytes must be >= 1024")
+
+
+# The OCR registries' names (prodcat.ocr.engine, prodcat.ocr.select), here without numpy or PIL so the CLI can build
+# its options at once; a test holds them equal to the registries.
+OCR_ENGINES = ("rapidocr", "tesseract")
+OCR_SELECTORS = ("all", "text_likely")
+FUSIONS = ("auto", "late", "concat")
+
+
+@dataclasses.dataclass
+class OcrConfig:
+    """OCR over catalog pictures into W/ocr/."""
+
+    workdir: str = option("", WORKDIR_HELP, short="-w", path=True)
+    splits: tuple[str, ...] = option(("train", "val", "holdout", "test"), "Splits to read.", aliases=("split",))
+    engine: str = option("tesseract", "OCR engine: tesseract | rapidocr.")
+    select: str = option("all", "Pictures read: all | text_likely (a cheap text-presence test first).")
+    workers: int | None = option(None, "OCR worker processes (default: one per core; 0: in this process).")
+    shard_size: int = option(256, "Pictures per shard (the resume unit).")
+    limit: int | None = option(None, "At most this many products per split (quick looks).")
+    examples: int = option(6, "Pictures drawn in examples.png.")
+
+    def __post_init__(self) -> None:
+        self.splits = tuple(self.splits)
+        for split in self.splits:
+            if split not in ("train", "val", "holdout", "test"):
+                raise ConfigError(f"unknown split {split!r}; use train, val, holdout, test")
+        if self.engine not in OCR_ENGINES:
+            raise ConfigError(f"unknown OCR engine {self.engine!r}; known: {', '.join(OCR_ENGINES)}")
+        if self.select not in OCR_SELECTORS:
+            raise ConfigError(f"unknown selection {self.select!r}; known: {', '.join(OCR_SELECTORS)}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFeatureConfig:
+    """How words become a vector (prodcat.ocr.text_features); saved with a run so serving hashes the same way."""
+
+    n_features: int = 2**18
+    min_n: int = 3
+    max_n: int = 5
+    min_confidence: float = 0.5  # words the engine is less sure of are dropped (noise on photos)
+    min_length: int = 2  # single characters read off a photo's texture carry nothing
+
+    def __post_init__(self) -> None:
+        if self.n_features < 16:
+            raise ConfigError(f"n_features must be >= 16, got {self.n_features}")
+        if not 1 <= self.min_n <= self.max_n:
+            raise ConfigError(f"need 1 <= min_n <= max_n, got {self.min_n}, {self.max_n}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ConfigError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
+
+
+@dataclasses.dataclass
+class FusionConfig:
+    """Train a text model beside a picture run (saved with it, so serving fuses the same way)."""
+
+    run: str = option("", "The picture run to add a text model to (W/runs/NAME).", path=True)
+    fusion: str = option("auto", "auto (the better product top-1 on val) | late | concat.")
+    n_features: int = option(2**14, "Hashed text vector size (the head has n_features x classes weights).")
+    min_confidence: float = option(0.5, "Words the OCR engine is less sure of are dropped.")
+    epochs: int = option(40, "Epochs over the train products.")
+    lr: float = option(3e-3, "Learning rate of the text model.")
+    weight_decay: float = option(1e-4, "Decoupled weight decay.")
+    batch_size: int = option(128, "Products per batch.")
+    seed: int | None = option(None, "Random seed (default: the picture run's).")
+    late_weights: tuple[float, ...] = option(
+        (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0), "Weights of the text model tried on val for late fusion."
+    )
+    overwrite: bool = option(False, "Replace the run's text model (RUN/text/).")
+
+    def __post_init__(self) -> None:
+        self.late_weights = tuple(float(w) for w in self.late_weights)
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"unknown fusion {self.fusion!r}; use {', '.join(FUSIONS)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
+        if not self.late_weights or min(self.late_weights) < 0:
+            raise ConfigError(f"late_weights must be non-negative and not empty, got {self.late_weights}")
+        TextFeatureConfig(n_features=self.n_features, min_confidence=self.min_confidence)  # checks those two
+
+
+@dataclasses.dataclass
+class RehearsalConfig:
+    """Sizes of `prodcat rehearsal` (prodcat.rehearsal.RehearsalPlan adds what is derived from them). The defaults are
+    sized for <= 45 minutes on 2 quiet cores (docs/scale.md)."""
+
+    # ~70k train pictures; extraction (~250 pictures/s on 2 cores) dominates with training.
+    products: int = option(40_000, "Train products (>= categories).")
+    test_products: int = option(4_000, "Test products.")
+    categories: int = option(5270, "Leaves (must match --taxonomy-csv when given).")
+    taxonomy_csv: str | None = option(None, "Kaggle's category_names.csv as the taxonomy (else a synthetic tree).")
+    counts_json: str | None = option(None, "images_per_category.json: the real long tail (else the fitted one).")
+    # 0.6, not the demo's 0.5: at ~8 products per leaf fewer stock sets are shared; 0.6 gives ~37 % copies.
+    stock_share: float = option(0.6, "Share of products showing a stock set shared with others.")
+    seeds: int = option(3, "Training seeds per arm.")
+    epochs: float = option(5.0, "Epochs of every training run.")
+    num_sampled: int = option(1024, "Negatives K of the sampled-softmax arm.")
+    optimizer: str = option("adamw", "Optimizer of every arm.")
+    lr: float = option(1e-3, "Peak learning rate of every arm.")
+    # 1,024, not 256: at 5,270 classes a CPU step costs about the same at either size (0.47 s measured for softmax
+    # at 256 in the picture rehearsal, 0.46 s at 1,024 in rehearsal-full), so the larger batch is 4x the epochs.
+    batch_size: int = option(1024, "Training batch (rows per step).")
+    eval_every: int = option(25, "Validate every N steps.")
+    val_fraction: float = option(0.05, "Share of products for selection.")
+    holdout_fraction: float = option(0.05, "Share of products for reporting only.")
+    arms: tuple[tuple[str, str], ...] = option(
+        (("linear", "softmax"), ("linear", "sampled"), ("linear", "adaptive"), ("hier", "softmax")),
+        "head:loss arms trained.",
+    )
+    bootstrap_resamples: int = option(1000, "Resamples of evaluate's intervals.")
+
+    def __post_init__(self) -> None:
+        self.arms = tuple((str(head), str(loss)) for head, loss in self.arms)
+        if self.seeds < 1 or self.epochs <= 0 or self.num_sampled < 1:
+            raise ConfigError("seeds and num_sampled must be >= 1 and epochs > 0")
+        if self.products < self.categories:
+            raise ConfigError(f"products ({self.products}) must be >= categories ({self.categories})")
+
+
+@dataclasses.dataclass
+class FullRehearsalConfig:
+    """Sizes of `prodcat rehearsal-full` (prodcat.rehearsal.FullPlan adds what is derived from them); the defaults
+    are the real Cdiscount counts (prodcat.rehearsal.synthetic.REAL, a test holds them equal)."""
+
+    products: int = option(7_069_896, "Train products (the default: the real count).")
+    test_products: int = option(1_768_182, "Test products (the default: the real count).")
+    dim: int = option(1280, "Feature dimension (1,280 = Xception; smaller only if disk demands).")
+    categories: int = option(5270, "Leaves of the synthetic taxonomy (must match --taxonomy-csv when given).")
+    taxonomy_csv: str | None = option(None, "Kaggle's category_names.csv as the taxonomy.")
+    counts_json: str | None = option(None, "images_per_category.json: real products per leaf.")
+    # Small, as validation runs every eval_every steps.
+    val_fraction: float = option(0.01, "Share of products for selection.")
+    holdout_fraction: float = option(0.05, "Share of products for reporting only.")
+    shard_size: int = option(65_536, "Rows per feature-store shard.")
+    seed: int = option(0, SEED_HELP)
+    # Picture noise has std 1; these set how far apart the synthetic classes are.
+    level1_norm: float = option(3.0, "Norm of the level-1 part of each class centre.")
+    level2_norm: float = option(3.0, "Norm of the level-2 part of each class centre.")
+    leaf_norm: float = option(3.5, "Norm of the leaf part of each class centre.")
+    product_spread: float = option(0.4, "Per-dimension spread of the product part.")
+    train_steps: int = option(300, "Training steps per loss (epoch time extrapolated).", aliases=("steps",))
+    batch_size: int = option(1024, "Training batch (rows per step).")
+    num_sampled: int = option(1024, "Negatives K of the sampled-softmax run.")
+    optimizer: str = option("adamw", "Optimizer of both runs.")
+    lr: float = option(2e-3, "Peak learning rate of both runs.")
+    bootstrap_resamples: int = option(1000, "Resamples of evaluate's intervals.")
+
+    def __post_init__(self) -> None:
+        if self.products < 1 or self.test_products < 1:
+            raise ConfigError("products and test_products must be >= 1")
+        if self.dim < 1 or self.shard_size < 1 or self.train_steps < 1 or self.batch_size < 1:
+            raise ConfigError("dim, shard_size, train_steps and batch_size must be >= 1")
+        if not (0 < self.val_fraction and 0 < self.holdout_fraction and self.val_fraction + self.holdout_fraction < 1):
+            raise ConfigError("val_fraction and holdout_fraction must be > 0 and sum to < 1")
 
 
 def _to_jsonable(value: Any) -> Any:
