@@ -23,7 +23,7 @@ import typer
 
 from prodcat.errors import UserError
 
-__all__ = ["from_configs", "config_classes", "flags"]
+__all__ = ["from_configs", "build_config", "config_classes", "flags"]
 
 
 def flags(field: dataclasses.Field) -> list[str]:
