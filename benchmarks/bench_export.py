@@ -43,7 +43,7 @@ def _run(workdir: Path, epochs: float) -> Path:
     from prodcat.predict.export import export_onnx
     from prodcat.train.loop import train
 
-    config = TrainConfig(workdir=str(workdir), features=FEATURES, head="linear", loss="softmax", epochs=epochs,
+    config = TrainConfig(workdir=str(workdir), store=FEATURES, head="linear", loss="softmax", epochs=epochs,
                          batch_size=128, run_name="bench-export", overwrite=True, device="cpu")  # fmt: skip
     run = train(config)
     evaluate(EvalConfig(run=str(run), split="holdout", bootstrap_resamples=100))

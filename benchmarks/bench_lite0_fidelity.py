@@ -226,7 +226,7 @@ def demo_accuracy(workdir: Path, seeds: int, epochs: float) -> dict[str, Any]:
     for name in VARIANTS:
         store = FeatureStore.open(WorkPaths(workdir).feature_store(f"{name}-pooled"))
         for seed in range(seeds):
-            run = train(TrainConfig(workdir=str(workdir), features=f"{name}-pooled", head="linear", loss="softmax",
+            run = train(TrainConfig(workdir=str(workdir), store=f"{name}-pooled", head="linear", loss="softmax",
                                     optimizer="adamw", seed=seed, epochs=epochs, batch_size=128, device="cpu",
                                     overwrite=True, eval_every=50, run_name=f"fidelity-{name}-s{seed}"))  # fmt: skip
             for split in ("val", "holdout"):

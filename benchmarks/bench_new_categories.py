@@ -137,8 +137,8 @@ def _one_seed(workdir: Path, store: FeatureStore, leaves: list[int], shots: int,
     common = dict(workdir=str(workdir), head="linear", loss="softmax", optimizer="adamw", seed=seed, epochs=epochs,
                   batch_size=128, device="cpu", overwrite=True, eval_every=50)  # fmt: skip
     held = FeatureStore.open(WorkPaths(workdir).feature_store(HELD_STORE))
-    run = train(TrainConfig(features=HELD_STORE, run_name=f"bench14-heldout-s{seed}", **common))
-    reference = train(TrainConfig(features=FEATURES, run_name=f"bench14-all-s{seed}", **common))
+    run = train(TrainConfig(store=HELD_STORE, run_name=f"bench14-heldout-s{seed}", **common))
+    reference = train(TrainConfig(store=FEATURES, run_name=f"bench14-all-s{seed}", **common))
     predictor = Predictor.load(run)
     (run / "prototypes.json").unlink(missing_ok=True)
     before, truth = _holdout_top1(predictor, held)

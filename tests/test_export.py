@@ -42,7 +42,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     extract(ExtractConfig(workdir=str(workdir), backbone=BACKBONE, random_init=True, batch_size=32, workers=0,
                           precision="float32"))  # fmt: skip
     # lr 0.1: a head sure of some products and not of others, so probabilities and the threshold are tested.
-    train(TrainConfig(workdir=str(workdir), features=f"{BACKBONE}-pooled", max_steps=60, lr=0.1, batch_size=16,
+    train(TrainConfig(workdir=str(workdir), store=f"{BACKBONE}-pooled", max_steps=60, lr=0.1, batch_size=16,
                       eval_every=20, warmup_steps=1, run_name="linear"))  # fmt: skip
     return root
 
@@ -157,7 +157,7 @@ def test_product_head_and_added_categories(demo: Path, tmp_path: Path) -> None:
     from prodcat.predict.prototypes import Prototypes
     from prodcat.train.loop import train
 
-    run = train(TrainConfig(workdir=str(demo / "W"), features=f"{BACKBONE}-pooled", head="gated_product",
+    run = train(TrainConfig(workdir=str(demo / "W"), store=f"{BACKBONE}-pooled", head="gated_product",
                             max_steps=10, batch_size=16, eval_every=10, warmup_steps=1, run_name="gated"))  # fmt: skip
     choose(run, "product_head", tau=0.5, temperature=0.8, threshold=0.3)
     rng = np.random.default_rng(0)
@@ -188,8 +188,8 @@ def test_spatial_store_with_flip_tta(demo: Path, tmp_path: Path) -> None:
     workdir = demo / "W"
     extract(ExtractConfig(workdir=str(workdir), backbone=BACKBONE, random_init=True, batch_size=32, workers=0,
                           precision="float32", features="spatial", spatial_channels=8, tta="flip_mean",
-                          name="spatial-flip"))  # fmt: skip
-    run = train(TrainConfig(workdir=str(workdir), features="spatial-flip", head="conv", hidden_dim=8, max_steps=10,
+                          store_name="spatial-flip"))  # fmt: skip
+    run = train(TrainConfig(workdir=str(workdir), store="spatial-flip", head="conv", hidden_dim=8, max_steps=10,
                             batch_size=16, eval_every=10, warmup_steps=1, run_name="spatial"))  # fmt: skip
     choose(run, "mean_logprob", tau=0.3, temperature=1.2, threshold=0.5)
     export(run, tmp_path / "spatial.onnx")

@@ -32,7 +32,7 @@ from product_fixtures import STORE, make_product_workdir
 
 # -- a tiny run on cached features (no backbone): fast unit tests ---------------------------------------------------
 def _train_arrays(root: Path, name: str = "linear", **overrides: Any) -> Path:
-    settings: dict[str, Any] = dict(workdir=str(root), features=STORE, head="linear", loss="softmax", lr=0.05,
+    settings: dict[str, Any] = dict(workdir=str(root), store=STORE, head="linear", loss="softmax", lr=0.05,
                                     warmup_steps=0, epochs=3, batch_size=16, eval_every=20, device="cpu",
                                     dropout=0.0, run_name=name)  # fmt: skip
     settings.update(overrides)
@@ -135,7 +135,7 @@ def test_training_keeps_absolute_paths_and_the_extraction_config(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     make_product_workdir(tmp_path / "W", products=40)
     store_config = tmp_path / "W" / "features" / STORE / "config.json"
-    save_config(ExtractConfig(workdir="W", backbone="arrays", name=STORE, random_init=True), store_config)
+    save_config(ExtractConfig(workdir="W", backbone="arrays", store_name=STORE, random_init=True), store_config)
     run = _train_arrays(Path("W"), max_steps=2)  # a relative workdir, as `make demo` passes it
     assert not run.is_absolute()
     workdir = str(tmp_path / "W")
@@ -191,7 +191,7 @@ def pictures_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ingest(IngestConfig(data_dir=str(data), workdir=str(workdir), val_fraction=0.25, holdout_fraction=0.25))
     extract(ExtractConfig(workdir=str(workdir), backbone="test_efficientnet", random_init=True, batch_size=32,
                           workers=0, precision="float32"))  # fmt: skip
-    run = train(TrainConfig(workdir=str(workdir), features="test_efficientnet-pooled", max_steps=4, batch_size=16,
+    run = train(TrainConfig(workdir=str(workdir), store="test_efficientnet-pooled", max_steps=4, batch_size=16,
                             eval_every=2, warmup_steps=1, run_name="tiny"))  # fmt: skip
     evaluate(EvalConfig(run=str(run), bootstrap_resamples=20))
     return {"root": root, "data": data, "workdir": workdir, "run": run}

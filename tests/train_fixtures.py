@@ -62,7 +62,7 @@ def tiny_config(root: Path, **overrides: Any) -> TrainConfig:
     """A config that trains in well under a second on the tiny store."""
     settings: dict[str, Any] = dict(
         workdir=str(root),
-        features=STORE,
+        store=STORE,
         head="linear",
         loss="softmax",
         lr=0.05,

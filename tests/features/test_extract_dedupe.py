@@ -121,8 +121,8 @@ def test_copies_share_vectors_and_each_distinct_picture_is_run_once(workdir: Pat
 
 
 def test_dedupe_store_equals_store_without_dedupe(workdir: Path) -> None:
-    with_dedupe = FeatureStore.open(extract(_config(workdir, name="on")))
-    without = FeatureStore.open(extract(_config(workdir, name="off", dedupe=False)))
+    with_dedupe = FeatureStore.open(extract(_config(workdir, store_name="on")))
+    without = FeatureStore.open(extract(_config(workdir, store_name="off", dedupe=False)))
     assert without.manifest["dedupe"]["enabled"] is False and without.manifest["dedupe"]["copied"] == 0
     assert with_dedupe.rows.equals(without.rows)
     np.testing.assert_array_equal(with_dedupe.read_all(), without.read_all())
@@ -157,8 +157,8 @@ def test_partial_shards_of_other_ranks_are_completed(workdir: Path) -> None:
     from prodcat.distributed import DistInfo
     from prodcat.features.extractor import FeatureExtractor
 
-    reference = FeatureStore.open(extract(_config(workdir, name="reference")))
-    config = _config(workdir, name="ranks")
+    reference = FeatureStore.open(extract(_config(workdir, store_name="reference")))
+    config = _config(workdir, store_name="ranks")
     extractor = FeatureExtractor.from_config(config)
     plan = plan_rows(workdir, config.splits)
     path = workdir / "features" / "ranks"
@@ -209,7 +209,7 @@ def test_kill_and_resume_with_dedupe_equals_uninterrupted_run(workdir: Path) -> 
 
 
 def test_two_torchrun_ranks_with_dedupe_match_single_process(workdir: Path) -> None:
-    reference = FeatureStore.open(extract(_config(workdir, batch_size=2, shard_size=4, name="single")))
+    reference = FeatureStore.open(extract(_config(workdir, batch_size=2, shard_size=4, store_name="single")))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                 "--master-port", str(29600 + os.getpid() % 1000)]  # fmt: skip
     result = subprocess.run([*torchrun, *_cli(workdir, "ranks")[1:], "--distributed"], capture_output=True, text=True,

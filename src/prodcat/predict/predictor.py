@@ -88,7 +88,7 @@ class Predictor:
         self.reads_products = bool(getattr(model, "reads_products", False))
         default = PRODUCT_HEAD if self.reads_products else "mean_prob"
         self.aggregation: str = choices.aggregation or default
-        self.store_name = store_name or extract_config.store_name  # the feature store the head was trained on
+        self.store_name = store_name or extract_config.name  # the feature store the head was trained on
         self.accept_threshold: float | None = choices.threshold
         # Logit adjustment (tau) and temperature (T) chosen on val; the threshold above is on calibrated probabilities.
         self.calibration = choices.calibration

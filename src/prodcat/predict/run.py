@@ -131,7 +131,7 @@ class Run:
     @property
     def store_name(self) -> str:
         """The feature store the head was trained on."""
-        return self.train_config.features
+        return self.train_config.store
 
     @functools.cached_property
     def workdir(self) -> Path:

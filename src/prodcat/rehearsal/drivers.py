@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from prodcat.config import RehearsalConfig
 from prodcat.rehearsal.records import StageRecord, machine_info, run_stage
 from prodcat.rehearsal.synthetic import STORE_NAME, FullPlan, store_bytes
 from prodcat.utils import get_logger, read_json, write_json
@@ -23,41 +24,13 @@ log = get_logger("prodcat.rehearsal")
 SYNTHETIC_NOTE = (
     "Synthetic data (prodcat rehearsal): the numbers show the pipeline's cost and behaviour, not Cdiscount."
 )
-ARMS: tuple[tuple[str, str], ...] = (("linear", "softmax"), ("linear", "sampled"), ("linear", "adaptive"),
-                                     ("hier", "softmax"))  # fmt: skip
+ARMS: tuple[tuple[str, str], ...] = RehearsalConfig.arms  # (head, loss) pairs
 _STAGES = "prodcat.rehearsal.stages"
 
 
 @dataclasses.dataclass
-class RehearsalPlan:
-    """Sizes of `prodcat rehearsal`. The defaults are sized for <= 45 minutes on 2 quiet cores (docs/scale.md)."""
-
-    products: int = 40_000  # ~70k train pictures; extraction (~250 pictures/s on 2 cores) dominates with training
-    test_products: int = 4_000
-    categories: int = 5270
-    taxonomy_csv: str | None = None  # Kaggle's category_names.csv (else a synthetic tree of the real shape)
-    counts_json: str | None = None  # images_per_category.json (else the fitted real long tail)
-    # 0.6, not the demo's 0.5: at ~8 products per leaf fewer stock sets are shared; 0.6 gives ~37 % copies.
-    stock_share: float = 0.6
-    seeds: int = 3
-    epochs: float = 5.0
-    num_sampled: int = 1024
-    optimizer: str = "adamw"  # the same for every loss
-    lr: float = 1e-3
-    # 1,024, not 256: at 5,270 classes a CPU step costs about the same at either size (0.47 s measured for softmax
-    # at 256 in the picture rehearsal, 0.46 s at 1,024 in rehearsal-full), so the larger batch is 4x the epochs.
-    batch_size: int = 1024
-    eval_every: int = 25
-    val_fraction: float = 0.05
-    holdout_fraction: float = 0.05
-    arms: tuple[tuple[str, str], ...] = ARMS
-    bootstrap_resamples: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.seeds < 1 or self.epochs <= 0 or self.num_sampled < 1:
-            raise ValueError("seeds and num_sampled must be >= 1 and epochs > 0")
-        if self.products < self.categories:
-            raise ValueError(f"products ({self.products}) must be >= categories ({self.categories})")
+class RehearsalPlan(RehearsalConfig):
+    """The sizes (prodcat.config.RehearsalConfig, where their defaults and help live) and what follows from them."""
 
     def demo_config(self) -> dict[str, Any]:
         return {"products": self.products, "test_products": self.test_products, "categories": self.categories,
@@ -66,7 +39,7 @@ class RehearsalPlan:
 
     def train_config(self, workdir: str, head: str, loss: str, seed: int) -> dict[str, Any]:
         return {
-            "workdir": workdir, "features": "efficientnet_lite0-pooled", "head": head, "loss": loss,
+            "workdir": workdir, "store": "efficientnet_lite0-pooled", "head": head, "loss": loss,
             "optimizer": self.optimizer, "num_sampled": self.num_sampled, "sampler": "log_uniform",
             "epochs": self.epochs, "batch_size": self.batch_size, "eval_every": self.eval_every, "lr": self.lr,
             "seed": seed, "run_name": f"scale-{head}-{loss}-{self.optimizer}-s{seed}", "overwrite": True,
@@ -200,7 +173,7 @@ def run_rehearsal_full(
     runs: dict[str, dict[str, Any]] = {}
     for loss in ("sampled", "softmax"):
         config = {
-            "workdir": work, "features": STORE_NAME, "head": "linear", "loss": loss, "optimizer": plan.optimizer,
+            "workdir": work, "store": STORE_NAME, "head": "linear", "loss": loss, "optimizer": plan.optimizer,
             "num_sampled": plan.num_sampled, "sampler": "log_uniform", "max_steps": plan.train_steps,
             "batch_size": plan.batch_size, "eval_every": plan.train_steps, "lr": plan.lr, "seed": plan.seed,
             "warmup_steps": min(50, plan.train_steps // 5), "run_name": f"full-linear-{loss}-{plan.optimizer}",

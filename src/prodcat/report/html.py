@@ -158,7 +158,7 @@ def _training(paths: WorkPaths) -> Section:
             (
                 (_e(run.name), _sort_name(run.name)),
                 _e(_run_label(config)),
-                _e(config.get("features", "")),
+                _e(config.get("store", config.get("features", ""))),  # "features": runs before the rename
                 (f"{_num(summary.get('step'))} / {_num(summary.get('total_steps'))}", summary.get("step") or 0),
                 _num(summary.get("epoch")),
                 (_pct(best.get("value")), best.get("value") or 0),
@@ -172,7 +172,7 @@ def _training(paths: WorkPaths) -> Section:
         (
             "run",
             "model",
-            "features",
+            "feature store",
             "steps",
             "epochs",
             "best val top-1 (image)",
@@ -235,7 +235,7 @@ def _conclusions(sentences: list[str]) -> str:
 
 
 def _settings_text(settings: dict[str, Any]) -> str:
-    keys = ("head", "features", "epochs", "batch_size", "seeds", "num_sampled", "sampler", "optimizer")
+    keys = ("head", "store", "features", "epochs", "batch_size", "seeds", "num_sampled", "sampler", "optimizer")
     return ", ".join(f"{key.replace('_', ' ')} {_e(settings[key])}" for key in keys if key in settings)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist  # not `dist`: Run.dist is this process's DistInfo
 import torch.nn.functional as F
 from torch import nn
 
@@ -326,12 +326,12 @@ def _kept_config(config: TrainConfig) -> TrainConfig:
 
 def setup(config: TrainConfig) -> Run:
     """Process group, seeds, store and taxonomy, classifier, optimizer, data, and the resumed state if asked."""
-    owns_group = not (dist.is_available() and dist.is_initialized())
+    owns_group = not (torch_dist.is_available() and torch_dist.is_initialized())
     info = init_distributed(config.distributed)
     device = _device(config, info)
     _seed_everything(config.seed)
     paths = WorkPaths(config.workdir)
-    store = FeatureStore.open(paths.feature_store(config.features))
+    store = FeatureStore.open(paths.feature_store(config.store))
     taxonomy = Taxonomy.load(paths.taxonomy)
     train_rows = _split_rows(store, "train", taxonomy.num_classes)
     # The train split's own label counts (not the catalog's, which include val and holdout products).
@@ -401,7 +401,7 @@ def _restore_or_start(run: Run, paths: WorkPaths) -> None:
         # What prediction needs from the workdir, copied into the run (prodcat.predict.run): it stands alone.
         save_config(_kept_config(run.config), run.run_dir / "config.json")
         atomic_write_bytes(run.run_dir / TAXONOMY_FILE, paths.taxonomy.read_bytes())
-        save_extraction(run.run_dir, paths.root, run.config.features)
+        save_extraction(run.run_dir, paths.root, run.config.store)
         _truncate_metrics(run.run_dir, run.step if meta is not None else None)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -510,7 +510,7 @@ def validate(run: Run) -> dict[str, float]:
         sums[2] += hits.any(dim=1).sum()
         sums[3] += len(leaf)
     if run.dist.enabled:
-        dist.all_reduce(sums)
+        torch_dist.all_reduce(sums)
     model.train(was_training)
     loss_sum, top1, top5, count = sums.tolist()
     return {"val_loss": loss_sum / count, "val_top1": top1 / count, "val_top5": top5 / count, "val_rows": int(count)}
@@ -542,7 +542,7 @@ def _should_stop(run: Run, session_start: float) -> bool:
         late = torch.tensor(float(time.perf_counter() - session_start + run.elapsed > config.max_seconds))
         if run.dist.enabled:  # every rank must stop at the same step
             late = late.to(run.device)
-            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+            torch_dist.all_reduce(late, op=torch_dist.ReduceOp.MAX)
         stop = stop or bool(late.item())
     return stop
 
@@ -612,7 +612,7 @@ def _evaluate_and_save(run: Run, interval: _Interval, session_start: float) -> d
     if interval.loss_sum is not None:
         total = interval.loss_sum.double().reshape(1)
         if run.dist.enabled:
-            dist.all_reduce(total)
+            torch_dist.all_reduce(total)
         train_loss = float(total.item()) / interval.rows
     metrics = validate(run)
     _check_finite(run, train_loss, metrics["val_loss"])
@@ -712,7 +712,7 @@ def _finish(run: Run, session_start: float, step_times: list[float]) -> dict[str
 
 def train(config: TrainConfig) -> Path:
     """Train a head on cached features; returns the run directory `W/runs/<config.name>`."""
-    require_store(config.workdir, config.features)  # lists the stores there (or says to ingest / extract first)
+    require_store(config.workdir, config.store)  # lists the stores there (or says to ingest / extract first)
     run = setup(config)
     try:
         with _deterministic_cuda() if run.device.type == "cuda" else contextlib.nullcontext():

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prodcat.config import ConfigError
+from prodcat.config import ConfigError, FusionConfig  # FusionConfig re-exported for its users
 from prodcat.ocr.text_features import TextFeatureConfig
 from prodcat.predict.text_model import (  # the prediction side, re-exported for the trainer's users
     TEXT_DIR,
@@ -56,35 +56,7 @@ __all__ = [
     "text_leaf_mask",
 ]
 
-FUSIONS = ("auto", "late", "concat")
 log = get_logger("prodcat.train.text_fusion")
-
-
-@dataclasses.dataclass
-class FusionConfig:
-    """Train a text model beside a picture run (saved with it, so serving fuses the same way)."""
-
-    run: str = ""
-    fusion: str = "auto"  # auto (better product top-1 on val) | late | concat
-    n_features: int = 2**14  # hashed text vector size (the head has n_features x classes weights)
-    min_confidence: float = 0.5  # words the engine is less sure of are dropped
-    epochs: int = 40
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 128
-    seed: int | None = None  # None: the picture run's seed
-    late_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
-    overwrite: bool = False  # replace R/text/ when it exists
-
-    def __post_init__(self) -> None:
-        self.late_weights = tuple(float(w) for w in self.late_weights)
-        if self.fusion not in FUSIONS:
-            raise ConfigError(f"unknown fusion {self.fusion!r}; use {', '.join(FUSIONS)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
-        if not self.late_weights or min(self.late_weights) < 0:
-            raise ConfigError(f"late_weights must be non-negative and not empty, got {self.late_weights}")
-        TextFeatureConfig(n_features=self.n_features, min_confidence=self.min_confidence)  # checks those two
 
 
 # -- data ------------------------------------------------------------------------------------------------------------
