@@ -94,14 +94,14 @@ STORES = {
 
 @pytest.fixture(scope="module", params=list(STORES))
 def made(request: pytest.FixtureRequest, workdir: Path) -> tuple[ExtractConfig, FeatureStore]:
-    path = extract(_config(workdir, name=request.param, **STORES[request.param]))
+    path = extract(_config(workdir, store_name=request.param, **STORES[request.param]))
     return load_config(ExtractConfig, path / "config.json"), FeatureStore.open(path)
 
 
 @pytest.fixture(scope="module")
 def pooled(workdir: Path) -> tuple[ExtractConfig, FeatureStore]:
     """The plain store (made once: `made` or this, whichever runs first; the other finds it complete)."""
-    path = extract(_config(workdir, name="pooled"))
+    path = extract(_config(workdir, store_name="pooled"))
     return load_config(ExtractConfig, path / "config.json"), FeatureStore.open(path)
 
 
