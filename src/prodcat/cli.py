@@ -303,30 +303,46 @@ def _log_file(command: str, arguments: dict[str, object]) -> None:
 
 
 InProcess = Annotated[bool, typer.Option(help="Run stages in this process (peak RSS not per stage).")]
+Resume = Annotated[
+    bool,
+    typer.Option(help="Go on from W/reports/rehearsal.json: stages an earlier run of the same sizes finished are "
+                 "reused, not run again (--seeds may differ)."),
+]  # fmt: skip
 
 
 @app.command()
 @from_configs
 def rehearsal(
-    *, workdir: Workdir = Path("rehearsal_work"), plan: RehearsalConfig, in_process: InProcess = False
+    *,
+    workdir: Workdir = Path("rehearsal_work"),
+    plan: RehearsalConfig,
+    in_process: InProcess = False,
+    resume: Resume = False,
 ) -> None:
     """Scale rehearsal on pictures: 5,270 leaves of the real shape end to end, every stage recorded."""
     from prodcat.rehearsal import RehearsalPlan, run_rehearsal
 
-    payload = run_rehearsal(workdir, RehearsalPlan(**dataclasses.asdict(plan)), isolate=not in_process)
+    try:
+        payload = run_rehearsal(workdir, RehearsalPlan(**dataclasses.asdict(plan)), not in_process, resume)
+    except ValueError as error:  # a --resume over another plan's records
+        raise UserError(str(error)) from error
     typer.echo(f"rehearsal -> {workdir / 'reports' / 'rehearsal.json'} ({len(payload['stages'])} stages)")
 
 
 @app.command("rehearsal-full")
 @from_configs
 def rehearsal_full(
-    *, workdir: Workdir = Path("rehearsal_full_work"), plan: FullRehearsalConfig, in_process: InProcess = False
+    *,
+    workdir: Workdir = Path("rehearsal_full_work"),
+    plan: FullRehearsalConfig,
+    in_process: InProcess = False,
+    resume: Resume = False,
 ) -> None:
     """Full row counts without pictures: a synthetic 12.37 M-row store, train, evaluate, predict, all recorded."""
     from prodcat.rehearsal import FullPlan, run_rehearsal_full
 
     try:
-        payload = run_rehearsal_full(workdir, FullPlan(**dataclasses.asdict(plan)), isolate=not in_process)
+        payload = run_rehearsal_full(workdir, FullPlan(**dataclasses.asdict(plan)), not in_process, resume)
     except ValueError as error:  # the run's own checks (an OSError is described by main(): full disk, ...)
         raise UserError(str(error)) from error
     typer.echo(f"rehearsal-full -> {workdir / 'reports' / 'rehearsal.json'} ({len(payload['stages'])} stages)")
