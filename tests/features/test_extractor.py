@@ -112,8 +112,10 @@ def test_extractor_features_are_the_stored_rows_bit_for_bit(made: tuple[ExtractC
     features = extractor(_store_pictures(store))
     assert features.dtype == np.float16 and features.shape == (len(store), *store.feature_shape)
     np.testing.assert_array_equal(features, store.read_all())
-    # A packed batch is the same input as the pictures it packs.
-    np.testing.assert_array_equal(extractor(extractor.pack(_store_pictures(store)[:3])), features[:3])
+    # A packed batch is the same input as the pictures it packs (same batch: another batch size may pick another
+    # convolution kernel, which moves the last float16 bit).
+    pictures = _store_pictures(store)[:3]
+    np.testing.assert_array_equal(extractor(extractor.pack(pictures)), extractor(pictures))
 
 
 def test_store_config_records_the_engine(made: tuple[ExtractConfig, FeatureStore]) -> None:
