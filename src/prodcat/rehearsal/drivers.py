@@ -43,8 +43,8 @@ class RehearsalPlan:
     num_sampled: int = 1024
     optimizer: str = "adamw"  # the same for every loss
     lr: float = 1e-3
-    # 1,024, not 256: at 5,270 classes a CPU step costs about the same at either size (0.47 s measured for softmax
-    # at 256 in the picture rehearsal, 0.46 s at 1,024 in rehearsal-full), so the larger batch is 4x the epochs.
+    # 1,024, not 256: the batch rehearsal-full uses, and a quarter of the steps' fixed part (~0.04 s of CPU at 5,270
+    # classes, mostly AdamW). The "same cost at 256 and 1,024" once measured here was OpenMP spin-waiting under load.
     batch_size: int = 1024
     eval_every: int = 25
     val_fraction: float = 0.05
