@@ -220,3 +220,22 @@ def test_the_cli_ends_divergence_and_bad_flags_with_one_line(tmp_path: Path, mon
         err = capsys.readouterr().err
         assert stop.value.code == 2 and err.startswith(f"error: {field} must be") and err.count("\n") == 1, err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["linear-softmax-s0"]  # nothing written elsewhere
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_training_sets_passive_omp_waits_before_torch_loads(preset: str | None) -> None:
+    """`prodcat train` imports prodcat.train before torch (libgomp reads OMP_WAIT_POLICY once, at load); a value the
+    user set is kept."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    code = (
+        "import os, sys\nimport prodcat.cli\ntorch_first = 'torch' in sys.modules\nimport prodcat.train.loop\n"
+        "print(torch_first, os.environ['OMP_WAIT_POLICY'])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", preset or "PASSIVE"]

@@ -722,8 +722,8 @@ class RehearsalConfig:
     num_sampled: int = option(1024, "Negatives K of the sampled-softmax arm.")
     optimizer: str = option("adamw", "Optimizer of every arm.")
     lr: float = option(1e-3, "Peak learning rate of every arm.")
-    # 1,024, not 256: at 5,270 classes a CPU step costs about the same at either size (0.47 s measured for softmax
-    # at 256 in the picture rehearsal, 0.46 s at 1,024 in rehearsal-full), so the larger batch is 4x the epochs.
+    # 1,024, not 256: the batch rehearsal-full uses, and a quarter of the steps' fixed part (~0.04 s of CPU at 5,270
+    # classes, mostly AdamW). The "same cost at 256 and 1,024" once measured here was OpenMP spin-waiting under load.
     batch_size: int = option(1024, "Training batch (rows per step).")
     eval_every: int = option(25, "Validate every N steps.")
     val_fraction: float = option(0.05, "Share of products for selection.")

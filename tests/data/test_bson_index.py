@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from prodcat.data.bson_index import BsonDamageError, BsonReader, index_bson, read_pictures
+from prodcat.data.kernels import bson_scan
 
 
 def truth(path: Path) -> list[tuple[int, int, int]]:
@@ -305,7 +306,7 @@ def test_compiled_walk_equals_python_walk(damage: str) -> None:
 
     from prodcat.data import bson_index
 
-    if bson_index._COMPILED is None:
+    if bson_scan.walk is None:
         pytest.skip("numba not installed: only the Python walk exists")
     rng = np.random.default_rng(0)
     docs = [
@@ -361,7 +362,7 @@ def test_compiled_parse_equals_numpy_parse(seed: int) -> None:
 
     from prodcat.data import bson_index
 
-    if bson_index._COMPILED is None:
+    if bson_scan.walk is None:
         pytest.skip("numba not installed: only the numpy parse exists")
     buffer = _mixed_layout_buffer(seed)
     offsets, parsed = array.array("q"), []
@@ -389,7 +390,7 @@ def test_two_thread_walk_equals_one_thread(tmp_path: Path, monkeypatch: pytest.M
     """Large files are walked by two threads from a guessed split point; the index must not depend on it."""
     from prodcat.data import bson_index
 
-    if bson_index._COMPILED is None:
+    if bson_scan.walk is None:
         pytest.skip("numba not installed: only the Python walk exists")
     rng = np.random.default_rng(3)
     fake = (16).to_bytes(4, "little") + b"\x10_id\x00" + bytes(20)  # looks like a document start

@@ -23,6 +23,7 @@ from prodcat.config import IngestConfig
 from prodcat.data.bson_index import index_bson
 from prodcat.data.catalog import IngestError, ingest, load_catalog
 from prodcat.data.dedupe import load_pictures
+from prodcat.data.kernels import bson_scan
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import make_rows
 from prodcat.paths import WorkPaths
@@ -67,7 +68,7 @@ def damaged_test_file(path: Path, make_product, write_bson) -> tuple[list[tuple[
 def index_path(request, monkeypatch) -> str:
     """Both index paths: the Python walk + numpy parse (small files) and the compiled walk (large files)."""
     if request.param == "compiled":
-        if bson_index._COMPILED is None:
+        if bson_scan.walk is None:
             pytest.skip("numba not installed")
         monkeypatch.setattr(bson_index, "_COMPILED_MIN_BYTES", 0)
     return request.param

@@ -6,14 +6,15 @@ A BSON file is a sequence of documents, each prefixed by its int32 little-endian
 Speed: the offset chain is walked in a tight loop (one int read and one byte test per document); then the first
 40 and last 32 bytes of every document are copied into compact rows and the fields of all documents with Kaggle's
 layout are parsed column by column with numpy; only documents with another layout go through pymongo's full
-decoder. Pictures are never touched. With numba installed, large files take one compiled pass that walks the
-offsets and parses each document while its pages are hot, on two threads (one per half of the file, the split
-point confirmed by the first half's chain): 1.17 GB in ~0.06 s on 2 cores, faster than reading the file. Small
-files, and machines without numba, use the Python walk + numpy parse (see benchmarks/bench_ingest.py).
-`picture_spans` gives the byte range of every picture (ingest hashes them, see dedupe.py) from element headers
-alone. Damage never stops the scan: a document that does not decode is reported and skipped, a broken length prefix is
-bridged by searching for the next document that decodes, and a frame that fails to decode is searched for the
-documents it may have swallowed (a corrupted length prefix that happens to end on a NUL byte).
+decoder. Pictures are never touched. With numba installed, large files take one compiled pass
+(`kernels.bson_scan.walk`) that walks the offsets and parses each document while its pages are hot, on two threads
+(one per half of the file, the split point confirmed by the first half's chain): 1.17 GB in ~0.06 s on 2 cores,
+faster than reading the file. Small files, and machines without numba, use the Python walk + numpy parse (see
+benchmarks/bench_ingest.py). `picture_spans` gives the byte range of every picture (ingest hashes them, see
+dedupe.py) from element headers alone (compiled: `kernels.bson_scan.spans`). Damage never stops the scan: a
+document that does not decode is reported and skipped, a broken length prefix is bridged by searching for the next
+document that decodes, and a frame that fails to decode is searched for the documents it may have swallowed (a
+corrupted length prefix that happens to end on a NUL byte).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import bson
 import numpy as np
+
+from prodcat.data.kernels import bson_scan
 
 __all__ = [
     "BsonDamageError",
@@ -52,108 +55,6 @@ MAX_IMAGES = 32767  # image counts and picture positions are int16 (catalogs, pi
 _COMPILED_MIN_BYTES = 16 << 20
 _PARALLEL_MIN_BYTES = 256 << 20  # below this one thread is as fast as two
 _THREADS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
-def _compile() -> tuple[Callable, Callable] | None:
-    """The offset walk fused with the field parse, and the parse alone, compiled with numba (None without it).
-
-    One compiled pass frames each document and reads its Kaggle fields while its pages are hot: both steps are
-    page/TLB bound (~0.26 us per document each when done in separate passes). The parse makes the same decisions
-    as the numpy `_fast_chunk` (a test holds them equal): Kaggle's layout only, at most 10 images, anything else
-    flagged for the full decoder.
-    """
-    try:
-        import numba
-    except ImportError:
-        return None
-
-    @numba.njit(cache=True, nogil=True)
-    def le(view: np.ndarray, at: int, width: int) -> int:
-        value = 0
-        for k in range(width):
-            value |= np.int64(view[at + k]) << (8 * k)
-        if width == 4 and value >= 2**31:
-            value -= 2**32
-        return value
-
-    @numba.njit(cache=True, nogil=True)
-    def same(view: np.ndarray, at: int, expected: np.ndarray) -> bool:
-        for k in range(expected.shape[0]):
-            if view[at + k] != expected[k]:
-                return False
-        return True
-
-    @numba.njit(cache=True, nogil=True)
-    def parse(view: np.ndarray, start: int, end: int, names: tuple, row: int, out: tuple) -> None:
-        ok, product_id, num_images, category_id = out
-        ok[row] = False
-        size = view.shape[0]
-        if start + 40 > size or end < 32:  # the numpy version's head/tail windows
-            return
-        kind = view[start + 4]
-        if (kind != 0x10 and kind != 0x12) or not same(view, start + 5, names[0]):
-            return
-        width = 8 if kind == 0x12 else 4
-        if not same(view, start + 9 + width, names[1]):
-            return
-        array_end = start + 15 + width + le(view, start + 15 + width, 4)
-        if array_end < start + 20 + width or array_end > end - 1:
-            return
-        at, count, good = start + 19 + width, 0, False
-        for _ in range(11):
-            if at == array_end - 1:
-                good = True
-                break
-            if at + 8 > size:
-                break
-            picture = le(view, at + 3, 4)
-            after = at + 3 + picture
-            if view[at] != 0x03 or view[at + 2] != 0 or picture < 5 or after >= array_end:
-                break
-            at, count = after, count + 1
-        if not good:
-            return
-        category = -1
-        if array_end - end == -1 and view[end - 2] == 0:
-            pass
-        elif (
-            array_end - end == -18 and view[end - 18] == 0x10 and view[end - 19] == 0 and same(view, end - 17, names[2])
-        ):
-            category = le(view, end - 5, 4)
-        elif (
-            array_end - end == -22 and view[end - 22] == 0x12 and view[end - 23] == 0 and same(view, end - 21, names[2])
-        ):
-            category = le(view, end - 9, 8)
-        else:
-            return
-        ok[row] = True
-        product_id[row] = le(view, start + 9, width)
-        num_images[row] = count
-        category_id[row] = category
-
-    @numba.njit(cache=True, nogil=True)
-    def walk(view: np.ndarray, pos: int, stop: int, starts: np.ndarray, names: tuple, out: tuple) -> tuple[int, int]:
-        size, count = view.shape[0], 0
-        while count < starts.shape[0] and pos < stop and pos + 4 <= size:
-            length = le(view, pos, 4)
-            if length < 5 or pos + length > size or view[pos + length - 1] != 0:
-                break
-            starts[count] = pos
-            parse(view, pos, pos + length, names, count, out)
-            count += 1
-            pos += length
-        return count, pos
-
-    @numba.njit(cache=True, nogil=True)
-    def parse_all(view: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, names: tuple, out: tuple) -> None:
-        for row in range(offsets.shape[0]):
-            parse(view, offsets[row], offsets[row] + lengths[row], names, row, out)
-
-    return walk, parse_all
-
-
-_COMPILED = _compile()
-_NAMES = tuple(np.frombuffer(name, dtype=np.uint8) for name in (b"_id\x00", b"\x04imgs\x00", b"category_id\x00"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +155,7 @@ def _chain(buf: mmap.mmap | bytes, pos: int, offsets: array.array, parsed: list 
     fields into `parsed`); otherwise, and for small files where compiling would cost more than it saves, the
     Python loop below, which marks `parsed` as incomplete.
     """
-    if _COMPILED is not None and len(buf) - pos >= _COMPILED_MIN_BYTES:
+    if bson_scan.walk is not None and len(buf) - pos >= _COMPILED_MIN_BYTES:
         return _chain_fast(buf, pos, offsets, parsed)
     before = len(offsets)
     pos = _chain_python(buf, pos, offsets)
@@ -304,7 +205,7 @@ def _walk_range(view: np.ndarray, pos: int, stop: int) -> tuple[list, int]:
     # Small buffers reused across rounds: fresh large arrays would page-fault on every call (tens of ms per GB).
     starts, fields = np.empty(1 << 16, dtype=np.int64), _fast_fields_none(1 << 16)
     while True:
-        count, pos = _COMPILED[0](view, pos, stop, starts, _NAMES, _field_tuple(fields))
+        count, pos = bson_scan.walk(view, pos, stop, starts, bson_scan.FIELD_NAMES, _field_tuple(fields))
         chunks.append((starts[:count].copy(), {key: value[:count].copy() for key, value in fields.items()}))
         if count < len(starts):
             return chunks, pos
@@ -413,7 +314,7 @@ def _fast_fields(buf: mmap.mmap, size: int, offsets: np.ndarray, lengths: np.nda
     the headers of second and later pictures are read from the file itself.
     """
     fields = _fast_fields_none(len(offsets))
-    if _COMPILED is not None and size >= _COMPILED_MIN_BYTES:
+    if bson_scan.parse_all is not None and size >= _COMPILED_MIN_BYTES:
         return _fast_fields_compiled(buf, offsets, lengths, fields)
     file_ints = np.ndarray((size - 7,), dtype="<i8", buffer=buf, strides=(1,))  # int64 at any byte offset
     for first in range(0, len(offsets), _CHUNK):
@@ -427,7 +328,7 @@ def _fast_fields_compiled(
 ) -> dict[str, np.ndarray]:
     view = np.frombuffer(buf, dtype=np.uint8)
     try:
-        _COMPILED[1](view, offsets, lengths.astype(np.int64), _NAMES, _field_tuple(fields))
+        bson_scan.parse_all(view, offsets, lengths.astype(np.int64), bson_scan.FIELD_NAMES, _field_tuple(fields))
     finally:
         del view  # release the buffer export so the mmap can close
     return fields
@@ -842,73 +743,6 @@ def _warn_picture(path: Path, offset: int, index: int | None, message: str) -> N
 # -- where the pictures are ---------------------------------------------------------------------------------------
 _BINARY, _DOCUMENT, _ARRAY = 0x05, 0x03, 0x04
 _FIXED_SIZES = {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 0x12: 8, 0x13: 16, 0x7F: 0, 0xFF: 0}
-_PICTURE_KEY = b"picture\x00"
-
-
-def _compile_spans() -> tuple[Callable, Callable] | None:
-    """Compiled `picture_spans` for documents in Kaggle's layout: each `imgs` element is `{picture: binary}`.
-
-    Reads only element headers: the pictures' own bytes stay untouched. Documents laid out otherwise, or whose
-    element headers and lengths do not add up, are flagged (`ok` False) for the Python walker below, which has
-    pymongo's decoder check their structure.
-    """
-    try:
-        import numba
-    except ImportError:
-        return None
-
-    @numba.njit(cache=True, nogil=True)
-    def le32(view: np.ndarray, at: int) -> int:
-        value = np.int64(view[at]) | np.int64(view[at + 1]) << 8 | np.int64(view[at + 2]) << 16
-        value |= np.int64(view[at + 3]) << 24
-        return value - (1 << 32) if value >= 1 << 31 else value
-
-    @numba.njit(cache=True, nogil=True)
-    def same(view: np.ndarray, at: int, expected: np.ndarray) -> bool:
-        for k in range(expected.shape[0]):
-            if view[at + k] != expected[k]:
-                return False
-        return True
-
-    @numba.njit(cache=True, nogil=True)
-    def one(view, start, end, count, row, out_offset, out_length, keys) -> bool:
-        imgs, picture = keys
-        at = start + 4 + 5 + (8 if view[start + 4] == 0x12 else 4)  # past `_id` (int32 or int64)
-        if at + 10 > end or not same(view, at, imgs):
-            return False
-        array_end = at + 6 + le32(view, at + 6) - 1  # the array's final NUL
-        at, found = at + 10, 0
-        while at < array_end and found < count and view[at] == 0x03:
-            at += 1
-            while at < array_end and view[at] != 0:  # the element's key: "0", "1", ...
-                at += 1
-            head = at + 5  # `{picture: binary}`: length, 0x05, "picture\0", length, subtype, bytes, NUL
-            if head + 14 > array_end:
-                return False
-            inner, binary, subtype = le32(view, at + 1), le32(view, head + 9), view[head + 13]
-            if view[head] != 0x05 or inner != binary + 19 or not same(view, head + 1, picture):
-                return False
-            if (subtype != 0 and subtype != 0x80) or head + 14 + binary >= array_end:
-                return False
-            if view[head + 14 + binary] != 0:  # the element's own final NUL (structure, not picture bytes)
-                return False
-            out_offset[row + found], out_length[row + found] = head + 14, binary
-            at, found = at + 1 + inner, found + 1
-        return found == count and at == array_end and array_end < end
-
-    @numba.njit(cache=True, nogil=True)
-    def spans(view, offsets, lengths, counts, first, out_offset, out_length, ok, keys) -> None:
-        for doc in range(offsets.shape[0]):
-            end = offsets[doc] + lengths[doc]
-            ok[doc] = end <= view.shape[0] and one(
-                view, offsets[doc], end, counts[doc], first[doc], out_offset, out_length, keys
-            )
-
-    return spans, one
-
-
-_SPANS, SPAN_ONE = _compile_spans() or (None, None)  # SPAN_ONE: one document's spans, for fused compiled passes
-SPAN_KEYS = (np.frombuffer(b"\x04imgs\x00", dtype=np.uint8), np.frombuffer(_PICTURE_KEY, dtype=np.uint8))
 
 
 @dataclasses.dataclass
@@ -935,10 +769,10 @@ def picture_spans(buf: mmap.mmap | bytes, offsets: np.ndarray, lengths: np.ndarr
     offsets, lengths, counts, first = span_inputs(offsets, lengths, counts)
     out_offset, out_length = np.full(first[-1], -1, dtype=np.int64), np.zeros(first[-1], dtype=np.int64)
     ok = np.zeros(len(offsets), dtype=bool)
-    if _SPANS is not None and len(offsets):
+    if bson_scan.spans is not None and len(offsets):
         view = np.frombuffer(buf, dtype=np.uint8)
         try:
-            _SPANS(view, offsets, lengths, counts, first, out_offset, out_length, ok, SPAN_KEYS)
+            bson_scan.spans(view, offsets, lengths, counts, first, out_offset, out_length, ok, bson_scan.SPAN_KEYS)
         finally:
             del view
     return finish_spans(buf, offsets, lengths, counts, first, out_offset, out_length, ok)

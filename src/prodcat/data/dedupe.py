@@ -2,11 +2,11 @@
 
 Cdiscount reuses pictures: only 7.77 M of the 12.37 M train pictures are unique by content (stock photos of one
 product listed by several sellers, placeholders). Ingest hashes every picture's bytes as stored in the BSON, never
-decoding it (XXH3-128, compiled: ~6 GB/s of CPU per core; one pass per document finds and hashes its pictures),
-and writes one row per picture to `W/catalog/pictures.parquet`: `source` ("train" | "test"), `product_id`,
-`image_index`, `hash` (16 bytes, the canonical XXH3-128 digest), `offset` (absolute byte offset of the picture in its
-BSON file) and `length`. Rows follow the catalogs: train.parquet's product order, then test.parquet's, image_index
-ascending. `load_pictures` reads it back.
+decoding it (XXH3-128, compiled in kernels/: ~6 GB/s of CPU per core; one pass per document finds and hashes its
+pictures), and writes one row per picture to `W/catalog/pictures.parquet`: `source` ("train" | "test"),
+`product_id`, `image_index`, `hash` (16 bytes, the canonical XXH3-128 digest), `offset` (absolute byte offset of the
+picture in its BSON file) and `length`. Rows follow the catalogs: train.parquet's product order, then
+test.parquet's, image_index ascending. `load_pictures` reads it back.
 
 Products sharing any picture, transitively, form one duplicate group (union-find over hashes); the group id is the
 smallest train-catalog row among its products. The split keeps each group on one side, so no picture is seen in
@@ -25,17 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
-from prodcat.data import _xxh3
-from prodcat.data._xxh3 import LONG_MIN, compiled_hasher
-from prodcat.data.bson_index import (
-    SPAN_KEYS,
-    SPAN_ONE,
-    BsonIndex,
-    PictureSpans,
-    finish_spans,
-    picture_spans,
-    span_inputs,
-)
+from prodcat.data.bson_index import BsonIndex, PictureSpans, finish_spans, picture_spans, span_inputs
+from prodcat.data.kernels import bson_scan, xxh3
+from prodcat.data.kernels.pictures import spans_and_hashes
+from prodcat.data.kernels.union import union
+from prodcat.data.kernels.xxh3 import LONG_MIN, compiled_hasher
 from prodcat.paths import WorkPaths
 
 __all__ = [
@@ -133,39 +127,11 @@ def _hash_compiled(hasher, buf: mmap.mmap | bytes, starts: np.ndarray, lengths: 
         del view  # release the buffer export so the mmap can close
 
 
-def _fused_kernel():
-    """The compiled pass of `_locate_and_hash`, or None without numba."""
-    return _fused
-
-
-if _xxh3.one is not None and SPAN_ONE is not None:
-    import numba
-
-    @numba.njit(nogil=True, cache=True)
-    def _fused(view, offsets, lengths, counts, first, out_offset, out_length, ok, span_keys, keys, init, out):
-        """Per document: find its pictures' byte ranges, then hash each while its pages are hot (two separate
-        passes would touch every document's headers twice, ~0.5 us a document on a large file)."""
-        for doc in range(offsets.shape[0]):
-            end = offsets[doc] + lengths[doc]
-            good = end <= view.shape[0] and SPAN_ONE(
-                view, offsets[doc], end, counts[doc], first[doc], out_offset, out_length, span_keys
-            )
-            ok[doc] = good
-            if good:
-                for row in range(first[doc], first[doc] + counts[doc]):
-                    if out_length[row] >= 241:  # LONG_MIN
-                        _xxh3.one(view, out_offset[row], out_length[row], keys, init, out, row)
-
-else:  # pragma: no cover
-    _fused = None
-
-
 def _locate_and_hash(
     buf: mmap.mmap | bytes, offsets: np.ndarray, lengths: np.ndarray, counts: np.ndarray
 ) -> tuple[PictureSpans, np.ndarray]:
     """`picture_spans` and `hash_ranges` in one compiled pass (two threads on large files), Python for the rest."""
-    kernel = _fused_kernel()
-    if kernel is None:
+    if spans_and_hashes is None:
         spans = picture_spans(buf, offsets, lengths, counts)
         return spans, hash_ranges(buf, spans.offset, spans.length)
     offsets, lengths, counts, first = span_inputs(offsets, lengths, counts)
@@ -174,9 +140,9 @@ def _locate_and_hash(
     view = np.frombuffer(buf, dtype=np.uint8)
     try:
         _on_threads(
-            lambda a, b, view=view: kernel(
+            lambda a, b, view=view: spans_and_hashes(
                 view, offsets[a:b], lengths[a:b], counts[a:b], first[a:b], out_offset, out_length, ok[a:b],
-                SPAN_KEYS, _xxh3.KEYS, _xxh3.INIT, halves,
+                bson_scan.SPAN_KEYS, xxh3.KEYS, xxh3.INIT, halves,
             ),
             _halves(lengths),
         )  # fmt: skip
@@ -309,36 +275,7 @@ def duplicate_groups(product_row: np.ndarray, keys: np.ndarray, num_products: in
     """
     product_row, keys = np.asarray(product_row, dtype=np.int64), np.asarray(keys, dtype=np.int64)
     first = np.full(int(keys.max(initial=-1)) + 1, -1, dtype=np.int64)
-    return _union(np.arange(num_products, dtype=np.int64), product_row, keys, first)
-
-
-def _union_python(parent: np.ndarray, product_row: np.ndarray, keys: np.ndarray, first: np.ndarray) -> np.ndarray:
-    for i in range(len(keys)):
-        a, b = first[keys[i]], product_row[i]
-        if a < 0:
-            first[keys[i]] = b
-            continue
-        while parent[a] != a:  # find, halving the path on the way
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        while parent[b] != b:
-            parent[b] = parent[parent[b]]
-            b = parent[b]
-        if a < b:
-            parent[b] = a
-        elif b < a:
-            parent[a] = b
-    for row in range(len(parent)):  # parents point to smaller rows, so one forward pass flattens every chain
-        parent[row] = parent[parent[row]]
-    return parent
-
-
-try:
-    import numba
-
-    _union = numba.njit(cache=True, nogil=True)(_union_python)
-except ImportError:  # pragma: no cover - numba is a dependency; the loop stays correct without it
-    _union = _union_python
+    return union(np.arange(num_products, dtype=np.int64), product_row, keys, first)
 
 
 # -- statistics -------------------------------------------------------------------------------------------------

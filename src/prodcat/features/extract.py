@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from prodcat.config import ExtractConfig, save_config
 from prodcat.data.bson_index import BsonReader
 from prodcat.data.catalog import catalog_source, load_catalog
+from prodcat.data.dedupe import digest, hashes_of
 from prodcat.data.images import DEFAULT_MAX_PIXELS
 from prodcat.distributed import DistInfo, barrier, cleanup, init_distributed
 from prodcat.errors import UserError, require_catalog
@@ -125,17 +126,11 @@ def picture_table(workdir: str | Path) -> pa.Table | None:
 
 def hash_words(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """fixed_size_binary(16) digests -> (N, 2) little-endian uint64 words (nulls -> zeros), for numpy sorting."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    array = array.fill_null(b"\0" * 16) if array.null_count else array
-    data = np.frombuffer(array.buffers()[1], dtype=np.uint8)[array.offset * 16 : (array.offset + len(array)) * 16]
-    return data.view("<u8").reshape(-1, 2).copy()
+    column = column.fill_null(b"\0" * 16) if column.null_count else column
+    return hashes_of(column).view("<u8").reshape(-1, 2)
 
 
-def picture_digest(data: bytes) -> bytes:
-    """The picture hash of the per-picture table: xxh3_128 of the raw bytes (the server hashes uploads alike)."""
-    import xxhash
-
-    return xxhash.xxh3_128_digest(data)
+picture_digest = digest  # the per-picture table's hash of raw bytes (the server and submission hash uploads alike)
 
 
 def join_pictures(

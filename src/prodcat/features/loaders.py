@@ -15,7 +15,7 @@ import torch
 
 from prodcat.features.store import FeatureStore
 
-__all__ = ["FeatureLoader", "gather_rows", "product_sorted_rows"]
+__all__ = ["FeatureLoader", "gather_rows", "product_sorted_rows", "row_products", "sort_by_product"]
 
 
 class FeatureLoader:
@@ -34,18 +34,37 @@ class FeatureLoader:
         workers: int | None = None,
         prefetch: int = 8,
     ) -> None:
-        self.store, self.rows, self.device = store, np.asarray(rows, dtype=np.int64), device
-        self.workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
+        self.store, self.device = store, device
+        self.workers = workers or self._default_workers()
         self.prefetch = max(prefetch, 2 * self.workers)
         self.pin = device.type == "cuda"
-        columns = {"leaf": "label", "level1": "level1", "level2": "level2"}
-        self.labels = {key: store.column(column)[self.rows].astype(np.int64) for key, column in columns.items()}
-        nbytes = len(self.rows) * int(np.prod(store.feature_shape)) * 2  # the store keeps float16
         self.resident: torch.Tensor | None = None
         self.resident_labels: dict[str, torch.Tensor] = {}
-        if nbytes <= memory_limit_bytes:
-            self.resident = torch.from_numpy(store.read(self.rows, dtype=np.float16)).to(device)
-            self.resident_labels = {key: torch.from_numpy(values).to(device) for key, values in self.labels.items()}
+        self._load(np.asarray(rows, dtype=np.int64), memory_limit_bytes)
+
+    def _default_workers(self) -> int:
+        return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+    def _load(self, rows: np.ndarray, memory_limit_bytes: float) -> None:
+        """The items (here: store rows) and their targets; features on the device too when they fit the limit."""
+        self.rows = rows
+        self.labels = self._targets(rows)
+        if self._fits(len(rows), memory_limit_bytes):
+            self.resident = torch.from_numpy(self.store.read(rows, dtype=np.float16)).to(self.device)
+            self._hold_labels()
+
+    def _targets(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Leaf, level-1 and level-2 labels of store `rows`, as int64."""
+        columns = {"leaf": "label", "level1": "level1", "level2": "level2"}
+        return {key: self.store.column(column)[rows].astype(np.int64) for key, column in columns.items()}
+
+    def _fits(self, num_rows: int, memory_limit_bytes: float) -> bool:
+        """Whether `num_rows` feature rows fit the limit (the store keeps float16)."""
+        return num_rows * int(np.prod(self.store.feature_shape)) * 2 <= memory_limit_bytes
+
+    def _hold_labels(self) -> None:
+        """Put every target on the device beside resident features (batches then index them there)."""
+        self.resident_labels = {key: torch.from_numpy(values).to(self.device) for key, values in self.labels.items()}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -62,7 +81,11 @@ class FeatureLoader:
         for where in positions:
             index = self._to_device(torch.from_numpy(np.ascontiguousarray(where, dtype=np.int64)))
             targets = {key: values.index_select(0, index) for key, values in self.resident_labels.items()}
-            yield self.resident.index_select(0, index), targets
+            yield self._resident_features(index), targets
+
+    def _resident_features(self, index: torch.Tensor) -> torch.Tensor:
+        """The resident features of the items at `index` (a tensor on the device)."""
+        return self.resident.index_select(0, index)
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -120,10 +143,21 @@ def gather_rows(store: FeatureStore, rows: np.ndarray, out: np.ndarray) -> np.nd
 
 def product_sorted_rows(store: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Valid rows of `split` sorted by product then image, each row's product id, and where each product starts in
-    them: the order every per-product pass (evaluation, twins) walks. An empty split gives empty arrays."""
-    rows = store.split_indices(split)
+    them: the order every per-product pass (evaluation, twins, text fusion) walks. An empty split gives empty
+    arrays."""
+    return sort_by_product(store, store.split_indices(split))
+
+
+def sort_by_product(store: FeatureStore, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`product_sorted_rows` for any store rows (product heads group their training rows this way)."""
+    rows = np.asarray(rows, dtype=np.int64)
     product_id = store.column("product_id")[rows]
     order = np.lexsort((store.column("image_index")[rows], product_id))
     rows, product_id = rows[order], product_id[order]
     starts = np.flatnonzero(np.r_[True, product_id[1:] != product_id[:-1]]) if len(rows) else np.zeros(0, np.int64)
     return rows, product_id, starts
+
+
+def row_products(starts: np.ndarray, num_rows: int) -> np.ndarray:
+    """Position of each row's product, from where each product starts in `num_rows` product-sorted rows."""
+    return np.repeat(np.arange(len(starts), dtype=np.int64), np.diff(np.r_[starts, num_rows]))

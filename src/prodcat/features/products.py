@@ -8,12 +8,11 @@ are masked out.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from prodcat.features.loaders import FeatureLoader, gather_rows
+from prodcat.features.loaders import FeatureLoader, gather_rows, row_products, sort_by_product
 from prodcat.features.store import FeatureStore, StoreError
 
 __all__ = ["ProductGroups", "group_products", "group_index", "ProductLoader", "PAD"]
@@ -57,62 +56,42 @@ def group_products(store: FeatureStore, rows: np.ndarray) -> ProductGroups:
     rows = np.asarray(rows, dtype=np.int64)
     if not len(rows):
         raise StoreError(f"{store.path}: no rows to group into products")
-    product_id = store.column("product_id")[rows]
-    order = np.lexsort((store.column("image_index")[rows], product_id))
-    rows, product_id = rows[order], product_id[order]
-    ids, product_index = np.unique(product_id, return_inverse=True)
-    positions = group_index(product_index, len(ids))
+    rows, product_id, starts = sort_by_product(store, rows)
+    positions = group_index(row_products(starts, len(rows)), len(starts))
     slots = np.where(positions == PAD, PAD, rows[np.maximum(positions, 0)])
     label = store.column("label")[slots[:, 0]].astype(np.int64)
-    return ProductGroups(ids, slots, label)
+    return ProductGroups(product_id[starts], slots, label)
 
 
 class ProductLoader(FeatureLoader):
     """FeatureLoader's interface over PRODUCTS: positions index products; a batch is ((B, K, *row) float16 features,
     targets with "leaf"/"level1"/"level2" (B,) and "mask" (B, K)). Splits under the memory limit are read once."""
 
-    def __init__(
-        self,
-        store: FeatureStore,
-        rows: np.ndarray,
-        device: torch.device,
-        memory_limit_bytes: float,
-        workers: int | None = None,
-        prefetch: int = 8,
-    ) -> None:
-        self.store, self.device = store, device
+    def _default_workers(self) -> int:
+        return 2
+
+    def _load(self, rows: np.ndarray, memory_limit_bytes: float) -> None:
+        """Group `rows` into products; their pictures' features (plus a zero padding row) on the device if they fit."""
+        store, device = self.store, self.device
         self.groups = group_products(store, rows)
         self.rows = np.unique(self.groups.slots[self.groups.mask])
-        self.workers = workers or 2
-        self.prefetch = max(prefetch, 2 * self.workers)
-        self.pin = device.type == "cuda"
-        first = self.groups.slots[:, 0]
-        columns = {"leaf": "label", "level1": "level1", "level2": "level2"}
-        self.labels = {key: store.column(column)[first].astype(np.int64) for key, column in columns.items()}
+        self.labels = self._targets(self.groups.slots[:, 0])  # a product's labels are its first picture's
         self.labels["mask"] = self.groups.mask
-        self.resident: torch.Tensor | None = None
-        self.resident_labels: dict[str, torch.Tensor] = {}
-        nbytes = (len(self.rows) + 1) * int(np.prod(store.feature_shape)) * 2
-        if nbytes <= memory_limit_bytes:
+        if self._fits(len(self.rows) + 1, memory_limit_bytes):  # + the zero row padded slots point at
             features = np.zeros((len(self.rows) + 1, *store.feature_shape), dtype=np.float16)  # last row: padding
             features[:-1] = store.read(self.rows, dtype=np.float16)
             self.resident = torch.from_numpy(features).to(device)
             local = np.searchsorted(self.rows, np.maximum(self.groups.slots, 0))
             self._resident_slots = torch.from_numpy(np.where(self.groups.mask, local, len(self.rows))).to(device)
-            self.resident_labels = {key: torch.from_numpy(values).to(device) for key, values in self.labels.items()}
+            self._hold_labels()
 
     def __len__(self) -> int:
         return len(self.groups)
 
-    def batches(self, positions: Iterable[np.ndarray]) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        if self.resident is None:
-            yield from self._streamed(positions)
-            return
-        for where in positions:
-            index = self._to_device(torch.from_numpy(np.ascontiguousarray(where, dtype=np.int64)))
-            slots = self._resident_slots.index_select(0, index)
-            features = self.resident.index_select(0, slots.reshape(-1)).reshape(*slots.shape, *self.resident.shape[1:])
-            yield features, {key: values.index_select(0, index) for key, values in self.resident_labels.items()}
+    def _resident_features(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, K, *row) features of the products at `index`; padded slots read the zero row."""
+        slots = self._resident_slots.index_select(0, index)
+        return self.resident.index_select(0, slots.reshape(-1)).reshape(*slots.shape, *self.resident.shape[1:])
 
     def _read(self, where: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         slots = self.groups.slots[where]

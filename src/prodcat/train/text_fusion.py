@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from prodcat.config import ConfigError, FusionConfig  # FusionConfig re-exported for its users
+from prodcat.features.loaders import product_sorted_rows, row_products
 from prodcat.ocr.text_features import TextFeatureConfig
 from prodcat.predict.text_model import (  # the prediction side, re-exported for the trainer's users
     TEXT_DIR,
@@ -61,17 +62,12 @@ log = get_logger("prodcat.train.text_fusion")
 
 # -- data ------------------------------------------------------------------------------------------------------------
 def _split_products(store: Any, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(store rows sorted by product, product index of each row, product ids, product labels)."""
-    rows = store.split_indices(split)
+    """(store rows sorted by product then image, product index of each row, product ids, product labels)."""
+    rows, product_id, starts = product_sorted_rows(store, split)
     if not len(rows):
         raise ConfigError(f"{store.path}: no valid {split!r} pictures in the feature store")
-    product = store.column("product_id")[rows]
-    order = np.argsort(product, kind="stable")
-    rows, product = rows[order], product[order]
-    ids, index = np.unique(product, return_inverse=True)
-    labels = np.zeros(len(ids), dtype=np.int64)
-    labels[index] = store.column("label")[rows]
-    return rows, index, ids, labels
+    labels = store.column("label")[rows].astype(np.int64)[starts]
+    return rows, row_products(starts, len(rows)), product_id[starts], labels
 
 
 def product_set(predictor: Any, split: str, texts: dict[int, str]) -> ProductSet:

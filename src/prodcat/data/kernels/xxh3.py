@@ -3,7 +3,7 @@
 Calling `xxhash.xxh3_128_digest` once per picture costs ~0.2 us of Python per call on top of the hash itself; the
 compiled loop below hashes every picture of a BSON file in one call per thread, without the GIL. Only the
 long-input path (> 240 bytes, every real JPEG) is compiled; shorter inputs go through `xxhash` (a test holds both
-equal for every length).
+equal for every length). `one` hashes a single range, for fused passes (kernels/pictures.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["INIT", "KEYS", "LONG_MIN", "compiled_hasher", "compiled_one"]
+__all__ = ["INIT", "KEYS", "LONG_MIN", "compiled_hasher", "compiled_one", "one"]
 
 LONG_MIN = 241  # inputs of at least this many bytes take XXH3's long path
 # XXH3's default 192-byte secret (kSecret in xxhash.h).
