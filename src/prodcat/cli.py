@@ -285,9 +285,14 @@ def train(
         overwrite=overwrite,
         distributed=distributed,
     )
+    from prodcat.distributed import is_main_process
+    from prodcat.report.runs import draw_run
     from prodcat.train.loop import train as run_train
 
-    typer.echo(f"run -> {run_train(config)}")
+    run_dir = run_train(config)
+    if is_main_process():
+        draw_run(run_dir)  # training writes numbers; its curves are drawn here
+    typer.echo(f"run -> {run_dir}")
 
 
 @app.command()
@@ -324,6 +329,9 @@ def compare(
         optimizers=_csv(optimizers),
         **({} if seeds is None else {"seeds": seeds}),
     )
+    from prodcat.report.experiments import render_experiment
+
+    render_experiment(result.report)  # compare writes numbers; its figure and tables are drawn here
     typer.echo(f"comparison of {len(result.runs)} runs -> {result.report}")
 
 
@@ -357,6 +365,9 @@ def sweep(
         optimizer=optimizer,
         **({} if seeds is None else {"seeds": seeds}),
     )
+    from prodcat.report.experiments import render_experiment
+
+    render_experiment(result.report)
     typer.echo(f"sweep of {len(result.runs)} runs -> {result.report}")
 
 
@@ -394,8 +405,10 @@ def evaluate(
     )  # fmt: skip
     from prodcat.evaluate.evaluation import evaluate as run_evaluate
     from prodcat.evaluate.evaluation import summary_lines
+    from prodcat.report.runs import draw_run
 
     metrics = run_evaluate(config)
+    draw_run(run)  # evaluation writes numbers; its figures and levers.md are drawn here
     typer.echo("\n".join(summary_lines(metrics)))
 
 
