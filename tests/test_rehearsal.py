@@ -139,6 +139,7 @@ def test_full_store_at_small_size_feeds_train_evaluate_predict(tmp_path: Path) -
     assert payload["results"]["submission"]["rows"] == plan.test_products
     assert json.loads((tmp_path / "reports" / "rehearsal.json").read_text())["kind"] == "full"
     assert (tmp_path / "reports" / "at_scale" / "index.html").is_file()
+    assert (tmp_path / "reports" / "at_scale" / "curves.png").read_bytes()[:4] == b"\x89PNG"  # drawn by report/
 
 
 def test_full_plan_refuses_a_store_the_disk_cannot_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,34 +55,12 @@ def arm_summary(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _curves(runs: dict[str, dict[str, Any]], path: Path) -> bool:
-    """Val top-1 against training seconds (metrics.jsonl train_seconds), one line per run."""
-    import matplotlib
+    """Val top-1 against training seconds, one line per run (seeds after 0 lighter), drawn by prodcat.report."""
+    from prodcat.report.runs import plot_time_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.2))
-    drawn = False
-    for name, run in runs.items():
-        metrics = Path(run["train"]["run"]) / "metrics.jsonl"
-        if not metrics.is_file():
-            continue
-        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        points = [(line["train_seconds"], line["val_top1"]) for line in lines if "val_top1" in line]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            axes.plot(xs, ys, marker=".", label=name, alpha=1.0 if run.get("seed", 0) == 0 else 0.4)
-            drawn = True
-    axes.set_xlabel("training seconds (validation and checkpoints left out)")
-    axes.set_ylabel("val top-1 (images)")
-    axes.set_title("accuracy vs time at scale (synthetic data)")
-    if drawn:
-        axes.legend(fontsize=7)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return drawn
+    run_dirs = {name: Path(run["train"]["run"]) for name, run in runs.items()}
+    faded = [name for name, run in runs.items() if run.get("seed", 0) != 0]
+    return plot_time_curves(path, run_dirs, faded, title="accuracy vs time at scale (synthetic data)")
 
 
 def write_at_scale(workdir: str | Path, payload: dict[str, Any]) -> Path:

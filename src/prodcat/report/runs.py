@@ -9,6 +9,7 @@ report) calls `draw_run`, which redraws what is missing or older than the number
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "draw_training",
     "draw_evaluation",
     "plot_curves",
+    "plot_time_curves",
     "CURVES_FIGURE",
     "EVAL_FIGURES",
     "LEVERS_FILE",
@@ -116,6 +118,28 @@ def plot_curves(metrics: list[dict[str, Any]], path: str | Path, title: str = ""
             acc_axes.legend()
         figure.suptitle(title or "training curves")
     return Path(path)
+
+
+def plot_time_curves(path: str | Path, runs: dict[str, Path], faded: Sequence[str] = (), title: str = "") -> bool:
+    """Val top-1 against training seconds (metrics.jsonl `train_seconds`), one line per run (`faded` ones lighter);
+    False (and no file) when no run has a validation point yet."""
+    lines = {}
+    for name, run_dir in runs.items():
+        source = Path(run_dir) / "metrics.jsonl"
+        metrics = _read_jsonl(source) if source.is_file() else []
+        points = [(m["train_seconds"], m["val_top1"]) for m in metrics if m.get("val_top1") is not None]
+        if points:
+            lines[name] = points
+    if not lines:
+        return False
+    with figures.png_figure(path, figsize=(7, 4.2)) as (figure, axes):
+        for name, points in lines.items():
+            xs, ys = zip(*points, strict=True)
+            axes.plot(xs, ys, marker=".", label=name, alpha=0.4 if name in faded else 1.0)
+        axes.set(xlabel="training seconds (validation and checkpoints left out)", ylabel="val top-1 (images)")
+        axes.set_title(title or "accuracy vs time")
+        axes.legend(fontsize=7)
+    return True
 
 
 # -- evaluation figures ------------------------------------------------------------------------------------------------
