@@ -22,7 +22,7 @@ import numpy as np
 from prodcat.paths import WorkPaths
 from prodcat.report import experiments, insights
 from prodcat.report.experiments import EXPERIMENTS
-from prodcat.report.levers import levers_table_html
+from prodcat.report.levers import bench_rows, levers_table_html
 from prodcat.report.markup import CSS, SORT_SCRIPT, Section, cards, esc, interval, missing, natural_key, num, pct, table
 from prodcat.report.markup import figure as _embedded_figure
 from prodcat.report.ocr import ocr_section
@@ -291,8 +291,9 @@ def _evaluation(
         f"<h3>Best run (by product top-1 on val): {_e(best_run.name)}</h3>",
         _headline(best_metrics),
         _confidence_text(best_metrics),
-        "<h3>Levers: what each one changes (holdout, chosen on val)</h3>",
-        levers_table_html(best_metrics, note=synthetic),
+        "<h3>Levers: what each one changes (every lever in one table: this run's on the holdout, chosen on val; "
+        "the rest from their own benchmarks)</h3>",
+        levers_table_html(best_metrics, note=synthetic, bench=bench_rows()),
         _frequency_table(best_metrics),
         insights.per_category_table(best),
         insights.reliability_section(paths, best),
