@@ -10,13 +10,14 @@ import base64
 import dataclasses
 import html
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "esc",
     "pct",
+    "share",
     "num",
     "interval",
     "points",
@@ -54,6 +55,14 @@ def esc(value: Any) -> str:
 
 def pct(value: Any, digits: int = 1) -> str:
     return "–" if value is None else f"{100 * float(value):.{digits}f}%"
+
+
+def share(value: Any) -> str:
+    """A share of a whole in percent with 2 decimals, 2 significant digits below 0.01% so it never reads as 0."""
+    if value is None:
+        return "–"
+    value = float(value)
+    return f"{value:.2%}" if value == 0 or value >= 1e-4 else f"{100 * value:.2g}%"
 
 
 def num(value: Any, digits: int = 3) -> str:
@@ -98,21 +107,31 @@ def natural_key(text: str) -> list[Any]:
 Cell = str | tuple[str, Any]  # HTML, or (HTML, sort value) for a sortable table
 
 
-def _cell(cell: Cell) -> str:
+def _cell(cell: Cell, numeric: bool = False) -> str:
+    kind = ' class="n"' if numeric else ""
     if isinstance(cell, tuple):
         content, key = cell
-        return f'<td data-sort="{esc(key)}">{content}</td>'
-    return f"<td>{cell}</td>"
+        return f'<td{kind} data-sort="{esc(key)}">{content}</td>'
+    return f"<td{kind}>{cell}</td>"
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[Cell]], classes: str = "", sortable: bool = False) -> str:
+def table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[Cell]],
+    classes: str = "",
+    sortable: bool = False,
+    numeric: Collection[int] = (),
+) -> str:
     """Headers are escaped here; cells arrive as HTML (escape text with `esc` before).
 
-    `sortable` tables sort by a click on a header (SORT_SCRIPT), by each cell's data-sort value when it has one.
+    `sortable` tables sort by a click on a header (SORT_SCRIPT), by each cell's data-sort value when it has one;
+    the columns in `numeric` are right-aligned figures.
     """
     title = ' title="click to sort"' if sortable else ""
     head = "".join(f"<th{title}>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(_cell(cell) for cell in row) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(_cell(cell, index in numeric) for index, cell in enumerate(row)) + "</tr>" for row in rows
+    )
     kind = f"{classes} sortable".strip() if sortable else classes
     table_html = f'<table class="{kind}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
     return f'<div class="scroll">{table_html}</div>'
@@ -178,13 +197,15 @@ def _width(path: Path) -> int:
         return MAX_FIGURE_WIDTH
 
 
-def figure(path: Path, caption: str = "") -> str:
-    """An embedded figure at its natural size (scaled down to the page width), only when the file exists."""
+def figure(path: Path, caption: str = "", embed: bool = True) -> str:
+    """A figure at its natural size (scaled down to the page width), only when the file exists: embedded, or linked
+    by its file name (`embed=False`, for a page kept in the figure's folder)."""
     if not path.is_file():
         return ""
     text = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
     width = min(_width(path), MAX_FIGURE_WIDTH)
-    image = f'<img src="{png_data_uri(path)}" width="{width}" alt="{esc(caption or path.stem)}">'
+    source = png_data_uri(path) if embed else esc(path.name)
+    image = f'<img src="{source}" width="{width}" alt="{esc(caption or path.stem)}"{"" if embed else " loading=lazy"}>'
     return f'<figure style="width:{width}px">{image}{text}</figure>'
 
 
@@ -232,6 +253,7 @@ table.numbers td:first-child, table.numbers td:not(:nth-child(2)), table.runs td
 table.confusions td:nth-child(n+3) { white-space: nowrap; }
 table.numbers td:not(:first-child):not(:nth-child(2)) { text-align: right; font-variant-numeric: tabular-nums; }
 tbody tr:hover { background: #fafbfc; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .figures { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; margin: 8px 0; }
 figure { margin: 0; max-width: 100%; }
 figure img { width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
