@@ -26,9 +26,10 @@ def _cell(value: Any, digits: int = 3) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    """The report's table helper over cells formatted here (n/a for missing, thousands separators)."""
+    from prodcat.report.markup import table
+
+    return table(header, [[_cell(value) for value in row] for row in rows], "numbers")
 
 
 def arm_summary(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -65,6 +66,8 @@ def _curves(runs: dict[str, dict[str, Any]], path: Path) -> bool:
 
 def write_at_scale(workdir: str | Path, payload: dict[str, Any]) -> Path:
     """W/reports/at_scale/index.html (+ curves.png, summary.json): the section the main report can link or embed."""
+    from prodcat.report.markup import figure, page
+
     out = Path(workdir) / "reports" / "at_scale"
     runs = payload.get("results", {}).get("runs", {})
     arms = arm_summary(runs)
@@ -103,9 +106,10 @@ def write_at_scale(workdir: str | Path, payload: dict[str, Any]) -> Path:
         ),  # fmt: skip
     ]
     if has_curves:
-        parts.append('<h3>Accuracy vs time</h3><img src="curves.png" alt="val top-1 vs training seconds">')
-    page = "<!doctype html><meta charset='utf-8'><title>prodcat at scale</title>" + "\n".join(parts)
-    atomic_write_text(out / "index.html", page)
+        parts.append(
+            "<h3>Accuracy vs time</h3>" + figure(out / "curves.png", "val top-1 vs training seconds", embed=False)
+        )
+    atomic_write_text(out / "index.html", page("prodcat at scale", "\n".join(parts)))
     write_json(out / "summary.json", {"arms": arms, "stages": payload["stages"]})
     return out / "index.html"
 
