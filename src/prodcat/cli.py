@@ -491,7 +491,10 @@ def ocr(
         limit=limit,
         shard_size=shard_size,
     )
+    from prodcat.report.ocr_examples import draw_ocr_examples
+
     summary = run_ocr(config)
+    draw_ocr_examples(workdir)  # the stage writes tables; its examples.png is drawn here
     typer.echo(f"ocr -> {workdir / 'ocr'}: {summary['ok']} of {summary['pictures']} pictures with text")
 
 
