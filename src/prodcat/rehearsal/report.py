@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import statistics
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from prodcat.report.markup import esc, figure, page, table
 from prodcat.utils import atomic_write_text, write_json
 
 __all__ = ["write_at_scale", "check_submission", "arm_summary"]
@@ -22,13 +22,11 @@ def _cell(value: Any, digits: int = 3) -> str:
         return f"{value:,.{digits}f}"
     if isinstance(value, int):
         return f"{value:,}"
-    return html.escape(str(value))
+    return esc(str(value))
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     """The report's table helper over cells formatted here (n/a for missing, thousands separators)."""
-    from prodcat.report.markup import table
-
     return table(header, [[_cell(value) for value in row] for row in rows], "numbers")
 
 
@@ -66,8 +64,6 @@ def _curves(runs: dict[str, dict[str, Any]], path: Path) -> bool:
 
 def write_at_scale(workdir: str | Path, payload: dict[str, Any]) -> Path:
     """W/reports/at_scale/index.html (+ curves.png, summary.json): the section the main report can link or embed."""
-    from prodcat.report.markup import figure, page
-
     out = Path(workdir) / "reports" / "at_scale"
     runs = payload.get("results", {}).get("runs", {})
     arms = arm_summary(runs)
@@ -80,8 +76,8 @@ def write_at_scale(workdir: str | Path, payload: dict[str, Any]) -> Path:
                 a["seed0_macro"], *a["seed0_head_medium_tail"], a["n_products"], a["train_seconds"],
                 a["epoch_seconds"], a["epoch_basis"]] for a in arms]  # fmt: skip
     parts = [
-        f"<h2>At scale ({html.escape(payload['kind'])})</h2>",
-        f"<p>{html.escape(payload['note'])} Machine: {html.escape(json.dumps(payload.get('machine_before', {})))}</p>",
+        f"<h2>At scale ({esc(payload['kind'])})</h2>",
+        f"<p>{esc(payload['note'])} Machine: {esc(json.dumps(payload.get('machine_before', {})))}</p>",
         "<h3>Stages</h3>",
         _table(["stage", "seconds", "peak RSS MB", "disk growth MB", "written MB", "items", "unit", "items/s"], stages),
         "<h3>Losses (selected on val, reported on holdout)</h3>",
