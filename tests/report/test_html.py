@@ -308,6 +308,31 @@ def test_at_scale_page_is_linked_when_present(tmp_path: Path) -> None:
     _assert_links_exist(page, WorkPaths(tmp_path).reports)
 
 
+def test_partial_and_older_files_cost_their_figures_not_the_page(tmp_path: Path) -> None:
+    """A metrics.json with only the headline blocks and a compare.json from before holdout evaluation: the page builds,
+    the compare section says its numbers are val image top-1, nothing is drawn from numbers that are not there."""
+    import json
+
+    run = WorkPaths(tmp_path).run("old-run")
+    (run / "eval").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"head": "linear", "loss": "softmax", "optimizer": "adamw"}))
+    metrics = {
+        "split": "holdout",
+        "product": {"top1": 0.7, "top1_ci95": [0.6, 0.8], "n": 50, "macro": 0.5},
+        "image": {"top1": 0.6, "n": 90},
+        "confidence": {"threshold": None, "target_accuracy": 0.95, "note": "no threshold reaches 95%"},
+    }
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    arm = {"seeds": 1, "val_top1_mean": 0.61, "val_top1_std": None, "val_loss_mean": 1.2, "step_seconds_mean": 0.01}
+    old = {"settings": {"optimizer": "adamw", "num_sampled": 4}, "losses": {"softmax": arm, "sampled": {**arm}}}
+    WorkPaths(tmp_path).report("compare").mkdir(parents=True)
+    (WorkPaths(tmp_path).report("compare") / "compare.json").write_text(json.dumps(old))
+    sections = _sections(build_report(tmp_path).read_text(encoding="utf-8"))
+    assert "val image top-1 after the last step" in sections["compare"] and "n/a" in sections["compare"]
+    assert not list((run / "eval").glob("*.png"))  # nothing to draw them from
+    assert "old-run" in sections["evaluation"]
+
+
 def test_one_seed_spread_is_na() -> None:
     from prodcat.report.markup import spread as _spread
 

@@ -270,7 +270,7 @@ def _page(data: dict[str, Any], name: str, folder: Path, num_classes: int | None
 
 def _stale(folder: Path, name: str) -> bool:
     source = folder / f"{name}.json"
-    targets = [folder / f"{name}.{suffix}" for suffix in ("png", "md", "html")]
+    targets = [folder / f"{name}.{suffix}" for suffix in ("md", "html")]  # the figure may rightly be absent
     return any(not t.is_file() or t.stat().st_mtime_ns < source.stat().st_mtime_ns for t in targets)
 
 
@@ -286,9 +286,10 @@ def render_experiment(folder: str | Path, num_classes: int | None = None, force:
     written = [path for run in data.get("run_dirs", {}).values() for path in draw_run(run, force)]
     if not (force or _stale(folder, name)):
         return written
-    plot = plot_compare if name == "compare" else plot_sweep
-    plot(folder / f"{name}.png", data)
-    written.append(folder / f"{name}.png")
+    drawable = data.get("curves") if name == "compare" else data.get("points") and data.get("reference")
+    if drawable:  # a file without curves (or points) gets its tables, no empty figure
+        (plot_compare if name == "compare" else plot_sweep)(folder / f"{name}.png", data)
+        written.append(folder / f"{name}.png")
     written.append(atomic_write_text(folder / f"{name}.md", _markdown(data, name, num_classes)))
     written.append(atomic_write_text(folder / f"{name}.html", _page(data, name, folder, num_classes)))
     return written

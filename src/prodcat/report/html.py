@@ -14,6 +14,7 @@ The stages write numbers only; before reading them the report draws what is miss
 from __future__ import annotations
 
 import datetime
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -676,6 +677,13 @@ def build_report(workdir: str | Path) -> Path:
 def _draw_stale(paths: WorkPaths) -> int:
     """What the stages left as plain numbers, drawn where missing or older than them: every run's curves and
     evaluation figures, the compare and sweep figures and pages. Returns how many files were written."""
-    written = sum(len(draw_run(run)) for run in _runs(paths))
+    jobs = [functools.partial(draw_run, run) for run in _runs(paths)]
     num_classes = _num_classes(paths)
-    return written + sum(len(experiments.render_experiment(paths.report(name), num_classes)) for name in EXPERIMENTS)
+    jobs += [functools.partial(experiments.render_experiment, paths.report(name), num_classes) for name in EXPERIMENTS]
+    written = 0
+    for job in jobs:
+        try:
+            written += len(job())
+        except (KeyError, TypeError, ValueError, OSError) as error:  # an odd file costs its figure, not the page
+            log.warning("report: cannot draw from %s: %s: %s", job.args[0], type(error).__name__, error)
+    return written

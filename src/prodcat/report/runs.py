@@ -79,16 +79,16 @@ def draw_evaluation(run_dir: str | Path, force: bool = False) -> list[Path]:
     metrics = json.loads(source.read_text(encoding="utf-8"))
     drawn = []
     curves = out / "curves.json"
-    if curves.is_file() and isinstance(metrics.get("confidence"), dict):
+    if curves.is_file() and "threshold" in (metrics.get("confidence") or {}):
         curve = json.loads(curves.read_text(encoding="utf-8"))["confidence"]
         _plot_confidence(out / EVAL_FIGURES["confidence"], metrics["confidence"], curve, metrics["split"])
         drawn.append(out / EVAL_FIGURES["confidence"])
-    for key, plot, block in (
-        ("by_num_images", _plot_by_num_images, "product"),
-        ("taxonomy", _plot_taxonomy, "taxonomy"),
-        ("reliability", _plot_reliability, "calibration"),
+    for key, plot, block, needs in (
+        ("by_num_images", _plot_by_num_images, "product", "by_num_images"),
+        ("taxonomy", _plot_taxonomy, "taxonomy", "frequency"),
+        ("reliability", _plot_reliability, "calibration", "reliability_after"),
     ):
-        if isinstance(metrics.get(block), dict):
+        if needs in (metrics.get(block) or {}):  # a file from before that number was written: no figure
             plot(out / EVAL_FIGURES[key], metrics[block])
             drawn.append(out / EVAL_FIGURES[key])
     drawn.append(atomic_write_text(out / LEVERS_FILE, levers_table_markdown(metrics)))
