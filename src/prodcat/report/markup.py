@@ -254,6 +254,9 @@ table.confusions td:nth-child(n+3) { white-space: nowrap; }
 table.numbers td:not(:first-child):not(:nth-child(2)) { text-align: right; font-variant-numeric: tabular-nums; }
 tbody tr:hover { background: #fafbfc; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+table.levers { font-size: 12.5px; }
+table.levers td { min-width: 96px; }
+table.levers td:last-child { min-width: 260px; }
 .figures { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; margin: 8px 0; }
 figure { margin: 0; max-width: 100%; }
 figure img { width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }

@@ -94,7 +94,8 @@ def _train_isolated(config: TrainConfig) -> None:
 
 
 def _run(config: TrainConfig, isolate: bool) -> dict[str, Any]:
-    """Train one run (validating about EVALS_PER_RUN times) and read back its summary and metrics."""
+    """Train one run (validating about EVALS_PER_RUN times), read back its summary and metrics, and score it on the
+    holdout with every choice made on val (its product hits, kept in memory for the intervals)."""
     # compare/sweep own their run names: re-running them retrains each run from scratch (explicitly)
     config = dataclasses.replace(config, eval_every=_eval_every(config), overwrite=True)
     log.info("run %s", config.name)
@@ -249,9 +250,9 @@ SPREAD_NOTE = (
 )
 ACCURACY_NOTE = (
     "Headline: product top-1 on the holdout split (n products), each run at its best checkpoint by val top-1, with "
-    "the product aggregation, tau and T chosen on val as `prodcat evaluate` chooses them; nothing was tuned on the "
-    "holdout. The val columns and the curves are image top-1 on val with the full softmax after the last step (the "
-    "split checkpoints are selected on); curves against training seconds leave validation and checkpoints out."
+    "the product aggregation, tau and T chosen on val as prodcat evaluate chooses them; nothing was tuned on the "
+    "holdout. The val columns and the curves are image top-1 on val with the full softmax after the last step (val "
+    "is where checkpoints are selected); curves against training seconds leave validation and checkpoints out."
 )
 
 
