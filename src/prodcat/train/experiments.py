@@ -334,9 +334,8 @@ def compare(
         if isolate
         else "Peak RSS (compare.json only): runs shared one process, so it is the process peak up to that run."
     )
-    out = WorkPaths(workdir).report("compare")
-    _write_compare(out, cells, runs_by_arm, settings, notes + ([note] if note else []))
-    return ExperimentResult(out, run_dirs)
+    _write_compare(WorkPaths(workdir).report("compare"), cells, runs_by_arm, settings, notes + ([note] if note else []))
+    return ExperimentResult(WorkPaths(workdir).report("compare"), run_dirs)
 
 
 def _write_compare(
@@ -425,10 +424,7 @@ def sweep(
     notes = [
         f"{head} head on {features}, {sampler} sampler, {epochs:g} epochs, batch {batch_size}, {num_classes} classes, "
         f"seeds 0..{seeds - 1}; every point and the full-softmax reference use the same optimizer ({name}).",
-        ACCURACY_NOTE,
-        SPREAD_NOTE,
-        *clip_notes,
-        *([note] if note else []),
+        *(ACCURACY_NOTE, SPREAD_NOTE, *clip_notes, *([note] if note else [])),
     ]
     settings = {
         "features": features,
