@@ -13,8 +13,10 @@ SIZES = {"full": {"products": 2000, "categories": 40}, "quick": {"products": 400
 SYNTHETIC = "demo data is synthetic (prodcat demo-data): numbers show the method at work, not Cdiscount"
 
 
-def demo_store(workdir: Path, quick: bool) -> Path:
-    """`workdir` with W/features/FEATURES extracted (train, val, holdout); skipped where it is there already."""
+def demo_store(workdir: Path, quick: bool, seed: int = 0) -> Path:
+    """`workdir` with W/features/FEATURES extracted (train, val, holdout); skipped where it is there already.
+
+    `seed` draws the synthetic catalogue (another seed: other products, pictures and leaf sizes)."""
     from prodcat.data.catalog import ingest
     from prodcat.data.synthetic.demo import generate_demo
     from prodcat.features.extract import extract
@@ -24,7 +26,8 @@ def demo_store(workdir: Path, quick: bool) -> Path:
         return workdir
     size = SIZES["quick" if quick else "full"]
     data = workdir / "data"
-    generate_demo(data, DemoConfig(products=size["products"], test_products=10, categories=size["categories"], seed=0))
+    demo = DemoConfig(products=size["products"], test_products=10, categories=size["categories"], seed=seed)
+    generate_demo(data, demo)
     ingest(IngestConfig(data_dir=str(data), workdir=str(workdir), val_fraction=0.15, seed=0))
     extract(
         ExtractConfig(

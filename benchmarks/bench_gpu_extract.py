@@ -122,12 +122,12 @@ def pipeline(
         path = extract(ExtractConfig(**{**values, **overrides}))
         return len(FeatureStore.open(path)), time.perf_counter() - start
 
-    timed(limit=batch * 2, name="warm", shard_size=4096, workers=workers[0])  # model load, autotune, page cache
+    timed(limit=batch * 2, store_name="warm", shard_size=4096, workers=workers[0])  # model load, autotune, page cache
     results = {}
     for count in workers:
         tag = "auto" if count is None else str(count)
-        half_images, half_seconds = timed(limit=products // 2, name=f"half-{tag}", workers=count)
-        images, seconds = timed(name=f"full-{tag}", workers=count)
+        half_images, half_seconds = timed(limit=products // 2, store_name=f"half-{tag}", workers=count)
+        images, seconds = timed(store_name=f"full-{tag}", workers=count)
         results[tag] = {
             "images": images,
             "seconds": seconds,
@@ -139,7 +139,7 @@ def pipeline(
         import pstats
 
         profiler = cProfile.Profile()
-        profiler.runcall(timed, limit=products // 2, name="profiled")
+        profiler.runcall(timed, limit=products // 2, store_name="profiled")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
     return results
 

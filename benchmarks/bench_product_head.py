@@ -37,7 +37,7 @@ SETTINGS = {"full": {"epochs": 12.0, "batch_size": 128}, "quick": {"epochs": 4.0
 def _arm(workdir: Path, head: str, seed: int, settings: dict[str, Any], max_steps: int | None = None) -> dict:
     suffix = "" if max_steps is None else f"-steps{max_steps}"
     config = TrainConfig(
-        workdir=str(workdir), features=FEATURES, head=head, loss="softmax", optimizer="adamw", seed=seed,
+        workdir=str(workdir), store=FEATURES, head=head, loss="softmax", optimizer="adamw", seed=seed,
         run_name=f"bench14-{head}-s{seed}{suffix}", overwrite=True, device="cpu", eval_every=50, max_steps=max_steps,
         **settings,
     )  # fmt: skip

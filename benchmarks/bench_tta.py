@@ -87,9 +87,9 @@ def extract_both(work: Path, batch: int) -> tuple[dict[str, Any], dict[str, floa
     for tta in ("none", "flip_mean"):
         config = ExtractConfig(
             workdir=str(work), backbone=BACKBONE, splits=("train", "val", "holdout"), batch_size=batch, tta=tta,
-            name=f"bench-tta-{tta}",
+            store_name=f"bench-tta-{tta}",
         )  # fmt: skip
-        shutil.rmtree(work / "features" / config.store_name, ignore_errors=True)
+        shutil.rmtree(work / "features" / config.name, ignore_errors=True)
         began = time.perf_counter()
         stores[tta] = FeatureStore.open(extract(config))
         seconds[tta] = time.perf_counter() - began

@@ -15,9 +15,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # GPU-only benchmarks run through benchmarks/gpu_extract.sh on a lent GPU machine, never here. The accuracy
-# experiments of issue 14 (backbone table, flip TTA, product head, new categories), several minutes each and no
-# speed goal among them, are run on their own: `python benchmarks/bench_NAME.py`.
-SKIP = {"bench_gpu_extract", "bench_backbones", "bench_tta", "bench_product_head", "bench_new_categories"}
+# experiments of issue 14 (backbone table, flip TTA, product head, new categories, Lite0 fidelity), several minutes
+# each and no speed goal among them, are run on their own: `python benchmarks/bench_NAME.py`.
+SKIP = {
+    "bench_gpu_extract",
+    "bench_backbones",
+    "bench_tta",
+    "bench_product_head",
+    "bench_new_categories",
+    "bench_lite0_fidelity",
+}
 
 
 def main(argv: list[str]) -> int:

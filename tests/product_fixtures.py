@@ -51,7 +51,7 @@ def make_product_workdir(
         shard_size=40,
     )
     save_config(
-        ExtractConfig(workdir=str(root), backbone="arrays", name=STORE, random_init=True),
+        ExtractConfig(workdir=str(root), backbone="arrays", store_name=STORE, random_init=True),
         paths.feature_store(STORE) / "config.json",
     )
     return taxonomy, store, centres
@@ -59,7 +59,7 @@ def make_product_workdir(
 
 def product_config(root: Path, head: str = "gated_product", **overrides: object) -> TrainConfig:
     settings: dict = dict(
-        workdir=str(root), features=STORE, head=head, loss="softmax", lr=0.05, warmup_steps=0, epochs=6,
+        workdir=str(root), store=STORE, head=head, loss="softmax", lr=0.05, warmup_steps=0, epochs=6,
         batch_size=16, eval_every=20, device="cpu", dropout=0.0, run_name=head,
     )  # fmt: skip
     settings.update(overrides)

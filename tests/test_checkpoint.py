@@ -92,7 +92,7 @@ def test_best_and_last_and_a_loader_that_needs_only_the_run_dir(tmp_path: Path) 
     assert last["best"] == best["best"]
     files = sorted(p.name for p in checkpoint_dir(run_dir).iterdir())
     assert len(files) == 6, files  # two sidecars, two weights, two optimizer states: nothing stale
-    assert best["config"]["features"] == "toy" and best["taxonomy"] == "taxonomy.parquet" and best["num_classes"] == 12
+    assert best["config"]["store"] == "toy" and best["taxonomy"] == "taxonomy.parquet" and best["num_classes"] == 12
     moved = shutil.copytree(run_dir, tmp_path / "elsewhere" / "run")
     shutil.rmtree(tmp_path / "runs")  # the loader must not need the work dir's taxonomy or runs folder
     rows = store.split_indices("val")

@@ -7,11 +7,14 @@ from typing import Any
 import pytest
 
 from prodcat.config import (
+    CompareConfig,
     ConfigError,
     EvalConfig,
     ExploreConfig,
     ExtractConfig,
     IngestConfig,
+    PredictConfig,
+    SweepConfig,
     TrainConfig,
     config_from_dict,
     load_config,
@@ -29,7 +32,7 @@ BAD_TRAIN = [
     dict(run_name="a\\b"),
     dict(run_name=""),
     dict(run_name="run name"),
-    dict(features="../elsewhere"),
+    dict(store="../elsewhere"),
     dict(lr=0.0),
     dict(lr=-1e-3),
     dict(lr=float("nan")),
@@ -84,13 +87,21 @@ def test_train_config_accepts(overrides: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("cls", "overrides", "field"),
     [
-        (ExtractConfig, dict(name="../../x"), "name"),
-        (ExtractConfig, dict(name="a/b"), "name"),
+        (ExtractConfig, dict(store_name="../../x"), "store_name"),
+        (ExtractConfig, dict(store_name="a/b"), "store_name"),
         (ExtractConfig, dict(limit=0), "limit"),
         (ExtractConfig, dict(spatial_channels=0), "spatial_channels"),
         (ExploreConfig, dict(top_k=0), "top_k"),
         (IngestConfig, dict(seed=-1), "seed"),
         (EvalConfig, dict(batch_size=0), "batch_size"),
+        (CompareConfig, dict(losses=("softmax", "sampeld")), "did you mean sampled"),
+        (CompareConfig, dict(losses=(), arms=()), "at least one loss"),
+        (CompareConfig, dict(seeds=0), "seeds"),
+        (CompareConfig, dict(store="../x"), "store"),
+        (SweepConfig, dict(num_sampled=()), "num_sampled"),
+        (SweepConfig, dict(num_sampled=(8, 0)), "num_sampled"),
+        (SweepConfig, dict(sampler="loguniform"), "sampler"),
+        (PredictConfig, dict(batch_size=0), "batch_size"),
     ],
 )
 def test_other_configs_refuse(cls: type, overrides: dict[str, Any], field: str) -> None:
@@ -103,6 +114,34 @@ def test_saved_configs_round_trip_and_are_checked_again_on_load(tmp_path) -> Non
     assert load_config(TrainConfig, save_config(config, tmp_path / "config.json")) == config
     with pytest.raises(ConfigError, match="run_name"):
         config_from_dict(TrainConfig, {"run_name": "../x", "unknown_key": 1})
+
+
+def test_older_config_files_are_read_under_the_new_field_names(tmp_path) -> None:
+    # TrainConfig.store was `features` (a store name, not a feature kind); ExtractConfig.store_name was `name`.
+    train = config_from_dict(TrainConfig, {"features": "old-store", "run_name": "r"})
+    assert (train.store, train.name) == ("old-store", "r")
+    assert config_from_dict(TrainConfig, {"store": "new", "features": "old"}).store == "new"  # the new name wins
+    extract = config_from_dict(ExtractConfig, {"name": "mine", "features": "spatial"})
+    assert (extract.store_name, extract.name, extract.features) == ("mine", "mine", "spatial")
+    assert ExtractConfig(backbone="b").name == "b-pooled" and ExtractConfig().store_name is None
+    compare = CompareConfig(arms=[["softmax", "adamw"]], optimizers=["sgd"])
+    assert load_config(CompareConfig, save_config(compare, tmp_path / "c.json")) == compare
+    assert compare.arms == (("softmax", "adamw"),) and compare.store == TrainConfig.store
+    with pytest.raises(ConfigError, match="holds a CompareConfig, not a SweepConfig"):
+        load_config(SweepConfig, tmp_path / "c.json")  # its keys would be ignored, defaults taking their place
+
+
+def test_ocr_names_and_rehearsal_sizes_match_their_sources():
+    """The CLI builds every option from prodcat.config without importing the OCR or rehearsal code (numpy,
+    pyarrow): the names and counts kept there must be those of the registries and of the real data."""
+    from prodcat.config import OCR_ENGINES, OCR_SELECTORS, FullRehearsalConfig
+    from prodcat.ocr.engine import list_engines
+    from prodcat.ocr.select import list_selectors
+    from prodcat.rehearsal.synthetic import REAL
+
+    assert sorted(OCR_ENGINES) == list_engines() and sorted(OCR_SELECTORS) == list_selectors()
+    plan = FullRehearsalConfig()
+    assert (plan.products, plan.test_products) == (REAL["train_products"], REAL["test_products"])
 
 
 def test_loss_names_match_the_loss_registry():

@@ -92,7 +92,7 @@ def build_workdir(
     )
     # Predictor.load reads the store's ExtractConfig; no backbone is ever built on cached features.
     save_config(
-        ExtractConfig(workdir=str(root), backbone="arrays", name=STORE, random_init=True),
+        ExtractConfig(workdir=str(root), backbone="arrays", store_name=STORE, random_init=True),
         paths.feature_store(STORE) / "config.json",
     )
     return taxonomy, store
@@ -109,7 +109,7 @@ def _permute_products(label: np.ndarray, product_id: np.ndarray, mask: np.ndarra
 
 
 COMMON = dict(
-    features=STORE,
+    store=STORE,
     lr=0.05,
     warmup_steps=0,
     epochs=12,

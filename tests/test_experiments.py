@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from prodcat.config import ConfigError, EvalConfig
+from prodcat.config import CompareConfig, ConfigError, EvalConfig, SweepConfig, load_config
 from prodcat.evaluate.evaluation import bootstrap_ci, evaluate, proportion_ci
 from prodcat.paths import WorkPaths
 from prodcat.report.experiments import render_experiment
@@ -34,22 +34,27 @@ def _holdout_hits(run_dir: Path) -> np.ndarray:
 def test_compare_writes_the_report(tmp_path: Path) -> None:
     make_workdir(tmp_path, rows=120, holdout_fraction=HOLDOUT)
     result = compare(
-        tmp_path,
-        features="toy",
-        head="linear",
-        losses=("softmax", "sampled", "adaptive"),
-        seeds=2,
-        epochs=1,
-        num_sampled=4,
-        batch_size=32,
-        isolate=False,
+        CompareConfig(
+            workdir=str(tmp_path),
+            store="toy",
+            head="linear",
+            losses=("softmax", "sampled", "adaptive"),
+            seeds=2,
+            epochs=1,
+            num_sampled=4,
+            batch_size=32,
+            isolate=False,
+        )
     )
     out = result.report
     assert out == WorkPaths(tmp_path).report("compare")
+    saved = load_config(CompareConfig, out / "config.json")  # the exact config, beside its report
+    assert (saved.store, saved.seeds, saved.isolate) == ("toy", 2, False)
+    assert saved.losses == ("softmax", "sampled", "adaptive")
     assert sorted(result.runs) == sorted(
         (loss, "adamw", s) for loss in ("softmax", "sampled", "adaptive") for s in (0, 1)
     )
-    assert [p.name for p in out.iterdir()] == ["compare.json"]  # numbers only: the report draws
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "config.json"]  # numbers only: the report draws
     report = json.loads((out / "compare.json").read_text())
     assert list(report["losses"]) == ["softmax, adamw", "sampled, adamw", "adaptive, adamw"]
     assert report["settings"]["optimizers"] == ["adamw"] and report["settings"]["reported_split"] == "holdout"
@@ -101,17 +106,19 @@ def test_compare_writes_the_report(tmp_path: Path) -> None:
 def test_compare_with_optimizers_trains_every_loss_optimizer_cell(tmp_path: Path) -> None:
     make_workdir(tmp_path, rows=80, holdout_fraction=HOLDOUT)
     result = compare(
-        tmp_path,
-        features="toy",
-        head="linear",
-        losses=("softmax", "sampled"),
-        seeds=1,
-        epochs=1,
-        num_sampled=4,
-        batch_size=32,
-        optimizers=("adamw", "rowwise_adamw"),
-        note="toy data is synthetic",
-        isolate=False,
+        CompareConfig(
+            workdir=str(tmp_path),
+            store="toy",
+            head="linear",
+            losses=("softmax", "sampled"),
+            seeds=1,
+            epochs=1,
+            num_sampled=4,
+            batch_size=32,
+            optimizers=("adamw", "rowwise_adamw"),
+            note="toy data is synthetic",
+            isolate=False,
+        )
     )
     cells = {(loss, name) for loss in ("softmax", "sampled") for name in ("adamw", "rowwise_adamw")}
     assert set(result.runs) == {(loss, name, 0) for loss, name in cells}
@@ -134,29 +141,37 @@ def test_compare_with_optimizers_trains_every_loss_optimizer_cell(tmp_path: Path
 
 def test_compare_arms_pick_cells_and_bad_optimizers_fail_before_training(tmp_path: Path) -> None:
     make_workdir(tmp_path, rows=80, holdout_fraction=HOLDOUT)
-    common = dict(features="toy", head="linear", seeds=1, epochs=1, num_sampled=4, batch_size=32, isolate=False)
+    common = dict(store="toy", head="linear", seeds=1, epochs=1, num_sampled=4, batch_size=32, isolate=False)
     with pytest.raises(ConfigError, match="rowwise_adamw"):
-        compare(tmp_path, losses=("softmax",), optimizer="adam", **common)
+        compare(CompareConfig(workdir=str(tmp_path), losses=("softmax",), optimizer="adam", **common))
     with pytest.raises(ConfigError, match="not both"):
-        compare(tmp_path, losses=("softmax",), optimizer="sgd", optimizers=("adamw",), **common)
+        compare(
+            CompareConfig(workdir=str(tmp_path), losses=("softmax",), optimizer="sgd", optimizers=("adamw",), **common)
+        )
     assert not WorkPaths(tmp_path).runs.exists() or not any(WorkPaths(tmp_path).runs.iterdir())
-    result = compare(tmp_path, losses=(), arms=[("softmax", "adamw"), ("sampled", "rowwise_sgd")], **common)
+    result = compare(
+        CompareConfig(
+            workdir=str(tmp_path), losses=(), arms=[("softmax", "adamw"), ("sampled", "rowwise_sgd")], **common
+        )
+    )
     assert set(result.runs) == {("softmax", "adamw", 0), ("sampled", "rowwise_sgd", 0)}
 
 
 def test_compare_trains_in_a_subprocess(tmp_path: Path) -> None:
     make_workdir(tmp_path, rows=80, holdout_fraction=HOLDOUT)
     result = compare(
-        tmp_path,
-        features="toy",
-        head="linear",
-        losses=("sampled",),
-        seeds=1,
-        epochs=1,
-        num_sampled=4,
-        batch_size=32,
-        optimizer="rowwise_adamw",
-        isolate=True,
+        CompareConfig(
+            workdir=str(tmp_path),
+            store="toy",
+            head="linear",
+            losses=("sampled",),
+            seeds=1,
+            epochs=1,
+            num_sampled=4,
+            batch_size=32,
+            optimizer="rowwise_adamw",
+            isolate=True,
+        )
     )
     agg = json.loads((result.report / "compare.json").read_text())["losses"]["sampled, rowwise_adamw"]
     run_dir = result.runs[("sampled", "rowwise_adamw", 0)]
@@ -168,17 +183,20 @@ def test_compare_trains_in_a_subprocess(tmp_path: Path) -> None:
 def test_sweep_clips_k_and_writes_the_report(tmp_path: Path) -> None:
     make_workdir(tmp_path, rows=120, holdout_fraction=HOLDOUT)  # 12 classes
     result = sweep(
-        tmp_path,
-        features="toy",
-        head="linear",
-        num_sampled=(2, 50),
-        sampler="log_uniform",
-        epochs=1,
-        seeds=1,
-        batch_size=32,
-        optimizer="rowwise_adamw",
+        SweepConfig(
+            workdir=str(tmp_path),
+            store="toy",
+            head="linear",
+            num_sampled=(2, 50),
+            sampler="log_uniform",
+            epochs=1,
+            seeds=1,
+            batch_size=32,
+            optimizer="rowwise_adamw",
+        )
     )
     out = result.report
+    assert load_config(SweepConfig, out / "config.json").num_sampled == (2, 50)  # as asked; the report says clipped
     report = json.loads((out / "sweep.json").read_text())
     assert [p["num_sampled"] for p in report["points"]] == [2, 11]
     assert any("clipped to K=11" in note for note in report["notes"])

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from prodcat.config import EvalConfig, TrainConfig
+from prodcat.config import CompareConfig, EvalConfig, TrainConfig
 from prodcat.evaluate.evaluation import evaluate, macro_accuracy, train_pictures_per_leaf
 from prodcat.predict.calibration import adjust_logits, apply_temperature, log_prior
 from prodcat.predict.predictor import Predictor, aggregate_products
@@ -133,10 +133,11 @@ def test_balanced_softmax_run_is_a_row_of_the_levers_table(runs: dict) -> None:
 
 def test_compare_trains_balanced_softmax_through_the_registry(tmp_path: Path) -> None:
     build_workdir(tmp_path)
-    result = compare(
-        tmp_path, features="toy", head="linear", losses=("softmax", "balanced_softmax"), seeds=1, epochs=1,
+    config = CompareConfig(
+        workdir=str(tmp_path), store="toy", head="linear", losses=("softmax", "balanced_softmax"), seeds=1, epochs=1,
         num_sampled=4, batch_size=32, isolate=False,
     )  # fmt: skip
+    result = compare(config)
     assert set(result.runs) == {("softmax", "adamw", 0), ("balanced_softmax", "adamw", 0)}
     report = json.loads((result.report / "compare.json").read_text())
     assert {agg["loss"] for agg in report["losses"].values()} == {"softmax", "balanced_softmax"}

@@ -124,7 +124,7 @@ def test_predict_cli_never_drops_a_product_with_bad_pictures(tmp_path: Path) -> 
     run = train(
         TrainConfig(
             workdir=str(workdir),
-            features="test_efficientnet-pooled",
+            store="test_efficientnet-pooled",
             max_steps=5,
             batch_size=16,
             eval_every=5,

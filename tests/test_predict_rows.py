@@ -28,7 +28,7 @@ def test_every_readable_id_gets_one_row(tmp_path: Path) -> None:
     ingest(IngestConfig(data_dir=str(data), workdir=str(workdir), val_fraction=0.2))
     extract(ExtractConfig(workdir=str(workdir), backbone="test_efficientnet", random_init=True, batch_size=32,
                           workers=0))  # fmt: skip
-    run = train(TrainConfig(workdir=str(workdir), features="test_efficientnet-pooled", max_steps=2, batch_size=16,
+    run = train(TrainConfig(workdir=str(workdir), store="test_efficientnet-pooled", max_steps=2, batch_size=16,
                             eval_every=2, warmup_steps=1, run_name="tiny"))  # fmt: skip
     with open(data / "train.bson", "rb") as source:
         imgs = [doc["imgs"] for doc in bson.decode_file_iter(source)][:6]

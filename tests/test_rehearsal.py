@@ -180,3 +180,22 @@ def test_a_failing_stage_is_recorded_before_the_error_surfaces(tmp_path: Path) -
         recorder.stage("explore", "explore_stage", workdir=str(tmp_path))
     saved = json.loads((tmp_path / "reports" / "rehearsal.json").read_text())
     assert saved["failed"]["stage"] == "explore" and "FileNotFoundError" in saved["failed"]["error"]
+
+
+def test_resume_reuses_finished_stages_and_refuses_another_plan(tmp_path: Path) -> None:
+    from prodcat.rehearsal.drivers import _Recorder
+
+    plan = FullPlan(products=10, test_products=2)
+    first = _Recorder(tmp_path, "full", plan, isolate=False)
+    done = first.stage("probe", "probe_stage", path=str(tmp_path / "probe.bin"), megabytes=3)
+    assert done["items"] == 3
+    # a later run of the same plan (another number of seeds is allowed) gets the result back without running it
+    again = _Recorder(tmp_path, "full", plan, isolate=False, resume=True)
+    reused = again.stage("probe", "missing_stage_would_fail_if_run")
+    assert reused["items"] == 3 and again.records[0].seconds == first.records[0].seconds
+    saved = json.loads((tmp_path / "reports" / "rehearsal.json").read_text())
+    assert saved["resumed_from"]["stages"] == ["probe"] and [s["name"] for s in saved["stages"]] == ["probe"]
+    with pytest.raises(ValueError, match=r"different plan \(products: 10 there, 20 now\)"):
+        _Recorder(tmp_path, "full", FullPlan(products=20, test_products=2), isolate=False, resume=True)
+    fresh = _Recorder(tmp_path / "new", "full", plan, isolate=False, resume=True)  # nothing earlier: starts afresh
+    assert fresh.done == {}

@@ -25,7 +25,7 @@ def _val_accuracy(run_dir: Path, which: str = "best") -> float:
     model, meta = load_checkpoint(run_dir, which)
     from prodcat.features.store import FeatureStore
 
-    store = FeatureStore.open(WorkPaths(meta["config"]["workdir"]).feature_store(meta["config"]["features"]))
+    store = FeatureStore.open(WorkPaths(meta["config"]["workdir"]).feature_store(meta["config"]["store"]))
     rows = store.split_indices("val")
     with torch.no_grad():
         predicted = model(torch.from_numpy(store.read(rows))).argmax(1).numpy()
@@ -87,11 +87,9 @@ LOSSES = ("softmax", "sampled", "adaptive")
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_head_and_loss_trains_a_few_steps(tmp_path: Path, head: str, loss: str) -> None:
     taxonomy, _ = make_workdir(tmp_path, rows=120, spatial=True)
-    features = SPATIAL_STORE if head == "conv" else "toy"
+    store = SPATIAL_STORE if head == "conv" else "toy"
     run_dir = train(
-        tiny_config(
-            tmp_path, head=head, loss=loss, features=features, max_steps=3, eval_every=2, dropout=0.1, batch_size=16
-        )
+        tiny_config(tmp_path, head=head, loss=loss, store=store, max_steps=3, eval_every=2, dropout=0.1, batch_size=16)
     )
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [0, 2, 3]
@@ -176,7 +174,7 @@ def test_labels_outside_the_taxonomy_are_refused(tmp_path: Path) -> None:
         split=np.array(["train"] * n),
     )
     with pytest.raises(StoreError, match="outside the taxonomy"):
-        train(tiny_config(tmp_path, features="bad"))
+        train(tiny_config(tmp_path, store="bad"))
 
 
 def test_divergence_stops_with_an_error_and_never_saves_a_non_finite_model(tmp_path: Path) -> None:

@@ -101,7 +101,7 @@ def test_two_ranks_match_one_process(tmp_path: Path, loss: str, optimizer: str) 
     single = train(tiny_config(tmp_path, run_name="single", **settings))
     ddp = tmp_path / "runs" / "ddp"
     meta = read_meta(ddp, "last")
-    assert meta["world_size"] == 2 and meta["sparse_output"] is False and meta["optimizer"] == optimizer
+    assert meta["world_size"] == 2 and meta["sparse_output"] is False and meta["config"]["optimizer"] == optimizer
     assert read_meta(single, "last")["sparse_output"] == (optimizer == "rowwise_adamw" and loss == "sampled")
     expected, got = _weights(single), _weights(ddp)
     assert expected.keys() == got.keys()

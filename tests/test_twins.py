@@ -208,7 +208,7 @@ def test_predict_bson_looks_up_training_twins(tmp_path: Path) -> None:
     write_picture_table(workdir)
     extract(ExtractConfig(workdir=str(workdir), backbone="test_efficientnet", random_init=True, batch_size=32,
                           workers=0))  # fmt: skip
-    run = train(TrainConfig(workdir=str(workdir), features="test_efficientnet-pooled", max_steps=3, batch_size=16,
+    run = train(TrainConfig(workdir=str(workdir), store="test_efficientnet-pooled", max_steps=3, batch_size=16,
                             eval_every=3, warmup_steps=1, run_name="tiny"))  # fmt: skip
     in_train = set(load_catalog(workdir, "train", split="train")["product_id"].to_pylist())
     summary = predict_bson(run, data / "test.bson", tmp_path / "sub.csv")

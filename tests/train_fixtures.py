@@ -62,7 +62,7 @@ def make_workdir(
     )
     store = write_store(paths.feature_store(STORE), features, shard_size=64, **columns)
     if holdout_fraction > 0:  # Predictor.load reads the store's ExtractConfig; no backbone is built on cached features
-        extract = ExtractConfig(workdir=str(root), backbone="arrays", name=STORE, random_init=True)
+        extract = ExtractConfig(workdir=str(root), backbone="arrays", store_name=STORE, random_init=True)
         save_config(extract, paths.feature_store(STORE) / "config.json")
     if spatial:
         maps = features.reshape(rows, 2, 2, dim // 4)
@@ -74,7 +74,7 @@ def tiny_config(root: Path, **overrides: Any) -> TrainConfig:
     """A config that trains in well under a second on the tiny store."""
     settings: dict[str, Any] = dict(
         workdir=str(root),
-        features=STORE,
+        store=STORE,
         head="linear",
         loss="softmax",
         lr=0.05,

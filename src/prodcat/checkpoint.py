@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2  # 2: sha256 of every tensor file in the sidecar
-TAXONOMY_FILE = "taxonomy.parquet"  # copied into every run dir so a run rebuilds from its folder alone
 
 
 class CheckpointError(RuntimeError):
@@ -346,9 +345,10 @@ def _load_weights(model: nn.Module, run_dir: Path, meta: dict[str, Any], device:
 
 
 def load_checkpoint(
-    run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu"
+    run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu", taxonomy: Any = None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the classifier from the saved config and taxonomy copy, load its weights; eval mode."""
+    """Rebuild the classifier from the saved config and taxonomy copy, load its weights; eval mode. `taxonomy`: the
+    run's, when the caller has read it already (prodcat.predict.run); checked against the sidecar either way."""
     from prodcat.data.taxonomy import Taxonomy
 
     run_dir = Path(run_dir)
@@ -359,7 +359,7 @@ def load_checkpoint(
         sidecar = checkpoint_dir(run_dir) / f"{which}.json"
         raise CheckpointError(f"{sidecar}: saved config is invalid ({_one_line(error)})") from None
     try:
-        taxonomy = Taxonomy.load(run_dir / meta["taxonomy"])
+        taxonomy = taxonomy if taxonomy is not None else Taxonomy.load(run_dir / meta["taxonomy"])
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise CheckpointError(f"{run_dir / meta['taxonomy']}: unreadable taxonomy ({_one_line(error)})") from None
     if taxonomy.num_classes != int(meta["num_classes"]):

@@ -71,7 +71,7 @@ def require_store(workdir: str | Path, name: str) -> None:
         return
     stores = list_stores(root)
     if stores:
-        raise unknown_choice("feature store", name, stores, f" (in {root / 'features'}); pass one with --features")
+        raise unknown_choice("feature store", name, stores, f" (in {root / 'features'}); pass one with --store")
     if not (root / "catalog" / "train.parquet").is_file():
         require_catalog(root)
     raise UserError(f"{root / 'features'}: no feature stores yet; run `prodcat extract --workdir {root}` first")

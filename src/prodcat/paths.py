@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-__all__ = ["WorkPaths"]
+__all__ = ["WorkPaths", "TAXONOMY_FILE"]
+
+TAXONOMY_FILE = "taxonomy.parquet"  # W/taxonomy.parquet, and its copy in every run folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,7 @@ class WorkPaths:
 
     @property
     def taxonomy(self) -> Path:
-        return self.root / "taxonomy.parquet"
+        return self.root / TAXONOMY_FILE
 
     @property
     def ingest_outputs(self) -> tuple[Path, ...]:

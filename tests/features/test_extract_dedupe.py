@@ -121,8 +121,8 @@ def test_copies_share_vectors_and_each_distinct_picture_is_run_once(workdir: Pat
 
 
 def test_dedupe_store_equals_store_without_dedupe(workdir: Path) -> None:
-    with_dedupe = FeatureStore.open(extract(_config(workdir, name="on")))
-    without = FeatureStore.open(extract(_config(workdir, name="off", dedupe=False)))
+    with_dedupe = FeatureStore.open(extract(_config(workdir, store_name="on")))
+    without = FeatureStore.open(extract(_config(workdir, store_name="off", dedupe=False)))
     assert without.manifest["dedupe"]["enabled"] is False and without.manifest["dedupe"]["copied"] == 0
     assert with_dedupe.rows.equals(without.rows)
     np.testing.assert_array_equal(with_dedupe.read_all(), without.read_all())
@@ -155,22 +155,20 @@ def test_stale_picture_table_is_refused(workdir: Path) -> None:
 def test_partial_shards_of_other_ranks_are_completed(workdir: Path) -> None:
     """Two ranks, simulated in one process: rank 1's shards run first, so their copies wait for rank 0's shards."""
     from prodcat.distributed import DistInfo
-    from prodcat.features.backbones import Preprocessor, create_backbone
-    from prodcat.features.inference import InferenceRunner
+    from prodcat.features.extractor import FeatureExtractor
 
-    reference = FeatureStore.open(extract(_config(workdir, name="reference")))
-    config = _config(workdir, name="ranks")
-    backbone = create_backbone(BACKBONE, random_init=True)
-    runner = InferenceRunner(backbone, precision="float32")
+    reference = FeatureStore.open(extract(_config(workdir, store_name="reference")))
+    config = _config(workdir, store_name="ranks")
+    extractor = FeatureExtractor.from_config(config)
     plan = plan_rows(workdir, config.splits)
     path = workdir / "features" / "ranks"
     info = DistInfo()
-    store = extract_module._open_store(path, plan, reference.feature_shape, backbone, runner, config, info)
+    store = extract_module._open_store(path, plan, extractor, config, info)
     shards = store.missing_shards()
     odd, even = shards[1::2], shards[0::2]
-    extract_module._run_shards(store, odd, plan, Preprocessor(backbone.spec), runner, config, info)
+    extract_module._run_shards(store, odd, plan, extractor, config, info)
     assert any(store.is_partial(shard) for shard in odd)
-    extract_module._run_shards(store, even, plan, Preprocessor(backbone.spec), runner, config, info)
+    extract_module._run_shards(store, even, plan, extractor, config, info)
     extract_module._complete_partial(store, odd, plan.owner)
     assert not store.missing_shards() and not list((path / "shards").glob("*.part.json"))
     store.finalize()
@@ -211,7 +209,7 @@ def test_kill_and_resume_with_dedupe_equals_uninterrupted_run(workdir: Path) -> 
 
 
 def test_two_torchrun_ranks_with_dedupe_match_single_process(workdir: Path) -> None:
-    reference = FeatureStore.open(extract(_config(workdir, batch_size=2, shard_size=4, name="single")))
+    reference = FeatureStore.open(extract(_config(workdir, batch_size=2, shard_size=4, store_name="single")))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                 "--master-port", str(29600 + os.getpid() % 1000)]  # fmt: skip
     result = subprocess.run([*torchrun, *_cli(workdir, "ranks")[1:], "--distributed"], capture_output=True, text=True,

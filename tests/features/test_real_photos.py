@@ -108,7 +108,7 @@ def cdiscount_photos() -> list[bytes]:
         return [p for o, n in zip(index.offset, index.length, strict=True) for p in reader.pictures(int(o), int(n))]
 
 
-@pytest.mark.parametrize("name", [*PACKAGED, "legacy_xception"])
+@pytest.mark.parametrize("name", list_backbones())  # every registered one; those without packaged weights random
 def test_auto_mode_keeps_float32_features_on_real_photos(
     name: str, photos: list[bytes], cdiscount_photos: list[bytes]
 ) -> None:

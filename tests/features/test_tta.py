@@ -162,8 +162,8 @@ def _store_pictures(store: FeatureStore, workdir: Path, rows: np.ndarray) -> lis
 
 
 def test_store_rows_are_flip_means_and_manifest_records_mode(workdir: Path, engine: tuple) -> None:
-    store = FeatureStore.open(extract(_config(workdir, tta="flip_mean", name="flip")))
-    plain = FeatureStore.open(extract(_config(workdir, name="plain")))
+    store = FeatureStore.open(extract(_config(workdir, tta="flip_mean", store_name="flip")))
+    plain = FeatureStore.open(extract(_config(workdir, store_name="plain")))
     assert store.manifest["tta"] == "flip_mean" and plain.manifest["tta"] == "none"
     assert read_json(store.path / "config.json")["tta"] == "flip_mean"
     assert store.manifest["dedupe"]["copied"] > 0  # dedupe still on: repeated pictures copied, not recomputed
@@ -183,24 +183,24 @@ def test_store_rows_are_flip_means_and_manifest_records_mode(workdir: Path, engi
 
 
 def test_resume_refuses_another_tta_mode(workdir: Path) -> None:
-    path = extract(_config(workdir, name="s"))
+    path = extract(_config(workdir, store_name="s"))
     with pytest.raises(StoreError, match="--tta none"):
-        extract(_config(workdir, name="s", tta="flip_mean"))
-    flip = extract(_config(workdir, name="f", tta="flip_mean"))
+        extract(_config(workdir, store_name="s", tta="flip_mean"))
+    flip = extract(_config(workdir, store_name="f", tta="flip_mean"))
     with pytest.raises(StoreError, match="--tta flip_mean"):
-        extract(_config(workdir, name="f"))
+        extract(_config(workdir, store_name="f"))
     # A store from before TTA (no "tta" in its manifest) is a plain one: resuming it without TTA still works.
     manifest = read_json(path / "manifest.json")
     del manifest["tta"]
     write_json(path / "manifest.json", manifest)
-    assert extract(_config(workdir, name="s")) == path
+    assert extract(_config(workdir, store_name="s")) == path
     with pytest.raises(StoreError, match="--tta none"):
-        extract(_config(workdir, name="s", tta="flip_mean"))
+        extract(_config(workdir, store_name="s", tta="flip_mean"))
     assert FeatureStore.open(flip).manifest["tta"] == "flip_mean"
 
 
 def test_old_store_config_without_tta_loads_as_none(workdir: Path) -> None:
-    path = extract(_config(workdir, name="old"))
+    path = extract(_config(workdir, store_name="old"))
     data = read_json(path / "config.json")
     data.pop("tta")
     assert config_from_dict(ExtractConfig, data).tta == "none"
@@ -211,9 +211,9 @@ def test_predictor_applies_the_store_tta(workdir: Path, tta: str) -> None:
     from prodcat.predict.predictor import Predictor
     from prodcat.train.loop import train
 
-    store = FeatureStore.open(extract(_config(workdir, tta=tta, name="s")))
-    other = FeatureStore.open(extract(_config(workdir, tta=next(m for m in TTA_MODES if m != tta), name="o")))
-    run = train(tiny_config(workdir, features="s", epochs=1, hidden_dim=8, run_name="r"))
+    store = FeatureStore.open(extract(_config(workdir, tta=tta, store_name="s")))
+    other = FeatureStore.open(extract(_config(workdir, tta=next(m for m in TTA_MODES if m != tta), store_name="o")))
+    run = train(tiny_config(workdir, store="s", epochs=1, hidden_dim=8, run_name="r"))
     predictor = Predictor.load(run)  # reads the mode from the store's config.json, nothing passed by hand
     assert predictor.extract_config.tta == tta
     rows = store.split_indices("train")

@@ -31,8 +31,18 @@ def _head(name: str, in_shape: tuple[int, ...]):
 
 
 def test_registries_list_the_contract_names() -> None:
-    assert {"linear", "mlp", "conv"} <= set(list_heads())
+    assert {"linear", "mlp", "conv", "hier", "gated_product"} <= set(list_heads())  # hier too, like every other
     assert {"softmax", "sampled", "adaptive"} <= set(list_losses())
+
+
+def test_hier_is_a_registered_head_built_into_a_per_level_classifier() -> None:
+    from prodcat.model import HierarchicalClassifier, build_classifier, is_hierarchical_head
+
+    assert is_hierarchical_head(create_head("hier", (8,), hidden_dim=4))
+    assert not any(is_hierarchical_head(create_head(name, (8,))) for name in list_heads() if name != "hier")
+    levels = {"leaf_level1": [0, 0, 1, 1], "leaf_level2": [0, 1, 2, 3]}
+    model = build_classifier("hier", "softmax", (8,), 4, hidden_dim=4, **levels)
+    assert isinstance(model, HierarchicalClassifier) and model.head.out_dim == 4
 
 
 def test_registries_refuse_duplicates_and_unknown_names() -> None:

@@ -1,5 +1,5 @@
-"""Text + picture fusion: the heads train on tiny data, the late weight comes from val, the Predictor and the server
-use a run's text model (the OCR parts skip without Tesseract)."""
+"""Text + picture fusion: the heads train on tiny data, the late weight and the fused calibration come from val, the
+Predictor and the server use a run's text model (the OCR parts skip without Tesseract)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prodcat.config import ExtractConfig, TrainConfig, save_config
+from prodcat.config import EvalConfig, ExtractConfig, TrainConfig, save_config
 from prodcat.data.synthetic.covers import COVER_LEAVES, render_cover_product
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import write_store
@@ -54,7 +54,7 @@ def _build(root: Path, products: int = 240, dim: int = 8) -> Taxonomy:
     levels = {"level1": taxonomy.leaf_level1[label], "level2": taxonomy.leaf_level2[label]}
     write_store(paths.feature_store(STORE), features, shard_size=64, product_id=ids, image_index=np.zeros(products),
                 label=label, split=split, **levels)  # fmt: skip
-    save_config(ExtractConfig(workdir=str(root), backbone="arrays", name=STORE, random_init=True),
+    save_config(ExtractConfig(workdir=str(root), backbone="arrays", store_name=STORE, random_init=True),
                 paths.feature_store(STORE) / "config.json")  # fmt: skip
     words: dict[str, list] = {k: [] for k in ("product_id", "image_index", "word_index", "word", "confidence")}
     for product, k in zip(ids, leaf, strict=True):
@@ -68,14 +68,17 @@ def _build(root: Path, products: int = 240, dim: int = 8) -> Taxonomy:
 
 @pytest.fixture(scope="module")
 def fusion_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """train -> evaluate (picture calibration chosen on val) -> text-head, as the pipeline runs them."""
+    from prodcat.evaluate.evaluation import evaluate
     from prodcat.train.loop import train
 
     root = tmp_path_factory.mktemp("fusion")
     _build(root)
-    run = train(TrainConfig(workdir=str(root), features=STORE, head="linear", loss="softmax", lr=0.05, epochs=12,
+    run = train(TrainConfig(workdir=str(root), store=STORE, head="linear", loss="softmax", lr=0.05, epochs=12,
                             batch_size=32, eval_every=40, device="cpu", run_name="pictures"))  # fmt: skip
+    metrics = evaluate(EvalConfig(run=str(run), target_accuracy=0.8, bootstrap_resamples=0))
     summary = train_text_model(FusionConfig(run=str(run), epochs=15, n_features=512, lr=0.05))
-    return {"root": root, "run": Path(run), "summary": summary}
+    return {"root": root, "run": Path(run), "summary": summary, "metrics": metrics}
 
 
 def test_both_fusions_beat_pictures_on_the_cover_leaves(fusion_run: dict) -> None:
@@ -98,6 +101,49 @@ def test_text_model_loads_checked_and_reruns_need_overwrite(fusion_run: dict) ->
 
     with pytest.raises(ConfigError, match="--overwrite"):
         train_text_model(FusionConfig(run=str(fusion_run["run"])))
+
+
+def test_fused_calibration_is_chosen_on_val_and_kept_with_the_text_model(fusion_run: dict) -> None:
+    from prodcat.checkpoint import read_meta
+    from prodcat.predict.predictor import Predictor
+
+    summary, metrics = fusion_run["summary"], fusion_run["metrics"]
+    chosen = summary["calibration"]
+    assert chosen["fitted_on"] == "val" and chosen["n"] == summary["val"]["picture"]["all"]["n"] == 48
+    assert chosen["settings"].endswith("eval/config.json") and chosen["confidence"]["target_accuracy"] == 0.8
+    held = chosen["holdout"]
+    assert held["split"] == "holdout" and held["n"] == summary["holdout"]["picture"]["all"]["n"] == 48
+    assert held["after"]["ece"] <= held["before"]["ece"]  # fitted on these scores' val twin, not the pictures'
+    assert held["before"]["threshold"] == metrics["confidence"]["threshold"]
+    sidecar = read_meta(fusion_run["run"] / "text", "best")["calibration"]
+    assert sidecar["temperature"] == chosen["temperature"] != metrics["calibration"]["temperature"]
+    assert sidecar["threshold"] == chosen["confidence"]["threshold"] and len(sidecar["prior_counts"]) == len(ROWS)
+    predictor = Predictor.load(fusion_run["run"])
+    assert predictor.calibration.temperature == sidecar["temperature"]
+    assert predictor.accept_threshold == sidecar["threshold"]
+    predictor.text_model = None  # pictures alone: evaluate's calibration again
+    assert predictor.calibration.temperature == metrics["calibration"]["temperature"]
+    assert predictor.accept_threshold == metrics["confidence"]["threshold"]
+
+
+def test_predictor_applies_the_text_model_calibration_to_fused_scores(
+    fusion_run: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prodcat.predict.calibration import ProductCalibration, apply_temperature
+
+    predictor = _predictor_on_centre(fusion_run, monkeypatch)
+    model = predictor.text_model
+    words = list(LEAVES[1].words[:2])
+    monkeypatch.setattr(model, "read", lambda images: [words for _ in images])  # no Tesseract needed
+    monkeypatch.setattr(model, "calibration", ProductCalibration(0.0, None, 3.0))  # far from evaluate's T
+    monkeypatch.setattr(model, "accept_threshold", 0.01)
+    prediction = predictor.predict_product([_cover_tensor(1, 0)[0]], top_k=2)
+    features = predictor.image_features([None])
+    fused = model.fuse(predictor.log_probs_from_features(features), features, [" ".join(words)])
+    assert prediction.top[0].probability == pytest.approx(np.exp(apply_temperature(fused, 3.0).max()), rel=1e-5)
+    assert prediction.threshold == 0.01 and prediction.accepted and prediction.ocr_words == [words]
+    as_before = apply_temperature(fused, fusion_run["metrics"]["calibration"]["temperature"])
+    assert prediction.top[0].probability != pytest.approx(np.exp(as_before.max()), rel=1e-3)  # not the picture T
 
 
 def test_late_weight_is_the_best_on_val_and_ties_go_to_the_smaller() -> None:
@@ -169,6 +215,7 @@ def test_report_section_shows_the_fusion_table_and_examples(fusion_run: dict) ->
     assert section.id == "ocr" and section.available
     assert "late fusion" in section.body and "± n/a" in section.body  # one seed: no spread to show
     assert "synthetic" in section.body and any(leaf.level3 in section.body for leaf in LEAVES)  # examples
+    assert "their own calibration (served now)" in section.body and "on val's fused scores (n = 48)" in section.body
     rows = {row["arm"]: row for row in fusion_rows([fusion_run["summary"]] * 2)}
     assert rows["late"]["text_leaves"].endswith("± 0.000") and rows["late"]["text_leaves_n"] == 32
     empty = ocr_section(fusion_run["root"] / "nowhere", words_right=fusion_run["root"] / "absent.json")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prodcat.config import EvalConfig, ExtractConfig, IngestConfig, TrainConfig, save_config
+from prodcat.config import CompareConfig, EvalConfig, ExtractConfig, IngestConfig, SweepConfig, TrainConfig, save_config
 from prodcat.data.catalog import ingest, load_catalog
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import write_store
@@ -83,7 +83,7 @@ def _write_store(root: Path, rng: np.random.Generator) -> None:
         shard_size=64,
     )
     save_config(
-        ExtractConfig(workdir=str(root), backbone="arrays", name=STORE, random_init=True),
+        ExtractConfig(workdir=str(root), backbone="arrays", store_name=STORE, random_init=True),
         paths.feature_store(STORE) / "config.json",
     )
 
@@ -104,7 +104,7 @@ def full_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write_store(root, rng)
     common = dict(
         workdir=str(root),
-        features=STORE,
+        store=STORE,
         lr=0.05,
         warmup_steps=0,
         epochs=6,
@@ -118,9 +118,9 @@ def full_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         run = train(TrainConfig(head=head, loss="softmax", run_name=f"{head}-run", **common))
         evaluate(EvalConfig(run=str(run)))
     # The real experiment writers, in-process and tiny: the report reads exactly what they write.
-    settings = dict(features=STORE, head="linear", epochs=2, batch_size=32, seeds=1)
-    compare(root, losses=("softmax", "sampled"), num_sampled=2, isolate=False, **settings)
-    sweep(root, num_sampled=(2,), sampler="uniform", **settings)
+    settings = dict(store=STORE, head="linear", epochs=2, batch_size=32, seeds=1)
+    compare(CompareConfig(workdir=str(root), losses=("softmax", "sampled"), num_sampled=2, isolate=False, **settings))
+    sweep(SweepConfig(workdir=str(root), num_sampled=(2,), sampler="uniform", **settings))
     return root
 
 

@@ -11,7 +11,7 @@ import pytest
 from prodcat.report.levers import HEADERS, bench_rows, levers_table_html, levers_table_markdown
 
 REPO = Path(__file__).resolve().parents[2]
-LEVERS = ("product head", "flip test-time augmentation", "OCR", "EfficientNet-Lite1", "prototypes")
+LEVERS = ("product head", "flip test-time augmentation", "OCR", "EfficientNet-Lite1", "TF-faithful", "prototypes")
 
 
 def _run_metrics() -> dict:

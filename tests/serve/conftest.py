@@ -29,11 +29,13 @@ class FakePredictor:
         fail: bool = False,
         gate: threading.Event | None = None,
         input_size: tuple[int, int] | None = None,
+        ocr_words: Callable[[int], list[str]] | None = None,
     ) -> None:
         self.taxonomy = Taxonomy.from_rows(ROWS, counts={row[0]: 100 - i for i, row in enumerate(ROWS)})
         self.accept_threshold = threshold
         self.aggregation = "mean_prob"
         self.delay, self.fail, self.gate = delay, fail, gate
+        self.ocr_words = ocr_words  # picture index -> words read, as a run with a text model (None: it has none)
         self.calls: list[list[int]] = []  # images per product, one list per predict_products call
         self.shapes: list[tuple[int, ...]] = []  # every image's shape, as the server handed it over
         if input_size is not None:  # the server decodes reduced towards it, as for a real backbone's input size
@@ -75,9 +77,15 @@ class FakePredictor:
             per_image = [self.image_probs(image) for image in product]
             top = self._scores(np.mean(per_image, axis=0), top_k)
             accepted = self.accept_threshold is not None and top[0].probability >= self.accept_threshold
+            words = None if self.ocr_words is None else [self.ocr_words(i) for i in range(len(product))]
             predictions.append(
                 ProductPrediction(
-                    top, [self._scores(p, top_k) for p in per_image], accepted, self.accept_threshold, self.aggregation
+                    top,
+                    [self._scores(p, top_k) for p in per_image],
+                    accepted,
+                    self.accept_threshold,
+                    self.aggregation,
+                    ocr_words=words,
                 )
             )
         return predictions

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import socket
 import threading
 import time
@@ -47,12 +49,11 @@ def _evaluated_run(root: Path) -> Path:
     return run
 
 
-@pytest.fixture
-def server(make_predictor: Callable, tmp_path: Path) -> Iterator[tuple[str, Any]]:
-    """The app under uvicorn on a free loopback port, in a thread."""
+@contextlib.contextmanager
+def _serving(predictor: Any, tmp_path: Path) -> Iterator[str]:
+    """The app under uvicorn on a free loopback port, in a thread; yields its URL."""
     import uvicorn
 
-    predictor = make_predictor(threshold=0.3)
     predictor.run_dir = _evaluated_run(tmp_path / "runs")
     port = _free_port()
     server = uvicorn.Server(
@@ -66,10 +67,17 @@ def server(make_predictor: Callable, tmp_path: Path) -> Iterator[tuple[str, Any]
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}/", predictor
+        yield f"http://127.0.0.1:{port}/"
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+@pytest.fixture
+def server(make_predictor: Callable, tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    predictor = make_predictor(threshold=0.3)
+    with _serving(predictor, tmp_path) as url:
+        yield url, predictor
 
 
 @pytest.fixture
@@ -123,7 +131,31 @@ def test_page_shows_the_predicted_category(
     assert ("auto-accept" in badge.inner_text().lower()) is (expected[0].probability >= 0.3)
     assert page.locator("#thumbnails .thumb").count() == 1
     assert expected[0].level3 in page.locator("#thumbnails .thumb .thumb-top").inner_text()
+    assert page.locator("#thumbnails .thumb .thumb-words").is_hidden()  # no text model: no words place shown
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+
+def test_page_shows_the_words_read_under_each_photo(
+    make_predictor: Callable, page: Any, coffee_jpeg: Path, tmp_path: Path
+) -> None:
+    hostile = "<img src=x onerror=\"document.title='pwned'\">"
+    words = {0: ["CAFÉ", "Arabica", hostile], 1: []}  # the second photo: read, nothing found
+    plain = tmp_path / "back.jpg"
+    shutil.copy(coffee_jpeg, plain)
+    with _serving(make_predictor(threshold=0.3, ocr_words=words.__getitem__), tmp_path) as url:
+        page.goto(url)
+        page.wait_for_selector("#model-info .run-name", timeout=20_000)
+        page.set_input_files("#file-input", [str(coffee_jpeg), str(plain)])
+        page.wait_for_selector("#thumbnails .thumb-words .word", state="visible", timeout=20_000)
+        first = page.locator('#thumbnails .thumb[data-index="0"] .thumb-words')
+        assert first.locator(".word").all_inner_texts() == ["CAFÉ", "Arabica", hostile]  # shown as text
+        assert first.locator("img").count() == 0 and page.title() != "pwned"  # never as markup
+        assert "words read" in first.inner_text()
+        second = page.locator('#thumbnails .thumb[data-index="1"] .thumb-words')
+        assert second.is_visible() and second.locator(".word").count() == 0 and "none" in second.inner_text()
+        below = first.bounding_box()["y"] > page.locator('#thumbnails .thumb[data-index="0"] img').bounding_box()["y"]
+        assert below  # under the photo
+        page.screenshot(path=str(tmp_path / "words.png"), full_page=True)
 
 
 def test_page_shows_errors_readably_then_recovers(

@@ -65,6 +65,25 @@ def test_web_page_and_its_assets_are_served(client: TestClient) -> None:
     assert client.get("/static/style.css").status_code == 200
 
 
+def test_page_has_a_place_for_the_words_read_on_each_photo(client: TestClient) -> None:
+    page = client.get("/").text
+    template = page[page.index('<template id="thumb-template">') : page.index("</template>")]
+    assert '<p class="thumb-words" hidden>' in template and 'class="thumb-top"' in template  # under each photo
+    script = client.get("/static/app.js").text
+    assert "result.ocr_words" in script and '".thumb-words"' in script
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script  # words go in as text, never markup
+
+
+def test_classify_answers_the_words_read_per_photo(make_predictor: Callable, make_jpeg: Callable) -> None:
+    words = {0: ["LIVRE", "<b>Polar</b>"], 1: []}
+    with TestClient(create_app(make_predictor(ocr_words=words.__getitem__), ServeConfig())) as client:
+        files = [("images", (f"{i}.jpg", make_jpeg(i), "image/jpeg")) for i in (0, 1)]
+        body = client.post("/v1/classify", files=files).json()
+    assert body["ocr_words"] == [["LIVRE", "<b>Polar</b>"], []]
+    with TestClient(create_app(make_predictor(), ServeConfig())) as client:  # no text model: null, not []
+        assert client.post("/v1/classify", files=files[:1]).json()["ocr_words"] is None
+
+
 def test_openapi_docs_describe_the_upload(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()

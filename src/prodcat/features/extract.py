@@ -3,8 +3,9 @@
 Work unit = one shard of the row plan. Shards are computed in batches aligned to shard boundaries, so a resumed or
 distributed run feeds the network exactly the same batches as an uninterrupted single-process run. Rank r of a
 torchrun job takes the missing shards k with k % world_size == r; rank 0 writes the plan and finalises.
-Reading + decoding + preprocessing happen in DataLoader workers (or, with 0 workers, on one thread a batch ahead)
-while the main process runs the forward pass.
+Reading + decoding + packing happen in DataLoader workers (or, with 0 workers, on one thread a batch ahead) while the
+main process runs the forward pass. Pictures become features through one `FeatureExtractor` (features/extractor.py),
+the object the Predictor uses too, so stored and served features cannot disagree; config.json records its engine.
 
 TTA (issue 14): with `tta="flip_mean"` every computed row is the mean of the picture's features and its mirror's
 (the runner runs both in one batch), so the store layout, dedupe copies and every reader stay as they are; the
@@ -26,7 +27,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,18 +38,22 @@ from torch.utils.data import DataLoader, Dataset
 from prodcat.config import ExtractConfig, save_config
 from prodcat.data.bson_index import BsonReader
 from prodcat.data.catalog import catalog_source, load_catalog
+from prodcat.data.images import DEFAULT_MAX_PIXELS
 from prodcat.distributed import DistInfo, barrier, cleanup, init_distributed
 from prodcat.errors import UserError, require_catalog
 from prodcat.features.store import FeatureStore, ShardResult, StoreError, make_rows
 from prodcat.paths import WorkPaths
 from prodcat.utils import get_logger, progress, read_json
 
+if TYPE_CHECKING:
+    from prodcat.features.backbones import Preprocessor
+    from prodcat.features.extractor import FeatureExtractor
+
 __all__ = [
     "extract",
     "RowPlan",
     "auto_workers",
     "plan_rows",
-    "stored_features",
     "hash_words",
     "picture_table",
     "picture_digest",
@@ -214,7 +219,7 @@ def _expand(table: pa.Table, split: str, source: int) -> dict[str, np.ndarray]:
 class _BatchDataset(Dataset):
     """Item i = one batch of rows to compute (never crossing a shard): decoded, preprocessed, failures listed."""
 
-    def __init__(self, plan: RowPlan, batches: list[_Batch], preprocess: Any, max_pixels: int) -> None:
+    def __init__(self, plan: RowPlan, batches: list[_Batch], preprocess: Preprocessor, max_pixels: int) -> None:
         self.plan, self.batches, self.preprocess, self.max_pixels = plan, batches, preprocess, max_pixels
         self._readers: dict[int, BsonReader] = {}
 
@@ -361,43 +366,21 @@ def _complete_partial(store: FeatureStore, shards: list[int], owner: np.ndarray)
         store.write_shard(shard, result)
 
 
-def _feature_shape(runner: Any, spec: Any, kind: str, channels: int | None) -> tuple[int, ...]:
-    probe = torch.rand(1, *spec.input_size)
-    out = runner(probe, spatial=kind == "spatial")
-    if kind == "pooled":
-        return (out["pooled"].shape[1],)
-    h, w, c = out["spatial"].shape[1:]
-    return (h, w, min(c, channels) if channels else c)
-
-
-def stored_features(out: dict[str, torch.Tensor], kind: str, channels: int | None) -> np.ndarray:
-    """What the store keeps of a runner output: the pooled or spatial features (first `channels`), as float16.
-    Serving uses it too, so served features equal stored ones. Converted by torch, not numpy: numpy's float32 ->
-    float16 cast is scalar code (measured on an H200 host: 41 ms per batch of 256 x 2048, a third of the extraction
-    loop); the rounding is the same (round to nearest even), so stores do not change."""
-    features = out["pooled"] if kind == "pooled" else out["spatial"]
-    if kind == "spatial" and channels:
-        features = features[..., :channels]
-    return features.to(torch.float16).numpy()
-
-
 def extract(config: ExtractConfig) -> Path:
     """Extract features for `config.splits`; returns the store path. Safe to re-run: finishes what is missing."""
-    from prodcat.features.backbones import Preprocessor, create_backbone
-    from prodcat.features.inference import InferenceRunner
+    from prodcat.features.extractor import FeatureExtractor
 
     config = check_inputs(config)  # before the model loads: a missing catalog fails at once
     info = init_distributed(config.distributed)
     try:
         paths = WorkPaths(config.workdir)
-        backbone = create_backbone(config.backbone, weights=config.weights, random_init=config.random_init)
-        runner = InferenceRunner(backbone, precision=config.precision, device=info.device)
+        extractor = FeatureExtractor.from_config(config, device=info.device)
+        config = dataclasses.replace(config, engine=extractor.engine)  # config.json says what made the store
         plan = plan_rows(config.workdir, config.splits, config.limit, dedupe=config.dedupe)
-        shape = _feature_shape(runner, backbone.spec, config.features, config.spatial_channels)
-        store = _open_store(paths.feature_store(config.store_name), plan, shape, backbone, runner, config, info)
+        store = _open_store(paths.feature_store(config.name), plan, extractor, config, info)
         mine = [shard for shard in store.missing_shards() if shard % info.world_size == info.rank]
         todo = [shard for shard in mine if not store.is_partial(shard)]
-        _run_shards(store, todo, plan, Preprocessor(backbone.spec), runner, config, info)
+        _run_shards(store, todo, plan, extractor, config, info)
         barrier(info)
         _complete_partial(store, mine, plan.owner)
         barrier(info)
@@ -410,7 +393,7 @@ def extract(config: ExtractConfig) -> Path:
                 plan.dedupe["computed"],
                 plan.dedupe["copied"],
                 store.manifest.get("invalid_rows", 0),
-                runner.mode,
+                extractor.engine,
             )
         barrier(info)
         return store.path
@@ -450,12 +433,12 @@ def check_inputs(config: ExtractConfig) -> ExtractConfig:
 
 
 def _open_store(
-    path: Path, plan: RowPlan, shape: tuple[int, ...], backbone: Any, runner: Any, config: ExtractConfig, info: DistInfo
+    path: Path, plan: RowPlan, extractor: FeatureExtractor, config: ExtractConfig, info: DistInfo
 ) -> FeatureStore:
-    spec = backbone.spec
+    spec = extractor.spec
     meta = {
         "backbone": config.backbone,
-        "weights_id": backbone.weights_id,
+        "weights_id": extractor.weights_id,
         "kind": config.features,
         "preprocessing": {
             "input_size": list(spec.input_size),
@@ -465,9 +448,9 @@ def _open_store(
         },
         "splits": list(config.splits),
         "limit": config.limit,
-        "mode": runner.mode,
+        "mode": extractor.engine,  # the engine (config.json's `engine` too, where the Predictor reads it)
         # Why auto chose its precision: bf16 vs float32 cosine on the calibration photos (None when not measured).
-        "bf16_calibration_cosine": runner.calibration_cosine,
+        "bf16_calibration_cosine": extractor.calibration_cosine,
         # Rows computed (one per distinct picture) vs copied from an identical picture's row.
         "dedupe": plan.dedupe,
         # Test-time augmentation baked into every vector; the Predictor applies the same (from config.json).
@@ -476,7 +459,7 @@ def _open_store(
     if info.is_main:
         _check_dedupe_matches(path, plan.dedupe)
         _check_tta_matches(path, config.tta)
-        FeatureStore.create(path, plan.rows, shape, config.shard_size, meta)
+        FeatureStore.create(path, plan.rows, extractor.feature_shape(), config.shard_size, meta)
         save_config(config, path / "config.json")
     barrier(info)
     return FeatureStore(path)
@@ -513,15 +496,14 @@ def _run_shards(
     store: FeatureStore,
     shards: list[int],
     plan: RowPlan,
-    preprocess: Any,
-    runner: Any,
+    extractor: FeatureExtractor,
     config: ExtractConfig,
     info: DistInfo,
 ) -> None:
     batches = _shard_batches(store, shards, config.batch_size, plan.owner)
     if not batches:
         return
-    dataset = _BatchDataset(plan, batches, preprocess, max_pixels=40_000_000)
+    dataset = _BatchDataset(plan, batches, extractor.preprocess, max_pixels=DEFAULT_MAX_PIXELS)
     workers = auto_workers(info.device) if config.workers is None else config.workers
     loader = (
         DataLoader(
@@ -550,9 +532,7 @@ def _run_shards(
         first, last = store.shard_rows(shard)
         result = pending.setdefault(shard, ShardResult(np.zeros((last - first, *store.feature_shape), np.float16), []))
         if item["batch"] is not None:
-            out = runner(item["batch"], spatial=config.features == "spatial", tta=config.tta)
-            features = stored_features(out, config.features, config.spatial_channels)
-            result.features[np.asarray(item["rows"]) - first] = features
+            result.features[np.asarray(item["rows"]) - first] = extractor(item["batch"])
         result.invalid += [(row - first, reason) for row, reason in item["invalid"]]
         bar.update(int(item["count"]))
         clock = time.perf_counter()

@@ -2,10 +2,10 @@
 keeps float32 features.
 
 "auto" uses bf16 autocast only where it keeps the features: where the device runs bf16 natively, the runner first
-compares bf16 with float32 on 16 rendered product photos (the demo generator's, deterministic, no files) and keeps
-bf16 only if every pooled vector is within cosine 0.9995 of float32 (the goal is 0.999 on every photo; the margin
-covers photos unlike these). Otherwise it runs float32: on the CPU the folded backbone exported once to ONNX and run
-by ONNX Runtime (its NCHWc-blocked x86 kernels), on CUDA PyTorch.
+compares bf16 with float32 on 16 real photos (crops of scikit-learn's two sample photos, `calibration_photos`) and
+keeps bf16 only if every pooled vector is within cosine `CALIBRATION_MIN_COSINE` (prodcat.config) of float32 (the
+goal is 0.999 on every photo, the margin covers photos unlike these). Otherwise it runs float32: on the CPU the
+folded backbone exported once to ONNX and run by ONNX Runtime (its NCHWc-blocked x86 kernels), on CUDA PyTorch.
 Measured on the 2-thread AMD EPYC at batch 32, 180x180 (benchmarks/bench_forward.py): ONNX Runtime float32 runs
 EfficientNet-Lite0 about 4x faster than plain float32 eager, bf16 autocast about 4.3x; but Lite0's bf16 features
 fall to cosine 0.9974 on real Cdiscount photos (only 65% reach 0.999), so Lite0 gets ONNX Runtime, while
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import io
 import logging
 import warnings
@@ -30,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prodcat.config import CALIBRATION_MIN_COSINE, PRECISIONS, TTA_MODES
 from prodcat.features.backbones import Backbone, BackboneSpec, Preprocessor
+from prodcat.features.calibration_photos import calibration_images
 
 __all__ = [
     "InferenceRunner",
@@ -40,11 +41,9 @@ __all__ = [
     "flip_mean",
     "PRECISIONS",
     "TTA_MODES",
+    "CALIBRATION_MIN_COSINE",
 ]
 
-PRECISIONS = ("auto", "float32", "bfloat16")
-# Test-time augmentation: flips only (the third-place Kaggle team found crops and transposes hurt).
-TTA_MODES = ("none", "flip_mean")
 _logger = logging.getLogger("prodcat.features.inference")
 
 
@@ -140,7 +139,7 @@ class InferenceRunner:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = torch.device(device) if device is not None else _default_device()
         self.backbone, self.folded = self._prepare(backbone, fold)
-        self._preprocess = Preprocessor(backbone.spec)
+        self.preprocess = Preprocessor(backbone.spec)  # its one preprocessor: `pack` for callers, `normalize` here
         self.calibration_cosine: float | None = None  # bf16 vs float32 on the calibration photos, when measured
         fast = precision == "auto" and bf16_is_fast(self.device)
         if precision == "auto":
@@ -189,7 +188,7 @@ class InferenceRunner:
 
     def _bf16_keeps_features(self) -> bool:
         """bf16 vs float32 pooled features on the calibration photos: keep bf16 only above the cosine bar."""
-        batch = self._preprocess.normalize(self._preprocess.pack(calibration_images()).to(self.device))
+        batch = self.preprocess.normalize(self.preprocess.pack(calibration_images()).to(self.device))
         reference = self._forward_torch(batch, torch.float32, spatial=False, logits=False)["pooled"]
         candidate = self._forward_torch(batch, torch.bfloat16, spatial=False, logits=False)["pooled"]
         self.calibration_cosine = F.cosine_similarity(candidate, reference).min().item()
@@ -225,7 +224,7 @@ class InferenceRunner:
             # ONNX Runtime reads plain NCHW: reorder now, while the batch is uint8 (a quarter of the float bytes).
             batch = batch.contiguous()
         if batch.dtype == torch.uint8:
-            return self._preprocess.normalize(batch.to(self.device, non_blocking=True))
+            return self.preprocess.normalize(batch.to(self.device, non_blocking=True))
         return batch.to(self.device, dtype=torch.float32, non_blocking=True)
 
     def _forward_torch(
@@ -335,21 +334,6 @@ class _ExportedOutputs(nn.Module):
         if self.logits:
             return feature_map, pooled, self.backbone.logits_from_features(feature_map)
         return feature_map, pooled
-
-
-CALIBRATION_MIN_COSINE = 0.9995
-_CALIBRATION_PHOTOS = 16
-
-
-@functools.lru_cache(maxsize=1)
-def calibration_images() -> tuple[torch.Tensor, ...]:
-    """16 rendered product photos at 180x180 (the demo generator's; deterministic, no files), decoded like data."""
-    from prodcat.data.images import decode_image
-    from prodcat.data.synthetic.demo import make_looks, make_taxonomy, render_product
-
-    looks = make_looks(make_taxonomy(_CALIBRATION_PHOTOS, seed=7), seed=7)
-    rng = np.random.default_rng(7)
-    return tuple(decode_image(render_product(look, rng, views=1)[0]) for look in looks)
 
 
 def _default_device() -> torch.device:

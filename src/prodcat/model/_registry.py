@@ -1,28 +1,35 @@
-"""A tiny name -> factory registry, one per kind of thing (heads, losses, samplers), like timm's `_registry.py`."""
+"""A tiny name -> entry registry, one per kind of thing (backbones, heads, losses, samplers), like timm's
+`_registry.py`. An entry is usually a factory; a backbone's also carries its spec."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 __all__ = ["Registry"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+F = TypeVar("F")
 
 
 class Registry(Generic[F]):
-    """Maps names to factories; registering a name twice is an error, not a silent override."""
+    """Maps names to entries; registering a name twice is an error, not a silent override."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, F] = {}
 
+    def add(self, name: str, entry: F) -> F:
+        """Register `entry` under `name` (refused when the name is taken)."""
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = entry
+        return entry
+
     def register(self, name: str) -> Callable[[F], F]:
+        """Decorator form of `add`."""
+
         def decorator(factory: F) -> F:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
-            self._entries[name] = factory
-            return factory
+            return self.add(name, factory)
 
         return decorator
 

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prodcat.model.heads import _HEADS, Head, create_head, is_product_head
+from prodcat.model.heads import _HEADS, Head, create_head, is_hierarchical_head, is_product_head
 from prodcat.model.losses import _LOSSES, OutputLoss, SoftmaxLoss, create_loss
 
 __all__ = ["Classifier", "HierarchicalClassifier", "build_classifier", "group_log_probs", "HIER_HEAD"]
 
-HIER_HEAD = "hier"  # not a registered head: a shared mlp trunk with one output per taxonomy level
+HIER_HEAD = "hier"  # the registered head whose mlp trunk gets one output per taxonomy level (HierarchicalClassifier)
 
 
 def group_log_probs(log_probs: torch.Tensor, parent: torch.Tensor, num_parents: int) -> torch.Tensor:
@@ -179,7 +179,8 @@ def build_classifier(
     leaf_level2: Any = None,
     hier_weights: tuple[float, float, float] = (0.25, 0.25, 1.0),
 ) -> Classifier:
-    """Head `head` (a registered head or "hier") + loss `loss` for feature rows of shape `in_shape`.
+    """Head `head` (a registered head) + loss `loss` for feature rows of shape `in_shape`; a hierarchical head
+    ("hier") becomes a HierarchicalClassifier with one output per taxonomy level.
 
     Each option goes to the head or loss that takes it (hidden_dim/dropout to heads, num_sampled/sampler/... to the
     sampled loss, label_smoothing to softmax); the others are ignored. `prior_counts` (the balanced softmax's
@@ -197,10 +198,9 @@ def build_classifier(
         "logq_correction": logq_correction,
         "label_smoothing": label_smoothing,
     }
-    trunk_name = "mlp" if head == HIER_HEAD else head
-    trunk = create_head(trunk_name, in_shape, **_accepted(_HEADS.get(trunk_name), head_kwargs))
+    trunk = create_head(head, in_shape, **_accepted(_HEADS.get(head), head_kwargs))
     output = create_loss(loss, trunk.out_dim, num_classes, **_accepted(_LOSSES.get(loss), loss_kwargs))
-    if head == HIER_HEAD:
+    if is_hierarchical_head(trunk):
         return HierarchicalClassifier(
             trunk, output, leaf_level1, leaf_level2, hier_weights, label_smoothing=label_smoothing
         )

@@ -18,10 +18,12 @@ __all__ = [
     "MLPHead",
     "ConvHead",
     "GatedProductHead",
+    "HierTrunk",
     "register_head",
     "create_head",
     "list_heads",
     "is_product_head",
+    "is_hierarchical_head",
 ]
 
 _HEADS: Registry[Callable[..., Head]] = Registry("head")
@@ -47,6 +49,11 @@ def list_heads() -> list[str]:
 def is_product_head(head: nn.Module) -> bool:
     """Whether `head` reads a whole product (P, K, *row) plus a (P, K) mask, not one picture per row."""
     return bool(getattr(head, "reads_products", False))
+
+
+def is_hierarchical_head(head: nn.Module) -> bool:
+    """Whether `head` is the trunk of a per-taxonomy-level classifier (`build_classifier` adds the level outputs)."""
+    return bool(getattr(head, "hierarchical", False))
 
 
 class Head(nn.Module):
@@ -173,6 +180,24 @@ def _mlp(
     activation: str = "relu",
 ) -> Head:
     return MLPHead(in_shape, hidden_dim=hidden_dim, dropout=dropout, norm=norm, activation=activation)
+
+
+class HierTrunk(MLPHead):
+    """The `hier` head: an mlp trunk whose embedding feeds one output per taxonomy level (level 1, level 2, leaf);
+    `build_classifier` puts it in a HierarchicalClassifier, which decodes the three consistently."""
+
+    hierarchical = True
+
+
+@register_head("hier")
+def _hier(
+    in_shape: tuple[int, ...],
+    hidden_dim: int = 1024,
+    dropout: float = 0.2,
+    norm: str = "layer",
+    activation: str = "relu",
+) -> Head:
+    return HierTrunk(in_shape, hidden_dim=hidden_dim, dropout=dropout, norm=norm, activation=activation)
 
 
 @register_head("conv")

@@ -28,7 +28,7 @@ from prodcat.model._fused import sampled_softmax_cross_entropy
 from prodcat.model.losses import OutputLoss, _init_output, register_loss
 from prodcat.model.samplers import Candidates, Sampler, create_sampler
 
-__all__ = ["SampledSoftmaxLoss", "gather_rows"]
+__all__ = ["SampledSoftmaxLoss"]
 
 
 class _GatherRowsSparse(torch.autograd.Function):
@@ -55,7 +55,7 @@ def _sparse_rows(indices: torch.Tensor, values: torch.Tensor, shape: torch.Size)
     return torch.sparse_coo_tensor(indices, values, shape, check_invariants=False, is_coalesced=False)
 
 
-def gather_rows(
+def _gather_output_rows(
     ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sparse: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows `weight[ids]` and `bias[ids]`; with `sparse`, their gradients are sparse (only the gathered rows)."""
@@ -126,7 +126,7 @@ class SampledSoftmaxLoss(OutputLoss):
         """(N, 1 + K) logits: column 0 the true class, then the K sampled classes (TF's `_compute_sampled_logits`)."""
         sampled = candidates.ids.to(embedding.device)
         num_rows = target.shape[0]
-        rows, row_bias = gather_rows(torch.cat([target, sampled]), self.weight, self.bias, self.sparse_grad)
+        rows, row_bias = _gather_output_rows(torch.cat([target, sampled]), self.weight, self.bias, self.sparse_grad)
         true_bias, sampled_bias = row_bias[:num_rows], row_bias[num_rows:]
         true_shift, sampled_shift = self._log_q(target, candidates, true_bias)
         if true_shift is not None and sampled_shift is not None:

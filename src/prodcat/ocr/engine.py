@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from prodcat.config import OcrConfig
+
 __all__ = [
     "Word",
     "OcrEngine",
@@ -30,7 +32,7 @@ __all__ = [
     "TESSERACT_INSTALL",
 ]
 
-DEFAULT_ENGINE = "tesseract"
+DEFAULT_ENGINE = OcrConfig.engine  # one default, declared with the config
 TESSERACT_INSTALL = "apt-get install tesseract-ocr tesseract-ocr-fra"
 
 

@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from prodcat.config import ConfigError, save_config
+from prodcat.config import ConfigError, OcrConfig, save_config  # OcrConfig re-exported: its users import it here
 from prodcat.data.bson_index import BsonReader
 from prodcat.data.catalog import catalog_source, load_catalog
-from prodcat.ocr.engine import DEFAULT_ENGINE, OcrEngine, create_engine, list_engines
-from prodcat.ocr.select import create_selector, list_selectors, text_score
+from prodcat.ocr.engine import OcrEngine, create_engine
+from prodcat.ocr.select import create_selector, text_score
 from prodcat.ocr.text_features import TextFeatureConfig, normalise
 from prodcat.utils import get_logger, progress, read_json, write_json, write_parquet
 
@@ -83,36 +83,6 @@ _PLAN_KEYS = ("splits", "engine", "select", "shard_size", "limit")
 
 class OcrError(RuntimeError):
     """The stage cannot go on (e.g. W/ocr holds a run made with other settings)."""
-
-
-@dataclasses.dataclass
-class OcrConfig:
-    """OCR over catalog pictures into W/ocr/ (defaults shared with the CLI)."""
-
-    workdir: str = ""
-    splits: tuple[str, ...] = ("train", "val", "holdout", "test")
-    engine: str = DEFAULT_ENGINE
-    select: str = "all"  # all | text_likely (see prodcat.ocr.select)
-    workers: int | None = None  # OCR worker processes; None = one per core, 0 = in this process
-    shard_size: int = 256  # pictures per shard (the resume unit)
-    limit: int | None = None  # products per split, for quick looks
-    examples: int = 6  # pictures drawn in examples.png (by prodcat.report.ocr_examples, from the tables)
-
-    def __post_init__(self) -> None:
-        self.splits = tuple(self.splits)
-        for split in self.splits:
-            if split not in ("train", "val", "holdout", "test"):
-                raise ConfigError(f"unknown split {split!r}; use train, val, holdout, test")
-        if self.engine not in list_engines():
-            raise ConfigError(f"unknown OCR engine {self.engine!r}; known: {', '.join(list_engines())}")
-        if self.select not in list_selectors():
-            raise ConfigError(f"unknown selection {self.select!r}; known: {', '.join(list_selectors())}")
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"workers must be >= 0, got {self.workers}")
-        if self.shard_size < 1:
-            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {self.limit}")
 
 
 def ocr_dir(workdir: str | Path) -> Path:

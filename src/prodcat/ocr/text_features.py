@@ -8,7 +8,6 @@ scikit-learn's HashingVectorizer (MurmurHash3, the same on every run and machine
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -17,30 +16,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from prodcat.config import ConfigError
+from prodcat.config import TextFeatureConfig  # re-exported: it lives with the other configs
 
 __all__ = ["TextFeatureConfig", "normalise", "analyse", "text_features", "product_texts"]
 
 _TOKEN = re.compile(r"\w+")
-
-
-@dataclasses.dataclass(frozen=True)
-class TextFeatureConfig:
-    """How words become a vector; saved with a run so serving hashes the same way."""
-
-    n_features: int = 2**18
-    min_n: int = 3
-    max_n: int = 5
-    min_confidence: float = 0.5  # words the engine is less sure of are dropped (noise on photos)
-    min_length: int = 2  # single characters read off a photo's texture carry nothing
-
-    def __post_init__(self) -> None:
-        if self.n_features < 16:
-            raise ConfigError(f"n_features must be >= 16, got {self.n_features}")
-        if not 1 <= self.min_n <= self.max_n:
-            raise ConfigError(f"need 1 <= min_n <= max_n, got {self.min_n}, {self.max_n}")
-        if not 0.0 <= self.min_confidence <= 1.0:
-            raise ConfigError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
 
 
 def normalise(text: str) -> list[str]:

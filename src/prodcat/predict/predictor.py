@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from prodcat.config import ExtractConfig, TrainConfig, config_from_dict, load_config
+from prodcat.config import ExtractConfig
 from prodcat.data.taxonomy import Taxonomy
-from prodcat.features.extract import stored_features
-from prodcat.paths import WorkPaths
 from prodcat.predict.aggregation import AGGREGATIONS, aggregate_products
 from prodcat.predict.aggregation import sum_by_product as _sum_by_product
-from prodcat.utils import get_logger, read_json
+from prodcat.predict.run import Run, load_run, read_choices
+from prodcat.utils import get_logger
 
 if TYPE_CHECKING:
+    from prodcat.features.extractor import FeatureExtractor
+    from prodcat.predict.calibration import ProductCalibration
     from prodcat.predict.prototypes import Prototypes
     from prodcat.predict.twins import TwinChoice, TwinIndex, TwinMatch
 
@@ -73,28 +74,25 @@ class Predictor:
         run_dir: Path,
         device: torch.device | None = None,
         store_name: str | None = None,
+        run: Run | None = None,
     ) -> None:
         self.model = model.eval()
         self.taxonomy = taxonomy
         self.extract_config = extract_config
         self.meta = meta
         self.run_dir = Path(run_dir)
+        self.run = run  # the loaded run folder (None for a Predictor built by hand, as the tests do)
         self.device = device or torch.device("cpu")
-        self._backbone: tuple[Any, Any, Any] | None = None
-        evaluation = self.run_dir / "eval" / "metrics.json"
-        metrics = read_json(evaluation) if evaluation.is_file() else {}
+        self._extractor: FeatureExtractor | None = None
+        choices = run.choices if run is not None else read_choices(self.run_dir)  # made on val by evaluate
         self.reads_products = bool(getattr(model, "reads_products", False))
         default = PRODUCT_HEAD if self.reads_products else "mean_prob"
-        self.aggregation: str = metrics.get("product", {}).get("aggregation", default)
-        self.store_name = store_name or extract_config.store_name  # the feature store the head was trained on
-        self.accept_threshold: float | None = metrics.get("confidence", {}).get("threshold")
-        from prodcat.predict.calibration import load_calibration
-
+        self.aggregation: str = choices.aggregation or default
+        self.store_name = store_name or extract_config.name  # the feature store the head was trained on
+        self.accept_threshold: float | None = choices.threshold
         # Logit adjustment (tau) and temperature (T) chosen on val; the threshold above is on calibrated probabilities.
-        self.calibration = load_calibration(self.run_dir, metrics)
-        from prodcat.predict.twins import load_twin_choice
-
-        self.twin_choice: TwinChoice | None = load_twin_choice(self.run_dir)  # None: not chosen on val yet
+        self.calibration = choices.calibration
+        self.twin_choice: TwinChoice | None = choices.twin_choice()  # None: not chosen on val yet
         self._twins: TwinIndex | None | bool = False  # False: not built yet
         self._prototypes: Prototypes | None = None
         self._prototype_signature: tuple[int, int] | None = None
@@ -105,49 +103,32 @@ class Predictor:
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None, which: str = "best") -> Predictor:
+        """Everything from the run folder alone (`load_run`): weights, taxonomy, extraction config, val choices."""
         from prodcat.checkpoint import load_checkpoint
 
-        run_dir = Path(run_dir)
-        model, meta = load_checkpoint(run_dir, which=which)
-        train_config = (
-            config_from_dict(TrainConfig, meta["config"])
-            if "config" in meta
-            else load_config(TrainConfig, run_dir / "config.json")
-        )
-        paths = WorkPaths(train_config.workdir)
-        store_config = paths.feature_store(train_config.features) / "config.json"
-        extract_config = load_config(ExtractConfig, store_config)
-        taxonomy = Taxonomy.load(paths.taxonomy)
+        run = load_run(run_dir)
+        model, meta = load_checkpoint(run.path, which=which, taxonomy=run.taxonomy)
         target = torch.device(device) if device is not None else torch.device("cpu")
-        return cls(model.to(target), taxonomy, extract_config, meta, run_dir, target, store_name=train_config.features)
+        return cls(model.to(target), run.taxonomy, run.extract_config, meta, run.path, target, run.store_name, run)
 
     # -- features ------------------------------------------------------------------------------------------------
-    def _feature_path(self) -> tuple[Any, Any, Any]:
-        """Backbone, preprocessor and runner, built on first use (evaluate on cached features never needs them)."""
-        if self._backbone is None:
-            from prodcat.features.backbones import Preprocessor, create_backbone
-            from prodcat.features.inference import InferenceRunner
+    def _feature_path(self) -> FeatureExtractor:
+        """The extraction's FeatureExtractor, built on first use (evaluate on cached features never needs it); warns
+        when its engine is not the one the store was made with."""
+        if self._extractor is None:
+            from prodcat.features.extractor import FeatureExtractor
 
-            config = self.extract_config
-            backbone = create_backbone(config.backbone, weights=config.weights, random_init=config.random_init)
-            runner = InferenceRunner(backbone, precision=config.precision, device=self.device)
-            self._backbone = (backbone, Preprocessor(backbone.spec), runner)
-        return self._backbone
+            self._extractor = FeatureExtractor.from_config(self.extract_config, device=self.device)
+            self._extractor.warn_if_engine_differs(self.extract_config.engine, self.store_name)
+        return self._extractor
 
     def image_features(self, images: Sequence[torch.Tensor], batch_size: int = 64) -> np.ndarray:
-        """Backbone features of decoded uint8 (3, H, W) images, exactly as extraction stores them."""
-        _, preprocess, runner = self._feature_path()
-        spatial = self.extract_config.features == "spatial"
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            # uint8 batch, normalised on the runner's device: the same path as extraction, so features match.
-            batch = preprocess.pack(list(images[start : start + batch_size]))
-            # The store's TTA too (its config.json; "none" before TTA existed): served rows equal stored ones.
-            out = runner(batch, spatial=spatial, tta=self.extract_config.tta)
-            # Exactly what the store keeps (channels, float16 rounding), so served and evaluated scores match.
-            stored = stored_features(out, self.extract_config.features, self.extract_config.spatial_channels)
-            chunks.append(torch.from_numpy(stored).to(torch.float32).numpy())
-        return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
+        """Backbone features of decoded uint8 (3, H, W) images, exactly as extraction stores them (the same
+        extractor: preprocessing, engine choice, TTA, channels, float16 rounding), as float32."""
+        extractor = self._feature_path()
+        starts = range(0, len(images), batch_size)
+        chunks = [extractor(list(images[start : start + batch_size])) for start in starts]
+        return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0,), np.float32)
 
     @torch.inference_mode()
     def head_log_probs(self, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
@@ -241,6 +222,32 @@ class Predictor:
             table[prototypes.labels] = [c["category_id"] for c in prototypes.categories]
         return table[np.asarray(labels, dtype=np.int64)]
 
+    # -- calibration: the text model's own while it fuses the scores ------------------------------------------------
+    def _fused_calibration(self) -> Any:
+        text = getattr(self, "text_model", None)  # read in __init__ before the text model is loaded
+        return text if text is not None and text.calibration is not None else None
+
+    @property
+    def calibration(self) -> ProductCalibration:
+        """What `adjust` and `temper` apply: the text model's (chosen on val's fused scores) while one is in use,
+        else evaluate's (chosen on val's picture scores). Assigning sets evaluate's."""
+        fused = self._fused_calibration()
+        return self._calibration if fused is None else fused.calibration
+
+    @calibration.setter
+    def calibration(self, value: ProductCalibration) -> None:
+        self._calibration = value
+
+    @property
+    def accept_threshold(self) -> float | None:
+        """The auto-accept threshold chosen on val with the calibration above (None: no product is auto-accepted)."""
+        fused = self._fused_calibration()
+        return self._accept_threshold if fused is None else fused.accept_threshold
+
+    @accept_threshold.setter
+    def accept_threshold(self, value: float | None) -> None:
+        self._accept_threshold = value
+
     def adjust(self, product_log_probs: np.ndarray) -> np.ndarray:
         """The val-chosen logit adjustment; added categories' columns get no prior (a neutral 0 in log prior)."""
         extra = product_log_probs.shape[1] - self.taxonomy.num_classes
@@ -257,16 +264,18 @@ class Predictor:
     # -- training twins --------------------------------------------------------------------------------------------
     @property
     def twins(self) -> TwinIndex | None:
-        """Hashes of the train split's pictures -> their products' labels (None without catalog/pictures.parquet);
-        built on first use."""
+        """Hashes of the train split's pictures -> their products' labels: RUN/twins.parquet, else the workdir's
+        catalog (None without catalog/pictures.parquet); built on first use."""
         if self._twins is False:
-            from prodcat.predict.twins import TwinIndex
+            from prodcat.predict.twins import TwinIndex, load_twin_table
 
-            try:
-                self._twins = TwinIndex.from_workdir(self.extract_config.workdir, ("train",))
-            except FileNotFoundError as error:  # no train catalog beside the run: no twins, say why once
-                log.info("no training twins: %s", error)
-                self._twins = None
+            self._twins = load_twin_table(self.run_dir)  # written with the twins choice: the run's own
+            if self._twins is None:  # not chosen yet: the workdir's catalog, as long as it is there
+                try:
+                    self._twins = TwinIndex.from_workdir(self.extract_config.workdir, ("train",))
+                except FileNotFoundError as error:  # no train catalog beside the run: no twins, say why once
+                    log.info("no training twins: %s", error)
+                    self._twins = None
         return self._twins  # type: ignore[return-value]
 
     @property

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prodcat.config import PredictConfig
 from prodcat.paths import WorkPaths
 from prodcat.utils import atomic_write_text, get_logger, progress
 
@@ -81,7 +82,9 @@ def _iter_product_batches(bson_path: Path, batch_size: int, index: Any = None) -
             yield np.asarray(ids), products, digests, failed
 
 
-def predict_bson(run_dir: str | Path, bson_path: str | Path, out: str | Path, batch_size: int = 64) -> dict:
+def predict_bson(
+    run_dir: str | Path, bson_path: str | Path, out: str | Path, batch_size: int = PredictConfig.batch_size
+) -> dict:
     """Kaggle submission `_id,category_id`: one row per readable `_id` of the file, in file order (a repeated
     `_id` keeps its first document's row; see `_submission_rows`).
 

@@ -1,5 +1,10 @@
 """A run's text model at prediction time: load R/text/, read the words on pictures, fuse them with the picture
-scores. Below the Predictor (which uses it) and free of it; the training side is `prodcat.train.text_fusion`."""
+scores. Below the Predictor (which uses it) and free of it; the training side is `prodcat.train.text_fusion`.
+
+The fused scores have their own calibration (logit adjustment tau, temperature T, auto-accept threshold), chosen on
+val's fused scores by `prodcat text-head` and kept in R/text/'s checkpoint sidecar: evaluate's calibration was fitted
+on picture scores, which the text moves. The Predictor applies this one whenever the text model is in use.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +21,11 @@ from torch import nn
 from prodcat.config import config_from_dict
 from prodcat.ocr.text_features import TextFeatureConfig, product_texts, text_features
 from prodcat.predict.aggregation import sum_by_product
+from prodcat.predict.calibration import ProductCalibration, log_prior
 from prodcat.utils import get_logger
 
 __all__ = ["ProductSet", "FusedLinear", "TextModel", "TEXT_DIR", "head_log_probs", "late_fuse", "load_text_model",
-           "fuse_stored", "read_texts"]  # fmt: skip
+           "fuse_stored", "read_texts", "calibration_from_meta"]  # fmt: skip
 
 TEXT_DIR = "text"  # R/text/checkpoints/best.json + best.000000.safetensors, R/text/fusion.json
 log = get_logger("prodcat.predict.text_model")
@@ -108,10 +114,22 @@ def late_fuse(picture: np.ndarray, text: np.ndarray, has_text: np.ndarray, weigh
 
 
 class TextModel:
-    """A run's text model: reads words on pictures (text-likely ones) and fuses them with the picture head."""
+    """A run's text model: reads words on pictures (text-likely ones) and fuses them with the picture head.
 
-    def __init__(self, model: FusedLinear, kind: str, late_weight: float, text_config: TextFeatureConfig) -> None:
+    `calibration` and `accept_threshold` were chosen on val's fused scores; calibration None (a text model trained
+    before they were kept) leaves the run's picture calibration in use."""
+
+    def __init__(
+        self,
+        model: FusedLinear,
+        kind: str,
+        late_weight: float,
+        text_config: TextFeatureConfig,
+        calibration: ProductCalibration | None = None,
+        accept_threshold: float | None = None,
+    ) -> None:
         self.model, self.kind, self.late_weight, self.text_config = model.eval(), kind, late_weight, text_config
+        self.calibration, self.accept_threshold = calibration, accept_threshold
         self._engine: Any = None
         self._lock = threading.Lock()  # one Tesseract handle: calls from several threads take turns
 
@@ -173,7 +191,31 @@ def load_text_model(run_dir: str | Path) -> TextModel | None:
     except RuntimeError as error:
         raise CheckpointError(f"{path}: text model weights do not fit ({error})") from None
     text_config = config_from_dict(TextFeatureConfig, meta["text_features"])
-    return TextModel(model, meta["kind"], float(meta["late_weight"]), text_config)
+    calibration, threshold = calibration_from_meta(meta, checkpoint_dir(folder) / "best.json")
+    if calibration is None:
+        log.warning("%s: no calibration of the fused scores; the run's picture calibration applies (re-run "
+                    "`prodcat text-head --run %s --overwrite` to fit one)", folder, run_dir)  # fmt: skip
+    return TextModel(model, meta["kind"], float(meta["late_weight"]), text_config, calibration, threshold)
+
+
+def calibration_from_meta(meta: dict[str, Any], where: Path) -> tuple[ProductCalibration | None, float | None]:
+    """(calibration, auto-accept threshold) of a text model's sidecar block "calibration"; (None, None) without one."""
+    from prodcat.checkpoint import CheckpointError
+
+    block = meta.get("calibration")
+    if not block:
+        return None, None
+    counts = np.asarray(block.get("prior_counts") or [], dtype=np.float64)
+    if len(counts) != int(meta["num_classes"]):
+        raise CheckpointError(f"{where}: calibration.prior_counts has {len(counts)} leaves, the text model "
+                              f"{meta['num_classes']}; re-run `prodcat text-head --overwrite`")  # fmt: skip
+    try:
+        calibration = ProductCalibration(float(block["tau"]), log_prior(counts), float(block["temperature"]))
+    except (KeyError, TypeError, ValueError) as error:
+        message = f"{where}: bad calibration block ({error}); re-run `prodcat text-head --overwrite`"
+        raise CheckpointError(message) from None
+    threshold = block.get("threshold")
+    return calibration, None if threshold is None else float(threshold)
 
 
 def fuse_stored(

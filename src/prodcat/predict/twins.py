@@ -5,7 +5,8 @@ training products holding it. The Predictor built for predict and serve indexes 
 How the evidence is used is a `TwinChoice`: `none`, `override` (the twins' majority label, the model breaking ties)
 or `blend` (add `weight * log` of the twins' smoothed label distribution to the model's product log-probabilities).
 It is chosen on val (`choose_twins`, written to `RUN/eval/twins.json`, which the Predictor reads) and its effect is
-reported on holdout (`twin_effect`).
+reported on holdout (`twin_effect`). The deployed index goes into the run with the choice (`RUN/twins.parquet`: hash,
+product id and label of every train-split picture), so a copied run finds the same twins without its workdir.
 
 Evidence on val and holdout: the split keeps products that share a picture on one side (duplicate groups), so a
 val product never has a twin in train. Evaluation therefore also draws twins from the *other* products of the split
@@ -26,7 +27,8 @@ import pyarrow.compute as pc
 from prodcat.features.extract import hash_words, join_pictures, picture_table
 from prodcat.features.loaders import product_sorted_rows
 from prodcat.predict.aggregation import log_normalise
-from prodcat.utils import get_logger, progress, read_json, write_json
+from prodcat.predict.run import TWIN_TABLE, TWINS_FILE, read_twins
+from prodcat.utils import get_logger, progress, write_json, write_parquet
 
 if TYPE_CHECKING:
     from prodcat.features.store import FeatureStore
@@ -42,12 +44,14 @@ __all__ = [
     "choose_twins",
     "digest_words",
     "load_twin_choice",
+    "load_twin_table",
     "row_words",
+    "save_twin_table",
+    "training_pictures",
     "twin_effect",
     "twin_predictions",
 ]
 
-TWINS_FILE = "twins.json"
 BLEND_WEIGHTS = (0.1, 0.25, 0.5, 1.0)
 SMOOTHING = 1.0  # pseudo-votes spread evenly over the classes: a label no twin holds is unlikely, not impossible
 log = get_logger("prodcat.predict.twins")
@@ -69,6 +73,11 @@ class TwinChoice:
     @property
     def name(self) -> str:
         return f"blend:{self.weight:g}" if self.mode == "blend" else self.mode
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TwinChoice:
+        """The choice RUN/eval/twins.json holds."""
+        return cls(data["mode"], data.get("weight"))
 
 
 def candidates() -> list[TwinChoice]:
@@ -133,23 +142,15 @@ class TwinIndex:
         return len(self.keys)
 
     @classmethod
+    def from_table(cls, table: pa.Table) -> TwinIndex:
+        """The index of a (hash, product_id, label) table: `training_pictures`, or a run's twins.parquet."""
+        return cls(hash_words(table["hash"]), table["product_id"].to_numpy(), table["label"].to_numpy())
+
+    @classmethod
     def from_workdir(cls, workdir: str | Path, splits: tuple[str, ...] = ("train",)) -> TwinIndex | None:
         """Pictures of the train.bson products in `splits` with their catalog labels; None without the table."""
-        from prodcat.data.catalog import load_catalog
-
-        pictures = picture_table(workdir)
-        if pictures is None:
-            return None
-        catalog = load_catalog(workdir, "train")
-        keep = pc.is_in(catalog["split"].cast(pa.string()), pa.array(list(splits), pa.string()))
-        catalog = catalog.filter(keep)
-        ids = catalog["product_id"].to_numpy()
-        order = np.argsort(ids)
-        pictures = pictures.filter(pc.equal(pictures["source"], "train"))
-        pictures = pictures.filter(pc.is_in(pictures["product_id"], pa.array(ids)))
-        picture_ids = pictures["product_id"].to_numpy()
-        labels = catalog["label"].to_numpy()[order][np.searchsorted(ids[order], picture_ids)]
-        return cls(hash_words(pictures["hash"]), picture_ids, labels)
+        table = training_pictures(workdir, splits)
+        return None if table is None else cls.from_table(table)
 
     def find(self, words: np.ndarray) -> np.ndarray:
         """Position of each hash in the index, -1 when absent."""
@@ -195,6 +196,47 @@ class TwinIndex:
         return TwinMatch(len(images), int(len(np.unique(np.concatenate(ids)))), images.tolist(), applied)
 
 
+def training_pictures(workdir: str | Path, splits: tuple[str, ...] = ("train",)) -> pa.Table | None:
+    """(hash, product_id, label) of every picture of the train.bson products in `splits` (catalog labels); None
+    without W/catalog/pictures.parquet."""
+    from prodcat.data.catalog import load_catalog
+
+    pictures = picture_table(workdir)
+    if pictures is None:
+        return None
+    catalog = load_catalog(workdir, "train")
+    keep = pc.is_in(catalog["split"].cast(pa.string()), pa.array(list(splits), pa.string()))
+    catalog = catalog.filter(keep)
+    ids = catalog["product_id"].to_numpy()
+    order = np.argsort(ids)
+    pictures = pictures.filter(pc.equal(pictures["source"], "train"))
+    pictures = pictures.filter(pc.is_in(pictures["product_id"], pa.array(ids)))
+    picture_ids = pictures["product_id"].to_numpy()
+    labels = catalog["label"].to_numpy()[order][np.searchsorted(ids[order], picture_ids)]
+    return pa.table({"hash": pictures["hash"], "product_id": pa.array(picture_ids, pa.int64()),
+                     "label": pa.array(labels, pa.int32())})  # fmt: skip
+
+
+def save_twin_table(run_dir: str | Path, workdir: str | Path) -> Path | None:
+    """RUN/twins.parquet: the deployed index's pictures (train split), so the run predicts without its workdir;
+    None (nothing written) without a picture table."""
+    table = training_pictures(workdir, ("train",))
+    return None if table is None else write_parquet(Path(run_dir) / TWIN_TABLE, table)
+
+
+def load_twin_table(run_dir: str | Path) -> TwinIndex | None:
+    """The run's own twin index (RUN/twins.parquet), None when the run has none."""
+    import pyarrow.parquet as pq
+
+    path = Path(run_dir) / TWIN_TABLE
+    if not path.is_file():
+        return None
+    try:
+        return TwinIndex.from_table(pq.read_table(path))
+    except (OSError, ValueError, KeyError) as error:  # pyarrow's errors are OSError / ValueError subclasses
+        raise ValueError(f"{path}: unreadable twin table ({error}); re-run `prodcat evaluate` to write it") from None
+
+
 def _sum_votes(product: np.ndarray, label: np.ndarray, count: np.ndarray) -> Votes:
     if not len(product):
         empty = np.zeros(0, np.int64)
@@ -229,11 +271,8 @@ def apply_twins(log_probs: np.ndarray, votes: Votes, choice: TwinChoice) -> np.n
 
 def load_twin_choice(run_dir: str | Path) -> TwinChoice | None:
     """The choice evaluation made on val (RUN/eval/twins.json), None when none was made yet."""
-    path = Path(run_dir) / "eval" / TWINS_FILE
-    if not path.is_file():
-        return None
-    data = read_json(path)
-    return TwinChoice(data["mode"], data.get("weight"))
+    data = read_twins(run_dir)
+    return None if data is None else TwinChoice.from_json(data)
 
 
 # -- choosing on val, reporting on holdout ---------------------------------------------------------------------------
@@ -354,6 +393,7 @@ def choose_twins(predictor: Any, split: str = "val", store: FeatureStore | None 
     }
     if not results.matched.any():
         log.info("twins: no %s product has a twin, nothing to choose on; kept 'none'", split)
+    save_twin_table(predictor.run_dir, predictor.extract_config.workdir)  # before the choice that points to it
     write_json(Path(predictor.run_dir) / "eval" / TWINS_FILE, payload)
     return payload
 

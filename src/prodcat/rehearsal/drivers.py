@@ -7,13 +7,15 @@ is rewritten after every stage, so a run stopped half-way still says what it cos
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+from prodcat.config import RehearsalConfig
 from prodcat.rehearsal.records import StageRecord, machine_info, run_stage
 from prodcat.rehearsal.synthetic import STORE_NAME, FullPlan, store_bytes
-from prodcat.utils import get_logger, write_json
+from prodcat.utils import get_logger, read_json, write_json
 
 __all__ = ["RehearsalPlan", "run_rehearsal", "run_rehearsal_full", "ARMS", "SYNTHETIC_NOTE"]
 
@@ -22,41 +24,13 @@ log = get_logger("prodcat.rehearsal")
 SYNTHETIC_NOTE = (
     "Synthetic data (prodcat rehearsal): the numbers show the pipeline's cost and behaviour, not Cdiscount."
 )
-ARMS: tuple[tuple[str, str], ...] = (("linear", "softmax"), ("linear", "sampled"), ("linear", "adaptive"),
-                                     ("hier", "softmax"))  # fmt: skip
+ARMS: tuple[tuple[str, str], ...] = RehearsalConfig.arms  # (head, loss) pairs
 _STAGES = "prodcat.rehearsal.stages"
 
 
 @dataclasses.dataclass
-class RehearsalPlan:
-    """Sizes of `prodcat rehearsal`. The defaults are sized for <= 45 minutes on 2 quiet cores (docs/scale.md)."""
-
-    products: int = 40_000  # ~70k train pictures; extraction (~250 pictures/s on 2 cores) dominates with training
-    test_products: int = 4_000
-    categories: int = 5270
-    taxonomy_csv: str | None = None  # Kaggle's category_names.csv (else a synthetic tree of the real shape)
-    counts_json: str | None = None  # images_per_category.json (else the fitted real long tail)
-    # 0.6, not the demo's 0.5: at ~8 products per leaf fewer stock sets are shared; 0.6 gives ~37 % copies.
-    stock_share: float = 0.6
-    seeds: int = 3
-    epochs: float = 5.0
-    num_sampled: int = 1024
-    optimizer: str = "adamw"  # the same for every loss
-    lr: float = 1e-3
-    # 1,024, not 256: at 5,270 classes a CPU step costs about the same at either size (0.47 s measured for softmax
-    # at 256 in the picture rehearsal, 0.46 s at 1,024 in rehearsal-full), so the larger batch is 4x the epochs.
-    batch_size: int = 1024
-    eval_every: int = 25
-    val_fraction: float = 0.05
-    holdout_fraction: float = 0.05
-    arms: tuple[tuple[str, str], ...] = ARMS
-    bootstrap_resamples: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.seeds < 1 or self.epochs <= 0 or self.num_sampled < 1:
-            raise ValueError("seeds and num_sampled must be >= 1 and epochs > 0")
-        if self.products < self.categories:
-            raise ValueError(f"products ({self.products}) must be >= categories ({self.categories})")
+class RehearsalPlan(RehearsalConfig):
+    """The sizes (prodcat.config.RehearsalConfig, where their defaults and help live) and what follows from them."""
 
     def demo_config(self) -> dict[str, Any]:
         return {"products": self.products, "test_products": self.test_products, "categories": self.categories,
@@ -65,7 +39,7 @@ class RehearsalPlan:
 
     def train_config(self, workdir: str, head: str, loss: str, seed: int) -> dict[str, Any]:
         return {
-            "workdir": workdir, "features": "efficientnet_lite0-pooled", "head": head, "loss": loss,
+            "workdir": workdir, "store": "efficientnet_lite0-pooled", "head": head, "loss": loss,
             "optimizer": self.optimizer, "num_sampled": self.num_sampled, "sampler": "log_uniform",
             "epochs": self.epochs, "batch_size": self.batch_size, "eval_every": self.eval_every, "lr": self.lr,
             "seed": seed, "run_name": f"scale-{head}-{loss}-{self.optimizer}-s{seed}", "overwrite": True,
@@ -73,20 +47,51 @@ class RehearsalPlan:
 
 
 class _Recorder:
-    """Runs stages and keeps W/reports/rehearsal.json current."""
+    """Runs stages and keeps W/reports/rehearsal.json current.
 
-    def __init__(self, workdir: str | Path, kind: str, plan: Any, isolate: bool) -> None:
+    With `resume`, a stage already recorded as done by an earlier run of the same plan is not run again: its record
+    (cost as measured then) and result are reused, so a rehearsal stopped half-way (hours on 2 cores) goes on where
+    it stopped. Only the number of seeds may differ from the earlier plan (fewer seeds finish sooner)."""
+
+    RESUMABLE_CHANGES = ("seeds",)
+
+    def __init__(self, workdir: str | Path, kind: str, plan: Any, isolate: bool, resume: bool = False) -> None:
         self.workdir, self.isolate = Path(workdir), isolate
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.records: list[StageRecord] = []
         self.payload: dict[str, Any] = {"kind": kind, "note": SYNTHETIC_NOTE, "plan": dataclasses.asdict(plan),
                                         "machine_before": machine_info(), "stages": [], "results": {}}  # fmt: skip
+        self.done: dict[str, dict[str, Any]] = self._earlier(kind) if resume else {}
 
     @property
     def path(self) -> Path:
         return self.workdir / "reports" / "rehearsal.json"
 
+    def _earlier(self, kind: str) -> dict[str, dict[str, Any]]:
+        """The stages an earlier run of the same plan finished, by name (refused in one line when the plan differs)."""
+        if not self.path.is_file():
+            log.info("--resume: %s not found, starting from the first stage", self.path)
+            return {}
+        earlier = read_json(self.path)
+        plan, before = json.loads(json.dumps(self.payload["plan"])), earlier.get("plan", {})  # tuples read as lists
+        changed = sorted(k for k in plan if k not in self.RESUMABLE_CHANGES and before.get(k) != plan[k])
+        if earlier.get("kind") != kind or changed:
+            field = changed[0] if changed else "kind"
+            raise ValueError(
+                f"{self.path}: made by a different plan ({field}: {before.get(field)!r} there, "
+                f"{plan.get(field)!r} now); resume with the same sizes, or use a new --workdir"
+            )
+        self.payload["resumed_from"] = {"machine_before": earlier.get("machine_before"),
+                                        "stages": [s["name"] for s in earlier.get("stages", [])]}  # fmt: skip
+        return {stage["name"]: stage for stage in earlier.get("stages", [])}
+
     def stage(self, name: str, function: str, **kwargs: Any) -> dict[str, Any]:
+        if name in self.done:
+            record = StageRecord(**self.done[name])
+            log.info("--resume: stage %s was done by the earlier run (%.0f s), not run again", name, record.seconds)
+            self.records.append(record)
+            self.save()
+            return record.details | {"items": record.items, "unit": record.unit}
         try:
             result, record = run_stage(name, f"{_STAGES}:{function}", kwargs, self.workdir, self.isolate)
         except Exception as error:  # the record says where a long run stopped, and why
@@ -103,12 +108,14 @@ class _Recorder:
         write_json(self.path, self.payload)
 
 
-def run_rehearsal(workdir: str | Path, plan: RehearsalPlan, isolate: bool = True) -> dict[str, Any]:
+def run_rehearsal(
+    workdir: str | Path, plan: RehearsalPlan, isolate: bool = True, resume: bool = False
+) -> dict[str, Any]:
     """Demo data of the real shape -> ingest -> explore -> extract -> train every arm x seed -> evaluate on the
     holdout -> predict test.bson with the run best on val -> report; returns the rehearsal record."""
     from prodcat.rehearsal.report import write_at_scale
 
-    rec, work = _Recorder(workdir, "pictures", plan, isolate), str(workdir)
+    rec, work = _Recorder(workdir, "pictures", plan, isolate, resume), str(workdir)
     data_dir = str(Path(workdir) / "data")
     rec.stage("demo data", "demo_data", data_dir=data_dir, config=plan.demo_config())
     rec.stage("ingest", "ingest_stage", data_dir=data_dir, workdir=work, val_fraction=plan.val_fraction,
@@ -154,18 +161,20 @@ def check_disk(workdir: str | Path, plan: FullPlan, margin: float = 1.15) -> dic
     return {"free_gb": round(free / 1e9, 1), "store_gb": round(store_bytes(plan) / 1e9, 1)}
 
 
-def run_rehearsal_full(workdir: str | Path, plan: FullPlan, isolate: bool = True) -> dict[str, Any]:
+def run_rehearsal_full(
+    workdir: str | Path, plan: FullPlan, isolate: bool = True, resume: bool = False
+) -> dict[str, Any]:
     """Synthetic full-size store -> fixed steps of sampled and of full softmax (epoch time extrapolated) ->
     evaluate on the holdout -> predict every test product from the store -> check the submission."""
     from prodcat.rehearsal.report import check_submission, write_at_scale
 
-    rec, work = _Recorder(workdir, "full", plan, isolate), str(workdir)
+    rec, work = _Recorder(workdir, "full", plan, isolate, resume), str(workdir)
     rec.payload["disk"] = check_disk(workdir, plan)
     rec.stage("synthetic store", "synthetic_stage", workdir=work, plan=dataclasses.asdict(plan))
     runs: dict[str, dict[str, Any]] = {}
     for loss in ("sampled", "softmax"):
         config = {
-            "workdir": work, "features": STORE_NAME, "head": "linear", "loss": loss, "optimizer": plan.optimizer,
+            "workdir": work, "store": STORE_NAME, "head": "linear", "loss": loss, "optimizer": plan.optimizer,
             "num_sampled": plan.num_sampled, "sampler": "log_uniform", "max_steps": plan.train_steps,
             "batch_size": plan.batch_size, "eval_every": plan.train_steps, "lr": plan.lr, "seed": plan.seed,
             "warmup_steps": min(50, plan.train_steps // 5), "run_name": f"full-linear-{loss}-{plan.optimizer}",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from prodcat.config import ExtractConfig, save_config
+from prodcat.config import ExtractConfig, FullRehearsalConfig, save_config
 from prodcat.data.split import SPLITS
 from prodcat.data.synthetic.demo import (
     CategoryRow,
@@ -65,38 +65,9 @@ _BYTES_PER_PICTURE = 4_690  # nominal catalog lengths: 58 GB / 12.37 M pictures 
 
 
 @dataclasses.dataclass
-class FullPlan:
-    """Sizes of `prodcat rehearsal-full` (the defaults are the real Cdiscount counts)."""
-
-    products: int = REAL["train_products"]
-    test_products: int = REAL["test_products"]
-    dim: int = 1280
-    categories: int = 5270  # synthetic taxonomy size when no taxonomy_csv is given
-    taxonomy_csv: str | None = None
-    counts_json: str | None = None
-    val_fraction: float = 0.01  # selection split; small, as validation runs every eval_every steps
-    holdout_fraction: float = 0.05
-    shard_size: int = 65_536
-    seed: int = 0
-    # Norms of the centre parts and the per-dimension spread of the product part (picture noise has std 1).
-    level1_norm: float = 3.0
-    level2_norm: float = 3.0
-    leaf_norm: float = 3.5
-    product_spread: float = 0.4
-    train_steps: int = 300  # per loss; the epoch time is extrapolated from the measured steps
-    batch_size: int = 1024
-    num_sampled: int = 1024
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    bootstrap_resamples: int = 1000  # evaluate's intervals
-
-    def __post_init__(self) -> None:
-        if self.products < 1 or self.test_products < 1:
-            raise ValueError("products and test_products must be >= 1")
-        if self.dim < 1 or self.shard_size < 1 or self.train_steps < 1 or self.batch_size < 1:
-            raise ValueError("dim, shard_size, train_steps and batch_size must be >= 1")
-        if not (0 < self.val_fraction and 0 < self.holdout_fraction and self.val_fraction + self.holdout_fraction < 1):
-            raise ValueError("val_fraction and holdout_fraction must be > 0 and sum to < 1")
+class FullPlan(FullRehearsalConfig):
+    """The sizes (prodcat.config.FullRehearsalConfig, where their defaults and help live; the real Cdiscount counts)
+    and what follows from them."""
 
     def train_images(self) -> int:
         """Train pictures: the real count at full size, the real pictures-per-product ratio otherwise."""
@@ -283,7 +254,7 @@ def write_synthetic_workdir(workdir: str | Path, plan: FullPlan) -> dict[str, An
     store.finalize()
     # Predictor.load reads the store's ExtractConfig; no backbone is ever built on stored features.
     save_config(
-        ExtractConfig(workdir=str(workdir), backbone="synthetic", name=STORE_NAME, random_init=True),
+        ExtractConfig(workdir=str(workdir), backbone="synthetic", store_name=STORE_NAME, random_init=True),
         paths.feature_store(STORE_NAME) / "config.json",
     )
     truth = {"product_id": products.product_id[plan.products :], "label": hidden}

@@ -133,7 +133,7 @@ def _notes(data: dict[str, Any]) -> str:
 
 
 def _settings_text(settings: dict[str, Any]) -> str:
-    keys = ("head", "features", "epochs", "batch_size", "seeds", "num_sampled", "sampler", "optimizer")
+    keys = ("head", "store", "features", "epochs", "batch_size", "seeds", "num_sampled", "sampler", "optimizer")
     return ", ".join(f"{key.replace('_', ' ')} {esc(settings[key])}" for key in keys if key in settings)
 
 
@@ -245,7 +245,7 @@ def plot_sweep(path: str | Path, data: dict[str, Any]) -> Any:
 # -- files -------------------------------------------------------------------------------------------------------------
 def _title(data: dict[str, Any], name: str) -> str:
     settings = data.get("settings", {})
-    where = f"{settings.get('head', '?')} head on {settings.get('features', '?')}"
+    where = f"{settings.get('head', '?')} head on {settings.get('store', settings.get('features', '?'))}"
     if name == "sweep":
         return f"Sampled-softmax sweep ({settings.get('optimizer', '?')}): {where}"
     optimizers = settings.get("optimizers") or [settings.get("optimizer", "?")]

@@ -69,7 +69,7 @@ class CatalogCounts:
     test_images: int | None
 
 
-def explore(workdir: str | Path, top_k: int = 5) -> dict:
+def explore(workdir: str | Path, top_k: int = ExploreConfig.top_k) -> dict:
     """Summarise `W/catalog/*.parquet` + `W/taxonomy.parquet`; returns the summary also written as JSON."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")

@@ -13,6 +13,7 @@ The stages write numbers only; before reading them the report draws what is miss
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 from pathlib import Path
@@ -156,14 +157,15 @@ def _training(paths: WorkPaths) -> Section:
         )
     rows, figures = [], []
     for run in runs:
-        config = _read(run / "config.json") or {}
+        found = insights.open_run(run)  # the training config as predict and serve read it
+        config = dataclasses.asdict(found.train_config) if found is not None else {}
         summary = _read(run / "summary.json") or {}
         best, final = summary.get("best") or {}, summary.get("final") or {}
         rows.append(
             (
                 (_e(run.name), _sort_name(run.name)),
                 _e(_run_label(config)),
-                _e(config.get("features", "")),
+                _e(config.get("store", config.get("features", ""))),  # "features": runs before the rename
                 (f"{_num(summary.get('step'))} / {_num(summary.get('total_steps'))}", summary.get("step") or 0),
                 _num(summary.get("epoch")),
                 (_pct(best.get("value")), best.get("value") or 0),
@@ -177,7 +179,7 @@ def _training(paths: WorkPaths) -> Section:
         (
             "run",
             "model",
-            "features",
+            "feature store",
             "steps",
             "epochs",
             "best val top-1 (image)",
@@ -241,7 +243,7 @@ def _with_ci(block: dict[str, Any], key: str) -> str:
 def _evaluated(paths: WorkPaths) -> list[tuple[Path, dict[str, Any]]]:
     result = []
     for run in _runs(paths):
-        metrics = _read(run / "eval" / "metrics.json")
+        metrics = insights.run_part(insights.open_run(run), "metrics")
         if isinstance(metrics, dict) and "product" in metrics and "image" in metrics:
             result.append((run, metrics))
     return result
@@ -654,7 +656,7 @@ def build_report(workdir: str | Path) -> Path:
     drawn = _draw_stale(paths)
     evaluated = _evaluated(paths)
     chosen = _best(evaluated)
-    best = None if chosen is None else insights.BestRun.load(paths, *chosen)
+    best = None if chosen is None else insights.BestRun.load(*chosen)
     synthetic = _synthetic_note(paths)
     sections = [
         _headline_section(best, synthetic),

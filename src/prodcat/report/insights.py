@@ -11,12 +11,16 @@ from typing import Any
 
 import numpy as np
 
+from prodcat.errors import UserError
 from prodcat.paths import WorkPaths
+from prodcat.predict.run import Run, load_run
 from prodcat.report.markup import cards, esc, figure, interval, num, pct, table
-from prodcat.utils import get_logger, read_json
+from prodcat.utils import get_logger
 
 __all__ = [
     "BestRun",
+    "open_run",
+    "run_part",
     "headline_box",
     "majority_baseline",
     "per_category_table",
@@ -32,6 +36,27 @@ EXAMPLES_PER_SIDE = 3
 log = get_logger("prodcat.report")
 
 
+def open_run(path: Path) -> Run | None:
+    """The run folder (prodcat.predict.run, as predict and serve read it), None when it is not a readable run."""
+    try:
+        return load_run(path)
+    except UserError as error:
+        log.warning("report: %s", error)
+        return None
+
+
+def run_part(run: Run | None, name: str) -> Any | None:
+    """`run.<name>` (train_config, metrics, taxonomy, ...), None when it cannot be read: the page then says what is
+    missing instead of failing."""
+    if run is None:
+        return None
+    try:
+        return getattr(run, name)
+    except UserError as error:
+        log.warning("report: %s", error)
+        return None
+
+
 @dataclasses.dataclass
 class BestRun:
     """The run chosen on val, its metrics, and (when present) its product predictions and taxonomy."""
@@ -42,21 +67,17 @@ class BestRun:
     taxonomy: Any | None = None
 
     @classmethod
-    def load(cls, paths: WorkPaths, run: Path, metrics: dict[str, Any]) -> BestRun:
+    def load(cls, run: Path, metrics: dict[str, Any]) -> BestRun:
         import pyarrow.parquet as pq
-
-        from prodcat.data.taxonomy import Taxonomy
 
         best = cls(run, metrics)
         table_path = run / "eval" / "predictions.parquet"
-        taxonomy_path = run / "taxonomy.parquet" if (run / "taxonomy.parquet").is_file() else paths.taxonomy
         try:
             if table_path.is_file():
                 best.predictions = pq.read_table(table_path).to_pandas()
-            if taxonomy_path.is_file():
-                best.taxonomy = Taxonomy.load(taxonomy_path)
         except (OSError, ValueError) as error:
             log.warning("report: %s: %s", run, error)
+        best.taxonomy = run_part(open_run(run), "taxonomy")  # the run's copy (the workdir's for older runs)
         return best
 
     @property
@@ -98,7 +119,8 @@ def auto_accept_sentence(metrics: dict[str, Any]) -> str:
 
 
 def _run_text(run: Path, metrics: dict[str, Any]) -> str:
-    config = read_json(run / "config.json") if (run / "config.json").is_file() else {}
+    found = open_run(run)
+    config = dataclasses.asdict(found.train_config) if found is not None else {}
     parts = [f"{metrics.get('head', config.get('head', '?'))} head", str(metrics.get("loss", config.get("loss", "?")))]
     if config.get("optimizer"):
         parts.append(str(config["optimizer"]))

@@ -30,6 +30,11 @@ _ARMS = (
     ("late", "pictures + text, late fusion (weight on val)"),
     ("concat", "pictures + text, concatenation into one head"),
 )
+_CALIBRATION_ARMS = (
+    ("uncalibrated", "fused scores, no calibration"),
+    ("before", "fused scores, the run's picture calibration (as served before)"),
+    ("after", "fused scores, their own calibration (served now)"),
+)
 
 
 def _json(path: Path) -> Any | None:
@@ -87,6 +92,27 @@ def _fusion_table(fusions: list[dict[str, Any]]) -> str:
         f"over products of the first seed. Text leaves: LIBRAIRIE, MUSIQUE, DVD - BLU-RAY, JEUX VIDEO. Late-fusion "
         f"weight chosen on val per seed: {_e(weights)}; fusion kept for serving (better on val): {_e(', '.join(kept))}."
         f"</p>{_table(headers, cells)}"
+    )
+
+
+def _calibration_table(fusions: list[dict[str, Any]]) -> str:
+    """ECE of the kept fusion's holdout probabilities before / after its own calibration (R/text/fusion.json)."""
+    blocks = [f["calibration"] for f in fusions if (f.get("calibration") or {}).get("holdout")]
+    if not blocks:
+        return ""
+    held = [b["holdout"] for b in blocks]
+    cells = [
+        [_e(name), _e(_spread([h[key]["ece"] for h in held])),
+         _e("–" if key == "uncalibrated" else _spread([h[key]["coverage"] for h in held])), _e(held[0]["n"])]
+        for key, name in _CALIBRATION_ARMS
+    ]  # fmt: skip
+    change = held[0]["change"]["ece"]
+    return (
+        f"<p>Calibration of the fused product probabilities on <b>holdout</b>: ECE ({held[0]['bins']} equal-width "
+        f"bins), mean ± sd over {len(held)} seed(s). The fused calibration (tau, T, auto-accept threshold) is chosen "
+        f"on val's fused scores (n = {blocks[0]['n']}). Seed 0's ECE change {change['change']:+.4f}, 95% paired "
+        f"bootstrap {_interval(change['change_ci95'])}.</p>"
+        + _table(["probabilities", "ECE", "auto-accept coverage", "n"], cells)
     )
 
 
@@ -166,7 +192,7 @@ def ocr_section(
     fusions = _fusions(workdir, runs)
     parts = [_stage_table(summary, _json(words_right))]
     if fusions:
-        parts += [_fusion_table(fusions), _examples(workdir, fusions[0])]
+        parts += [_fusion_table(fusions), _calibration_table(fusions), _examples(workdir, fusions[0])]
     else:
         parts.append('<p class="missing">No run has a text model yet: <code>prodcat text-head --run W/runs/R</code> '
                      "after <code>prodcat ocr --select text_likely</code>.</p>")  # fmt: skip

@@ -77,8 +77,8 @@ def draw_examples(
 def draw_ocr_examples(workdir: str | Path, count: int | None = None, force: bool = False) -> Path | None:
     """W/ocr/examples.png from W/ocr/pictures.parquet and words.parquet (`count` pictures, default the run's
     `examples` setting), where missing or older than the tables; None when there is nothing to draw."""
-    from prodcat.config import load_config
-    from prodcat.ocr.stage import OcrConfig, ocr_dir, plan_pictures, read_picture
+    from prodcat.config import OcrConfig, load_config
+    from prodcat.ocr.stage import ocr_dir, plan_pictures, read_picture
 
     folder = ocr_dir(workdir)
     source, target = folder / "pictures.parquet", folder / EXAMPLES_FIGURE

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prodcat.config import ServeConfig
 from prodcat.data.images import ALLOWED_FORMATS, DecodedImage, ImageDecodeError, decode_image_sized
 from prodcat.serve.batching import BatchInfo, ModelError, OverloadedError, Runner, create_runner
-from prodcat.utils import get_logger, read_json
+from prodcat.utils import get_logger
 
 if TYPE_CHECKING:
     from prodcat.predict.predictor import CategoryScore, Predictor, ProductPrediction
@@ -504,7 +504,7 @@ def _model_info(predictor: Predictor, config: ServeConfig) -> dict[str, Any]:
     info: dict[str, Any] = {
         # The run's name, not the path as typed on the command line (which may reveal the server's layout).
         "run": None if run_dir is None else Path(run_dir).name,
-        "evaluation": _evaluation_info(run_dir),
+        "evaluation": _evaluation_info(predictor, run_dir),
         "num_classes": int(taxonomy.num_classes),
         "num_level1": int(taxonomy.num_level1),
         "num_level2": int(taxonomy.num_level2),
@@ -522,13 +522,16 @@ def _model_info(predictor: Predictor, config: ServeConfig) -> dict[str, Any]:
     return info
 
 
-def _evaluation_info(run_dir: Path | None) -> dict[str, Any] | None:
+def _evaluation_info(predictor: Predictor, run_dir: Path | None) -> dict[str, Any] | None:
     """The run's held-out product accuracy (from `prodcat evaluate`), for the page to name; None before evaluation."""
-    path = None if run_dir is None else Path(run_dir) / "eval" / "metrics.json"
-    if path is None or not path.is_file():
-        return None
+    from prodcat.errors import UserError
+    from prodcat.predict.run import read_evaluation
+
+    run = getattr(predictor, "run", None)  # the run folder a loaded Predictor read (prodcat.predict.run)
     try:
-        metrics = read_json(path)
+        metrics = run.metrics if run is not None else read_evaluation(run_dir) if run_dir is not None else {}
+        if not metrics:
+            return None
         product = metrics["product"]
         return {
             "split": metrics.get("split"),
@@ -536,8 +539,8 @@ def _evaluation_info(run_dir: Path | None) -> dict[str, Any] | None:
             "product_top1_ci95": [_probability(v) for v in product.get("top1_ci95") or []] or None,
             "products": product.get("n", metrics.get("products")),
         }
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        log.warning("%s: %s", path, error)
+    except (UserError, KeyError, TypeError) as error:  # an unreadable or odd metrics.json names nothing
+        log.warning("%s: %s", run_dir, error)
         return None
 
 
@@ -556,10 +559,10 @@ def _decode_size(predictor: Predictor) -> tuple[int, int] | None:
         extract_config = getattr(predictor, "extract_config", None)
         if extract_config is None:
             return None
-        from prodcat.features.backbones import get_spec
+        from prodcat.features.extractor import input_size
 
         try:
-            size = get_spec(extract_config.backbone).image_size
+            size = input_size(extract_config)  # what the predictor's FeatureExtractor resizes pictures to
         except Exception as error:  # noqa: BLE001 - serving still works, only without reduced decoding
             log.warning("no input size for backbone %r (%s); pictures decode at full size", extract_config, error)
             return None
@@ -647,19 +650,26 @@ def _warm_up(predictor: Predictor) -> None:
 
 
 def serve(config: ServeConfig) -> None:
-    """Load `config.run`, then serve the API and the web page with uvicorn on config.host:config.port."""
+    """Load `config.run` (or the exported `config.onnx`), then serve the API and the web page with uvicorn."""
     import uvicorn
 
     from prodcat.predict.predictor import Predictor
 
-    if not config.run:
-        raise ValueError("serve needs a run directory (--run W/runs/NAME)")
+    if not config.run and not config.onnx:
+        from prodcat.config import ConfigError  # a ValueError too, and one line on the command line
+
+        raise ConfigError("serve needs a run directory (--run W/runs/NAME) or an exported file (--onnx model.onnx)")
     check_port(config.host, config.port)  # before the model loads and before "serving on ..." is printed
-    predictor = Predictor.load(config.run)
+    if config.onnx:  # the exported graph (prodcat export) through ONNX Runtime: same contract, no PyTorch model
+        from prodcat.predict.onnx_predictor import OnnxPredictor
+
+        predictor = OnnxPredictor.load(config.onnx)
+    else:
+        predictor = Predictor.load(config.run)
     _warm_up(predictor)
     log.info(
         "serving %s on http://%s:%d (micro-batching %s)",
-        config.run,
+        config.onnx or config.run,
         config.host,
         config.port,
         "on" if config.micro_batching else "off",

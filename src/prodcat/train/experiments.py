@@ -6,7 +6,7 @@ plain data. `prodcat.report.experiments` draws the figure and writes the same ta
 page from that file (the CLI and `prodcat report` call it): experiments never import plotting. Both return an
 `ExperimentResult`: the report folder and every run folder, keyed by what varied, so no caller globs run names.
 
-A comparison changes one thing: every arm of `compare` shares head, features, budget, seeds and, unless
+A comparison changes one thing: every arm of `compare` shares head, feature store, budget, seeds and, unless
 `optimizers` makes it a second factor, the optimizer; the sweep's full-softmax reference uses the sweep's optimizer.
 
 Select on val, report on the holdout: each run's headline is its product top-1 on the holdout split (n products),
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from prodcat.config import ConfigError, TrainConfig
+from prodcat.config import CompareConfig, ConfigError, SweepConfig, TrainConfig, save_config
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.errors import require_store
 from prodcat.evaluate.evaluation import ProductHits, bootstrap_ci, product_hits, proportion_ci
@@ -48,7 +48,7 @@ __all__ = ["compare", "sweep", "ExperimentResult", "EVALS_PER_RUN", "DEFAULT_SEE
 log = get_logger("prodcat.train.experiments")
 
 EVALS_PER_RUN = 15  # validation points per run: enough for a curve, few enough not to dominate a tiny run
-DEFAULT_SEEDS = 3  # where a spread is shown, over three seeds unless asked otherwise
+DEFAULT_SEEDS = CompareConfig.seeds  # where a spread is shown, over three seeds unless asked otherwise
 TIME_KEY = "train_seconds"  # curves against time use training seconds: validation and checkpoints left out
 REPORTED_SPLIT = "holdout"  # every headline number; val is where checkpoints and aggregations are chosen
 RESAMPLES = 1000  # bootstrap resamples of the holdout products (as `prodcat evaluate`)
@@ -67,7 +67,7 @@ class ExperimentResult:
 # -- running --------------------------------------------------------------------------------------------------------
 def _eval_every(config: TrainConfig) -> int:
     paths = WorkPaths(config.workdir)
-    rows = len(FeatureStore.open(paths.feature_store(config.features)).split_indices("train"))
+    rows = len(FeatureStore.open(paths.feature_store(config.store)).split_indices("train"))
     return max(1, StepPlan.create(rows, config).total_steps // EVALS_PER_RUN)
 
 
@@ -257,7 +257,7 @@ ACCURACY_NOTE = (
 
 
 def _compare_notes(
-    head: str, features: str, epochs: float, batch_size: int, seeds: int, num_sampled: int, cells: list[tuple[str, str]]
+    head: str, store: str, epochs: float, batch_size: int, seeds: int, num_sampled: int, cells: list[tuple[str, str]]
 ) -> list[str]:
     optimizers = list(dict.fromkeys(name for _, name in cells))
     if len(optimizers) == 1:
@@ -268,7 +268,7 @@ def _compare_notes(
             f"{loss} with {', '.join(n)}" for loss, n in by_loss.items()
         )
     return [
-        f"Same head ({head}), features ({features}), {epochs:g} epochs, batch {batch_size}, seeds 0..{seeds - 1}; "
+        f"Same head ({head}), feature store ({store}), {epochs:g} epochs, batch {batch_size}, seeds 0..{seeds - 1}; "
         f"{factor}; sampled softmax uses {num_sampled} negatives.",
         ACCURACY_NOTE,
         SPREAD_NOTE,
@@ -276,46 +276,33 @@ def _compare_notes(
 
 
 # -- compare --------------------------------------------------------------------------------------------------------
-def compare(
-    workdir: str | Path,
-    *,
-    features: str,
-    head: str,
-    losses: Sequence[str],
-    seeds: int = DEFAULT_SEEDS,
-    epochs: float,
-    num_sampled: int,
-    batch_size: int,
-    optimizer: str | None = None,
-    optimizers: Sequence[str] | None = None,
-    arms: Sequence[tuple[str, str]] | None = None,
-    note: str | None = None,
-    isolate: bool = True,
-) -> ExperimentResult:
-    """Train `head` with each loss (x each optimizer) under the same budget and seeds 0..seeds-1, evaluate each run on
-    the holdout; numbers in `W/reports/compare/compare.json`. `optimizer` is held fixed across arms (default
-    TrainConfig's); `optimizers` makes it a second factor (every loss with every optimizer); `arms`, a list of
-    (loss, optimizer) pairs, picks cells of that grid instead (e.g. the optimizer factor on two losses only). `note`
-    is added to the report (e.g. "demo data is synthetic"). Returns the report folder and the run folders keyed by
-    (loss, optimizer, seed)."""
-    if not (losses or arms) or seeds < 1:
-        raise ConfigError("compare needs at least one loss and one seed")
-    require_store(workdir, features)
-    if arms:
-        names = _resolve_optimizers(None, [name for _, name in arms])
-        cells = list(dict.fromkeys((loss, name) for loss, name in arms))
+def compare(config: CompareConfig) -> ExperimentResult:
+    """Train `config.head` with each loss (x each optimizer) under the same budget and seeds 0..seeds-1, evaluate each
+    run on the holdout; numbers in `W/reports/compare/compare.json`, the config beside it (config.json). `optimizer`
+    is held fixed across arms (default TrainConfig's); `optimizers` makes it a second factor (every loss with every
+    optimizer); `arms`, (loss, optimizer) pairs, picks cells of that grid instead (e.g. the optimizer factor on two
+    losses only). `note` is added to the report (e.g. "demo data is synthetic"). Returns the report folder and the
+    run folders keyed by (loss, optimizer, seed)."""
+    workdir, store, head, epochs, seeds = config.workdir, config.store, config.head, config.epochs, config.seeds
+    num_sampled, batch_size, isolate, note = config.num_sampled, config.batch_size, config.isolate, config.note
+    require_store(workdir, store)
+    if config.arms:
+        names = _resolve_optimizers(None, [name for _, name in config.arms])
+        cells = list(dict.fromkeys(config.arms))
     else:
-        names = _resolve_optimizers(optimizer, optimizers)
-        cells = [(loss, name) for loss in losses for name in names]
-    base = dict(workdir=str(workdir), features=features, head=head, epochs=epochs, num_sampled=num_sampled)
+        names = _resolve_optimizers(config.optimizer, config.optimizers)
+        cells = [(loss, name) for loss in config.losses for name in names]
+    base = dict(workdir=str(workdir), store=store, head=head, epochs=epochs, num_sampled=num_sampled)
     runs_by_arm: dict[str, list[dict[str, Any]]] = {}
     run_dirs: dict[RunKey, Path] = {}
     for loss, name in cells:
         runs = []
         for seed in range(seeds):
             run_name = f"compare-{loss}-{name}-s{seed}"
-            config = TrainConfig(loss=loss, optimizer=name, seed=seed, batch_size=batch_size, run_name=run_name, **base)
-            runs.append(_run(config, isolate))
+            train_config = TrainConfig(
+                loss=loss, optimizer=name, seed=seed, batch_size=batch_size, run_name=run_name, **base
+            )
+            runs.append(_run(train_config, isolate))
             run_dirs[(loss, name, seed)] = runs[-1]["dir"]
         runs_by_arm[_arm_label(loss, name)] = runs
     settings = {
@@ -328,14 +315,17 @@ def compare(
         "isolated_processes": isolate,
         "reported_split": REPORTED_SPLIT,
     }
-    notes = _compare_notes(head, features, epochs, batch_size, seeds, num_sampled, cells)
+    notes = _compare_notes(head, store, epochs, batch_size, seeds, num_sampled, cells)
     notes.append(
         "Peak RSS (compare.json only): each run's own process (max over seeds)."
         if isolate
         else "Peak RSS (compare.json only): runs shared one process, so it is the process peak up to that run."
     )
-    _write_compare(WorkPaths(workdir).report("compare"), cells, runs_by_arm, settings, notes + ([note] if note else []))
-    return ExperimentResult(WorkPaths(workdir).report("compare"), run_dirs)
+    out = WorkPaths(workdir).report("compare")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.json")
+    _write_compare(out, cells, runs_by_arm, settings, notes + ([note] if note else []))
+    return ExperimentResult(out, run_dirs)
 
 
 def _write_compare(
@@ -381,40 +371,26 @@ def _clip_negatives(requested: Sequence[int], num_classes: int) -> tuple[list[in
     return values, notes
 
 
-def sweep(
-    workdir: str | Path,
-    *,
-    features: str,
-    head: str,
-    num_sampled: tuple[int, ...],
-    sampler: str,
-    epochs: float,
-    seeds: int = DEFAULT_SEEDS,
-    batch_size: int,
-    optimizer: str | None = None,
-    note: str | None = None,
-    isolate: bool = False,
-) -> ExperimentResult:
+def sweep(config: SweepConfig) -> ExperimentResult:
     """Sampled softmax for each K plus the full softmax as reference, all with the same optimizer (default
-    TrainConfig's), each run evaluated on the holdout; numbers in `W/reports/sweep/sweep.json`."""
-    if not num_sampled or seeds < 1:
-        raise ConfigError("sweep needs at least one num_sampled value and one seed")
-    require_store(workdir, features)
-    (name,) = _resolve_optimizers(optimizer, None)
+    TrainConfig's), each run evaluated on the holdout; numbers in `W/reports/sweep/sweep.json`, the config beside it
+    (config.json)."""
+    workdir, store, head, sampler, epochs = config.workdir, config.store, config.head, config.sampler, config.epochs
+    seeds, batch_size, note, isolate = config.seeds, config.batch_size, config.note, config.isolate
+    require_store(workdir, store)
+    (name,) = _resolve_optimizers(config.optimizer, None)
     paths = WorkPaths(workdir)
     num_classes = Taxonomy.load(paths.taxonomy).num_classes
-    values, clip_notes = _clip_negatives(num_sampled, num_classes)
-    base = dict(
-        workdir=str(workdir), features=features, head=head, epochs=epochs, batch_size=batch_size, optimizer=name
-    )
+    values, clip_notes = _clip_negatives(config.num_sampled, num_classes)
+    base = dict(workdir=str(workdir), store=store, head=head, epochs=epochs, batch_size=batch_size, optimizer=name)
     run_dirs: dict[RunKey, Path] = {}
     arms: dict[str, list[dict[str, Any]]] = {}
 
     def arm(loss: str, label: str, **extra: Any) -> list[dict[str, Any]]:
         runs = []
         for seed in range(seeds):
-            config = TrainConfig(loss=loss, seed=seed, run_name=f"sweep-{label}-{name}-s{seed}", **extra, **base)
-            runs.append(_run(config, isolate))
+            train_config = TrainConfig(loss=loss, seed=seed, run_name=f"sweep-{label}-{name}-s{seed}", **extra, **base)
+            runs.append(_run(train_config, isolate))
             run_dirs[(f"sampled-{label}" if loss == "sampled" else label, name, seed)] = runs[-1]["dir"]
         return runs
 
@@ -422,14 +398,14 @@ def sweep(
         arms[f"K = {k}"] = arm("sampled", f"k{k}", num_sampled=k, sampler=sampler)
     arms[REFERENCE_LABEL] = arm("softmax", "softmax")
     notes = [
-        f"{head} head on {features}, {sampler} sampler, {epochs:g} epochs, batch {batch_size}, {num_classes} classes, "
+        f"{head} head on {store}, {sampler} sampler, {epochs:g} epochs, batch {batch_size}, {num_classes} classes, "
         f"seeds 0..{seeds - 1}; every point and the full-softmax reference use the same optimizer ({name}).",
         *(ACCURACY_NOTE, SPREAD_NOTE, *clip_notes, *([note] if note else [])),
     ]
     settings = {
-        "features": features,
+        "store": store,
         "head": head,
-        "num_sampled": list(num_sampled),
+        "num_sampled": list(config.num_sampled),
         "sampler": sampler,
         "optimizer": name,
         "epochs": epochs,
@@ -438,6 +414,8 @@ def sweep(
         "reported_split": REPORTED_SPLIT,
     }
     out = paths.report("sweep")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.json")
     _write_sweep(out, values, arms, {"settings": settings, "num_classes": num_classes, "notes": notes})
     return ExperimentResult(out, run_dirs)
 

@@ -32,12 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist  # not `dist`: Run.dist is this process's DistInfo
 import torch.nn.functional as F
 from torch import nn
 
 from prodcat.checkpoint import (
-    TAXONOMY_FILE,
     CheckpointError,
     build_model,
     checkpoint_dir,
@@ -53,7 +52,8 @@ from prodcat.distributed import DistInfo, cleanup, init_distributed
 from prodcat.errors import require_store
 from prodcat.features.loaders import FeatureLoader
 from prodcat.features.store import FeatureStore, StoreError
-from prodcat.paths import WorkPaths
+from prodcat.paths import TAXONOMY_FILE, WorkPaths
+from prodcat.predict.run import save_extraction
 from prodcat.utils import atomic_write_bytes, atomic_write_text, get_logger, progress, read_json, write_json
 
 __all__ = [
@@ -291,14 +291,19 @@ def _config_dict(config: TrainConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
+def _kept_config(config: TrainConfig) -> TrainConfig:
+    """The config as the run folder keeps it: workdir absolute, so the run reads the same from any directory."""
+    return dataclasses.replace(config, workdir=os.path.abspath(config.workdir))
+
+
 def setup(config: TrainConfig) -> Run:
     """Process group, seeds, store and taxonomy, classifier, optimizer, data, and the resumed state if asked."""
-    owns_group = not (dist.is_available() and dist.is_initialized())
+    owns_group = not (torch_dist.is_available() and torch_dist.is_initialized())
     info = init_distributed(config.distributed)
     device = _device(config, info)
     _seed_everything(config.seed)
     paths = WorkPaths(config.workdir)
-    store = FeatureStore.open(paths.feature_store(config.features))
+    store = FeatureStore.open(paths.feature_store(config.store))
     taxonomy = Taxonomy.load(paths.taxonomy)
     train_rows = _split_rows(store, "train", taxonomy.num_classes)
     # The train split's own label counts (not the catalog's, which include val and holdout products).
@@ -365,8 +370,10 @@ def _restore_or_start(run: Run, paths: WorkPaths) -> None:
         if meta is None and run.config.overwrite:
             _clear_earlier_run(run.run_dir)
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(run.config, run.run_dir / "config.json")
+        # What prediction needs from the workdir, copied into the run (prodcat.predict.run): it stands alone.
+        save_config(_kept_config(run.config), run.run_dir / "config.json")
         atomic_write_bytes(run.run_dir / TAXONOMY_FILE, paths.taxonomy.read_bytes())
+        save_extraction(run.run_dir, paths.root, run.config.store)
         _truncate_metrics(run.run_dir, run.step if meta is not None else None)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -436,7 +443,7 @@ def _clear_earlier_run(run_dir: Path) -> None:
         if (run_dir / name).is_dir():
             shutil.rmtree(run_dir / name)
             removed.append(name)
-    for name in ("summary.json", "curves.png", "metrics.jsonl"):
+    for name in ("summary.json", "curves.png", "metrics.jsonl", "twins.parquet"):  # twins: written with eval/'s choice
         if (run_dir / name).is_file():
             (run_dir / name).unlink()
             removed.append(name)
@@ -475,7 +482,7 @@ def validate(run: Run) -> dict[str, float]:
         sums[2] += hits.any(dim=1).sum()
         sums[3] += len(leaf)
     if run.dist.enabled:
-        dist.all_reduce(sums)
+        torch_dist.all_reduce(sums)
     model.train(was_training)
     loss_sum, top1, top5, count = sums.tolist()
     return {"val_loss": loss_sum / count, "val_top1": top1 / count, "val_top5": top5 / count, "val_rows": int(count)}
@@ -507,7 +514,7 @@ def _should_stop(run: Run, session_start: float) -> bool:
         late = torch.tensor(float(time.perf_counter() - session_start + run.elapsed > config.max_seconds))
         if run.dist.enabled:  # every rank must stop at the same step
             late = late.to(run.device)
-            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+            torch_dist.all_reduce(late, op=torch_dist.ReduceOp.MAX)
         stop = stop or bool(late.item())
     return stop
 
@@ -577,7 +584,7 @@ def _evaluate_and_save(run: Run, interval: _Interval, session_start: float) -> d
     if interval.loss_sum is not None:
         total = interval.loss_sum.double().reshape(1)
         if run.dist.enabled:
-            dist.all_reduce(total)
+            torch_dist.all_reduce(total)
         train_loss = float(total.item()) / interval.rows
     metrics = validate(run)
     _check_finite(run, train_loss, metrics["val_loss"])
@@ -635,7 +642,7 @@ def _meta(run: Run, line: dict[str, Any]) -> dict[str, Any]:
         "metrics": line,
         "in_shape": list(run.store.feature_shape),
         "num_classes": run.taxonomy.num_classes,
-        "config": _config_dict(run.config),
+        "config": _config_dict(_kept_config(run.config)),
         "taxonomy": TAXONOMY_FILE,
         # read back on resume: a different plan means the store changed under the run
         "steps_per_epoch": run.plan.steps_per_epoch,
@@ -643,8 +650,7 @@ def _meta(run: Run, line: dict[str, Any]) -> dict[str, Any]:
         "warmup_steps": run.plan.warmup_steps,
         "batch_size": run.plan.batch_size,
         "world_size": run.dist.world_size,
-        "optimizer": run.config.optimizer,
-        "sparse_output": run.sparse_output,  # whether the output gradients were sparse (the rule is `optimizer`'s)
+        "sparse_output": run.sparse_output,  # whether the output gradients were sparse (the rule is config's optimizer)
         "torch": torch.__version__,
     }
 
@@ -678,7 +684,7 @@ def _finish(run: Run, session_start: float, step_times: list[float]) -> dict[str
 
 def train(config: TrainConfig) -> Path:
     """Train a head on cached features; returns the run directory `W/runs/<config.name>`."""
-    require_store(config.workdir, config.features)  # lists the stores there (or says to ingest / extract first)
+    require_store(config.workdir, config.store)  # lists the stores there (or says to ingest / extract first)
     run = setup(config)
     try:
         with _deterministic_cuda() if run.device.type == "cuda" else contextlib.nullcontext():

@@ -8,8 +8,11 @@
 `prodcat text-head --run R` trains both with the run's seed and AdamW, picks the better on val (`--fusion auto`),
 and saves it into R/text/ in the checkpoint format of prodcat runs (safetensors + JSON sidecar with sha256, no
 pickle); R/text/fusion.json holds val and holdout numbers of picture-only, late, concat and a picture-only product
-head (the concat head without text: the comparison that changes one thing). The Predictor loads R/text/ when it
-is there (`load_text_model`) and then reads the words on the pictures itself (text-likely ones, Tesseract).
+head (the concat head without text: the comparison that changes one thing). The kept model's fused scores get
+their own calibration (tau, T, auto-accept threshold) chosen on val (`prodcat.train.text_calibration`), stored in
+its sidecar, with ECE before / after on holdout in fusion.json. The Predictor loads R/text/ when it is there
+(`load_text_model`), applies that calibration, and reads the words on the pictures itself (text-likely ones,
+Tesseract).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prodcat.config import ConfigError
+from prodcat.config import ConfigError, FusionConfig  # FusionConfig re-exported for its users
 from prodcat.ocr.text_features import TextFeatureConfig
 from prodcat.predict.text_model import (  # the prediction side, re-exported for the trainer's users
     TEXT_DIR,
@@ -53,35 +56,7 @@ __all__ = [
     "text_leaf_mask",
 ]
 
-FUSIONS = ("auto", "late", "concat")
 log = get_logger("prodcat.train.text_fusion")
-
-
-@dataclasses.dataclass
-class FusionConfig:
-    """Train a text model beside a picture run (saved with it, so serving fuses the same way)."""
-
-    run: str = ""
-    fusion: str = "auto"  # auto (better product top-1 on val) | late | concat
-    n_features: int = 2**14  # hashed text vector size (the head has n_features x classes weights)
-    min_confidence: float = 0.5  # words the engine is less sure of are dropped
-    epochs: int = 40
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 128
-    seed: int | None = None  # None: the picture run's seed
-    late_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
-    overwrite: bool = False  # replace R/text/ when it exists
-
-    def __post_init__(self) -> None:
-        self.late_weights = tuple(float(w) for w in self.late_weights)
-        if self.fusion not in FUSIONS:
-            raise ConfigError(f"unknown fusion {self.fusion!r}; use {', '.join(FUSIONS)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
-        if not self.late_weights or min(self.late_weights) < 0:
-            raise ConfigError(f"late_weights must be non-negative and not empty, got {self.late_weights}")
-        TextFeatureConfig(n_features=self.n_features, min_confidence=self.min_confidence)  # checks those two
 
 
 # -- data ------------------------------------------------------------------------------------------------------------
@@ -208,10 +183,10 @@ def _fit_all(predictor: Any, config: FusionConfig, seed: int) -> tuple[dict[str,
                                                val.has_text, val.label, config.late_weights)  # fmt: skip
     leaves = text_leaf_mask(predictor.taxonomy)
     metrics: dict[str, Any] = {}
-    fused: dict[str, np.ndarray] = {}
+    scores: dict[str, dict[str, np.ndarray]] = {}
     for split in ("val", "holdout"):
         data = sets[split]
-        fused = {
+        scores[split] = fused = {
             "late": late_fuse(data.picture_log_probs, head_log_probs(text_head, data, text_config), data.has_text,
                               weight),
             "concat": head_log_probs(concat, data, text_config),
@@ -227,7 +202,8 @@ def _fit_all(predictor: Any, config: FusionConfig, seed: int) -> tuple[dict[str,
     return {"late": text_head, "concat": concat}, {
         "metrics": metrics,
         "fits": fits,
-        "holdout": (sets["holdout"], fused),
+        "sets": sets,
+        "fused": scores,
     }
 
 
@@ -267,18 +243,45 @@ def train_text_model(config: FusionConfig) -> dict[str, Any]:
     kind = config.fusion
     if kind == "auto":  # selection on val; holdout numbers only reported
         kind = "concat" if val["concat"]["all"]["top1"] > val["late"]["all"]["top1"] else "late"
-    holdout, fused = found["holdout"]
+    sets, fused = found["sets"], found["fused"]
+    sidecar, calibration = _calibrate(predictor, run_dir, sets, {split: fused[split][kind] for split in fused})
+    holdout = sets["holdout"]
     summary = {"run": str(run_dir), "seed": seed, "kept": kind, "chosen_on": "val", **found["fits"],
-               **found["metrics"], "config": dataclasses.asdict(config),
-               "examples": _examples(holdout, holdout.picture_log_probs, fused[kind])}  # fmt: skip
-    _save(target, models[kind], kind, found["fits"]["late_weight"], config, predictor, seed)
+               **found["metrics"], "calibration": calibration, "config": dataclasses.asdict(config),
+               "examples": _examples(holdout, holdout.picture_log_probs, fused["holdout"][kind])}  # fmt: skip
+    _save(target, models[kind], kind, found["fits"]["late_weight"], config, predictor, seed, sidecar)
     write_json(target / "fusion.json", summary)
     log.info("text model (%s, chosen on val) -> %s", kind, target)
     return summary
 
 
+def _calibrate(
+    predictor: Any, run_dir: Path, sets: dict[str, ProductSet], scores: dict[str, np.ndarray]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """tau, T and the threshold of the kept fusion's scores, chosen on val; their effect on holdout. Returns the
+    sidecar block (what the Predictor applies) and the summary block (fusion.json)."""
+    from prodcat.train import text_calibration
+
+    settings, settings_from = text_calibration.eval_settings(run_dir)
+    counts = text_calibration.train_prior_counts(predictor)
+    calibration, chosen = text_calibration.fit_fused_calibration(scores["val"], sets["val"].label, counts, settings)
+    picture = (predictor.calibration, predictor.accept_threshold)  # evaluate's: the text model is off here
+    source = ("evaluate's, fitted on val picture scores" if (run_dir / "eval" / "metrics.json").is_file()
+              else "none: the run was not evaluated")  # fmt: skip
+    fused = (calibration, chosen["confidence"]["threshold"])
+    held = text_calibration.holdout_calibration(scores["holdout"], sets["holdout"].label, picture, fused,
+                                                settings.bootstrap_resamples, picture_source=source)  # fmt: skip
+    threshold = "none reaches the target" if fused[1] is None else f"{fused[1]:.4f}"
+    log.info("fused scores calibrated on val (n=%d): tau %g, T %.3f, auto-accept threshold %s; holdout (n=%d) ECE "
+             "%.4f with the picture calibration (%s) -> %.4f with this one", chosen["n"], calibration.tau,
+             calibration.temperature, threshold, held["n"], held["before"]["ece"], source,
+             held["after"]["ece"])  # fmt: skip
+    summary = {**chosen, "settings": settings_from, "holdout": held}
+    return text_calibration.sidecar_block(calibration, chosen, counts), summary
+
+
 def _save(target: Path, model: FusedLinear, kind: str, weight: float, config: FusionConfig, predictor: Any,
-          seed: int) -> None:  # fmt: skip
+          seed: int, calibration: dict[str, Any]) -> None:  # fmt: skip
     from prodcat.checkpoint import save_checkpoint
 
     meta = {
@@ -286,6 +289,7 @@ def _save(target: Path, model: FusedLinear, kind: str, weight: float, config: Fu
         "in_shape": [model.picture_dim, model.n_features], "num_classes": int(predictor.taxonomy.num_classes),
         "taxonomy": "../taxonomy.parquet",  # the picture run's copy: one taxonomy for both heads
         "text_features": dataclasses.asdict(TextFeatureConfig(config.n_features, min_confidence=config.min_confidence)),
+        "calibration": calibration,  # chosen on val's fused scores: the Predictor applies it with this model
     }  # fmt: skip
     save_checkpoint(target, "best", model, None, meta)
 

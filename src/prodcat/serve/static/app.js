@@ -96,20 +96,20 @@ function clearAll() {
 
 function renderThumbnails() {
   const list = $("#thumbnails");
+  const template = $("#thumb-template").content.firstElementChild;
   list.replaceChildren();
   state.files.forEach((entry, index) => {
-    const item = element("li", "thumb");
+    const item = template.cloneNode(true);
     item.dataset.index = index;
-    const image = element("img");
+    const image = item.querySelector("img");
     image.src = entry.url;
     image.alt = entry.file.name;
     image.addEventListener("error", () => item.classList.add("broken"));
-    const remove = element("button", "remove", "×");
-    remove.type = "button";
+    const remove = item.querySelector(".remove");
     remove.title = `Remove ${entry.file.name}`;
     remove.setAttribute("aria-label", remove.title);
     remove.addEventListener("click", () => removeFile(index));
-    item.append(image, remove, element("span", "thumb-name", entry.file.name), element("span", "thumb-top"));
+    item.querySelector(".thumb-name").textContent = entry.file.name;
     list.append(item);
   });
   const empty = state.files.length === 0;
@@ -213,14 +213,33 @@ function renderMatches(result) {
   box.textContent = `${photos} identical to pictures of ${products}${used}`;
 }
 
+// The words OCR read on one photo, each as text (textContent: a word is never markup); null: the run has no text
+// model, so nothing was read and the place stays hidden.
+function renderWords(place, words) {
+  place.hidden = words == null;
+  if (words == null) return;
+  const list = place.querySelector(".words");
+  place.classList.toggle("empty", words.length === 0);
+  if (!words.length) {
+    list.replaceChildren(element("span", "no-words", "none"));
+    place.title = "OCR found no words on this photo (or skipped it: no text likely)";
+    return;
+  }
+  list.replaceChildren(...words.map((word) => element("span", "word", word)));
+  place.title = `words OCR read on this photo: ${words.join(" ")}`;
+}
+
 function renderResults(result) {
   $("#error").hidden = true;
   renderVerdict(result);
   renderMatches(result);
   $("#predictions").replaceChildren(...result.top.map((score, index) => predictionItem(score, index + 1)));
   result.images.forEach((image, index) => {
-    const caption = document.querySelector(`#thumbnails .thumb[data-index="${index}"] .thumb-top`);
-    if (caption && image.top.length) {
+    const thumb = document.querySelector(`#thumbnails .thumb[data-index="${index}"]`);
+    if (!thumb) return;
+    renderWords(thumb.querySelector(".thumb-words"), result.ocr_words ? result.ocr_words[index] : null);
+    const caption = thumb.querySelector(".thumb-top");
+    if (image.top.length) {
       const best = image.top[0];
       caption.replaceChildren(element("span", "thumb-leaf", best.level3),
         element("span", "thumb-prob", percent(best.probability)));
