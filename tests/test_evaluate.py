@@ -14,7 +14,6 @@ import torch
 from prodcat.config import EvalConfig, ExtractConfig, TrainConfig, save_config
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.evaluate.evaluation import (
-    FIGURES,
     SplitError,
     _require_split,
     bootstrap_ci,
@@ -25,6 +24,7 @@ from prodcat.evaluate.evaluation import (
     frequency_groups,
     frequency_thresholds,
     macro_accuracy,
+    product_hits,
     proportion_ci,
     summary_lines,
     top_k,
@@ -32,6 +32,7 @@ from prodcat.evaluate.evaluation import (
 from prodcat.features.store import FeatureStore, write_store
 from prodcat.paths import WorkPaths
 from prodcat.predict.predictor import AGGREGATIONS, Predictor
+from prodcat.report.runs import EVAL_FIGURES, LEVERS_FILE, draw_evaluation
 
 ROWS = [
     (10, "MAISON & <JARDIN>", "ABRI", "ABRI DE JARDIN"),
@@ -312,8 +313,15 @@ def test_threshold_and_files(workdir: dict) -> None:
     metrics = evaluate(EvalConfig(run=str(run), target_accuracy=target))
     saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert saved["product"]["top1"] == metrics["product"]["top1"] and saved["split"] == "holdout"
-    for name in FIGURES.values():
+    # Evaluation writes numbers only; the report draws its figures (and the levers table) from them.
+    assert not list(out.glob("*.png")) and not (out / LEVERS_FILE).exists()
+    curve = json.loads((out / "curves.json").read_text(encoding="utf-8"))["confidence"]
+    assert len(curve["coverage"]) == len(curve["accuracy"]) == len(curve["threshold"]) > 1
+    drawn = draw_evaluation(run)
+    assert {path.name for path in drawn} == {*EVAL_FIGURES.values(), LEVERS_FILE}
+    for name in EVAL_FIGURES.values():
         assert (out / name).stat().st_size > 1000, name
+    assert draw_evaluation(run) == []  # up to date: nothing redrawn
     table = pq.read_table(out / "predictions.parquet").to_pandas()
     assert len(table) == metrics["products"]
     assert {"product_id", "num_images", "label", "top1_label", "top1_prob", "top3_label", "top3_prob"} <= set(table)
@@ -363,6 +371,26 @@ def test_hier_heads(workdir: dict) -> None:
     assert metrics["hier"]["level1_head"]["image"] == pytest.approx(np.mean(level1 == taxonomy.leaf_level1[labels]))
     assert metrics["hier"]["level2_head"]["image"] == pytest.approx(np.mean(level2 == taxonomy.leaf_level2[labels]))
     assert 0.0 <= metrics["hier"]["level1_head"]["product"] <= 1.0
+
+
+def test_product_hits_are_evaluate_s_product_top1(workdir: dict) -> None:
+    """What compare and sweep score: the same products and hits as `evaluate` reports, choices on val, no files."""
+
+    def files(run: Path) -> list[tuple[str, int]]:
+        return sorted((path.name, path.stat().st_mtime_ns) for path in (run / "eval").glob("*"))
+
+    for run in workdir["runs"].values():
+        before = files(run)
+        hits = product_hits(run)
+        assert files(run) == before  # nothing written
+        metrics = evaluate(EvalConfig(run=str(run)))
+        table = pq.read_table(run / "eval" / "predictions.parquet").to_pandas()
+        assert hits.split == "holdout" and hits.aggregation == metrics["product"]["aggregation"]
+        assert hits.product_id.tolist() == table["product_id"].tolist() == sorted(hits.product_id.tolist())
+        assert hits.correct.tolist() == table["correct"].tolist()
+        assert hits.top1 == pytest.approx(metrics["product"]["top1"])
+        assert hits.checkpoint_step == metrics["checkpoint_step"]
+    assert product_hits(workdir["runs"]["flat"], aggregation="vote").aggregation == "vote"
 
 
 def test_missing_split_is_a_clear_error(workdir: dict) -> None:
@@ -509,6 +537,8 @@ def test_cli_prints_protocol_and_fails_in_one_line(workdir: dict, tmp_path: Path
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert lines[0].startswith("selected on val, reported on holdout, n = 64 products")
+    for name in (*EVAL_FIGURES.values(), LEVERS_FILE):  # the CLI draws what evaluation wrote as numbers
+        assert (workdir["runs"]["flat"] / "eval" / name).is_file(), name
     assert "product top-1" in lines[1] and "[" in lines[1] and "n/a" in lines[-1]
     build_workdir(tmp_path, splits=("train", "val"))  # an old workdir: no holdout
     old = train(TrainConfig(head="linear", run_name="old", workdir=str(tmp_path), **{**COMMON, "epochs": 1}))

@@ -114,10 +114,7 @@ def test_rehearsal_arms_share_one_optimizer_and_the_sampled_setting() -> None:
     }
 
 
-def test_full_store_at_small_size_feeds_train_evaluate_predict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Figures are tested with their stages; drawing them here would be most of this test's time.
-    monkeypatch.setattr("prodcat.train.loop.plot_curves", lambda *args, **kwargs: None)
-    monkeypatch.setattr("prodcat.evaluate.evaluation._draw_figures", lambda *args, **kwargs: None)
+def test_full_store_at_small_size_feeds_train_evaluate_predict(tmp_path: Path) -> None:
     plan = FullPlan(products=1500, test_products=150, categories=40, dim=16, shard_size=512, train_steps=30,
                     batch_size=64, num_sampled=8, bootstrap_resamples=20, lr=0.05)  # fmt: skip
     payload = run_rehearsal_full(tmp_path, plan, isolate=False)
@@ -142,6 +139,7 @@ def test_full_store_at_small_size_feeds_train_evaluate_predict(tmp_path: Path, m
     assert payload["results"]["submission"]["rows"] == plan.test_products
     assert json.loads((tmp_path / "reports" / "rehearsal.json").read_text())["kind"] == "full"
     assert (tmp_path / "reports" / "at_scale" / "index.html").is_file()
+    assert (tmp_path / "reports" / "at_scale" / "curves.png").read_bytes()[:4] == b"\x89PNG"  # drawn by report/
 
 
 def test_full_plan_refuses_a_store_the_disk_cannot_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ from prodcat.config import TrainConfig, load_config
 from prodcat.features.loaders import FeatureLoader, gather_rows
 from prodcat.features.store import StoreError, write_store
 from prodcat.paths import WorkPaths
+from prodcat.report.runs import draw_training
 from prodcat.train.loop import StepPlan, lr_at, read_metrics, train
 from train_fixtures import SPATIAL_STORE, make_workdir, tiny_config
 
@@ -48,6 +49,8 @@ def test_training_learns_and_writes_every_output(tmp_path: Path) -> None:
     assert last["val_top1"] > 3.0 / taxonomy.num_classes
     assert last["val_top1"] <= last["val_top5"] <= 1.0
     assert [m["seconds"] for m in metrics] == sorted(m["seconds"] for m in metrics)
+    assert not (run_dir / "curves.png").exists()  # training writes numbers; the report draws them
+    assert draw_training(run_dir) == [run_dir / "curves.png"]
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_config(TrainConfig, run_dir / "config.json") == config
     assert (run_dir / "taxonomy.parquet").is_file()

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from prodcat.config import TrainConfig
+from prodcat.config import ExtractConfig, TrainConfig, save_config
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import FeatureStore, write_store
 from prodcat.paths import WorkPaths
@@ -26,16 +26,25 @@ def make_workdir(
     separation: float = 3.0,
     seed: int = 0,
     spatial: bool = False,
+    holdout_fraction: float = 0.0,
 ) -> tuple[Taxonomy, FeatureStore]:
     """Taxonomy (3 level-1s, 6 level-2s) + a store of noisy class centres, Zipf-ish class frequencies.
 
     `spatial` also writes a (2, 2, dim // 4) channels-last store under SPATIAL_STORE from the same rows.
+    `holdout_fraction` > 0 makes the store evaluable: splits drawn per product (its two rows share one, and the
+    product one label), a holdout split, and the store's ExtractConfig that `evaluate` reads.
     """
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, classes + 1) ** 0.5
     category = rng.choice(classes, size=rows, p=weights / weights.sum())
     categories = [(5000 + c, f"L1 {c % 3}", f"L2 {c % 6}", f"leaf {c}") for c in range(classes)]
     is_val = rng.random(rows) < val_fraction
+    split = np.where(is_val, "val", "train")
+    if holdout_fraction > 0:
+        category = np.repeat(category[::2], 2)[:rows]
+        draw = np.repeat(rng.random((rows + 1) // 2), 2)[:rows]
+        split = np.select([draw < val_fraction, draw < val_fraction + holdout_fraction], ["val", "holdout"], "train")
+        is_val = split != "train"
     counts = {5000 + c: int(((category == c) & ~is_val).sum()) for c in range(classes)}
     taxonomy = Taxonomy.from_rows(categories, counts)
     paths = WorkPaths(root)
@@ -49,9 +58,12 @@ def make_workdir(
         label=label,
         level1=taxonomy.leaf_level1[label],
         level2=taxonomy.leaf_level2[label],
-        split=np.where(is_val, "val", "train"),
+        split=split,
     )
     store = write_store(paths.feature_store(STORE), features, shard_size=64, **columns)
+    if holdout_fraction > 0:  # Predictor.load reads the store's ExtractConfig; no backbone is built on cached features
+        extract = ExtractConfig(workdir=str(root), backbone="arrays", store_name=STORE, random_init=True)
+        save_config(extract, paths.feature_store(STORE) / "config.json")
     if spatial:
         maps = features.reshape(rows, 2, 2, dim // 4)
         write_store(paths.feature_store(SPATIAL_STORE), maps, shard_size=64, **columns)

@@ -131,9 +131,14 @@ def extract(config: ExtractConfig) -> None:
 def train(config: TrainConfig) -> None:
     """Train a head on cached features with full, sampled or adaptive softmax."""
     # The config was checked before prodcat.train.loop (and torch) is imported: a misspelt --loss fails at once.
+    from prodcat.distributed import is_main_process
+    from prodcat.report.runs import draw_run
     from prodcat.train.loop import train as run_train
 
-    typer.echo(f"run -> {run_train(config)}")
+    run_dir = run_train(config)
+    if is_main_process():
+        draw_run(run_dir)  # training writes numbers; its curves are drawn here
+    typer.echo(f"run -> {run_dir}")
 
 
 @app.command()
@@ -143,6 +148,9 @@ def compare(config: CompareConfig) -> None:
     from prodcat.train.experiments import compare as run_compare
 
     result = run_compare(config)
+    from prodcat.report.experiments import render_experiment
+
+    render_experiment(result.report)  # compare writes numbers; its figure and tables are drawn here
     typer.echo(f"comparison of {len(result.runs)} runs -> {result.report}")
 
 
@@ -153,6 +161,9 @@ def sweep(config: SweepConfig) -> None:
     from prodcat.train.experiments import sweep as run_sweep
 
     result = run_sweep(config)
+    from prodcat.report.experiments import render_experiment
+
+    render_experiment(result.report)
     typer.echo(f"sweep of {len(result.runs)} runs -> {result.report}")
 
 
@@ -162,8 +173,11 @@ def evaluate(config: EvalConfig) -> None:
     """Choose on val, report on the holdout: metrics with n and 95% intervals -> RUN/eval/metrics.json, figures."""
     from prodcat.evaluate.evaluation import evaluate as run_evaluate
     from prodcat.evaluate.evaluation import summary_lines
+    from prodcat.report.runs import draw_run
 
-    typer.echo("\n".join(summary_lines(run_evaluate(config))))
+    metrics = run_evaluate(config)
+    draw_run(config.run)  # evaluation writes numbers; its figures and levers.md are drawn here
+    typer.echo("\n".join(summary_lines(metrics)))
 
 
 @app.command()
@@ -230,8 +244,10 @@ def demo(
 def ocr(config: OcrConfig) -> None:
     """Read the words on the pictures (covers) into W/ocr/words.parquet; resumable."""
     from prodcat.ocr.stage import run_ocr
+    from prodcat.report.ocr_examples import draw_ocr_examples
 
     summary = run_ocr(config)
+    draw_ocr_examples(config.workdir)  # the stage writes tables; its examples.png is drawn here
     typer.echo(f"ocr -> {Path(config.workdir) / 'ocr'}: {summary['ok']} of {summary['pictures']} pictures with text")
 
 

@@ -637,7 +637,7 @@ class OcrConfig:
     workers: int | None = option(None, "OCR worker processes (default: one per core; 0: in this process).")
     shard_size: int = option(256, "Pictures per shard (the resume unit).")
     limit: int | None = option(None, "At most this many products per split (quick looks).")
-    examples: int = option(6, "Pictures drawn in examples.png.")
+    examples: int = option(6, "Pictures drawn in examples.png (by prodcat.report.ocr_examples, from the tables).")
 
     def __post_init__(self) -> None:
         self.splits = tuple(self.splits)

@@ -12,7 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "barrier", "cleanup", "launched_by_torchrun"]
+__all__ = ["DistInfo", "init_distributed", "barrier", "cleanup", "launched_by_torchrun", "is_main_process"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,11 @@ class DistInfo:
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun, or a plain process: the one that writes (and draws) what a run made."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _default_device(local_rank: int) -> torch.device:

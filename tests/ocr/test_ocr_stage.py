@@ -19,6 +19,7 @@ from prodcat.cli import app
 from prodcat.ocr.engine import EngineUnavailable, Word, create_engine
 from prodcat.ocr.samples import ground_truth_words
 from prodcat.ocr.stage import OcrConfig, OcrError, run_ocr
+from prodcat.report.ocr_examples import draw_ocr_examples
 
 PICTURES = 7  # products 1-4 (product 2 has two pictures), 5 and 6
 
@@ -58,7 +59,10 @@ def test_tables_and_a_garbage_picture_reported_while_the_run_goes_on(cover_workd
     words = pq.read_table(workdir / "ocr" / "words.parquet")
     assert set(words.column_names) >= {"product_id", "image_index", "word", "confidence", "left", "top"}
     assert words.num_rows == PICTURES - 2
+    assert not (workdir / "ocr" / "examples.png").exists()  # the stage writes tables; the report draws
+    assert draw_ocr_examples(workdir) == workdir / "ocr" / "examples.png"
     assert (workdir / "ocr" / "examples.png").stat().st_size > 1000
+    assert draw_ocr_examples(workdir) is None  # up to date
     assert summary["cdiscount_hours"] > 0 and summary["pictures_per_s"] > 0
 
 

@@ -1,4 +1,5 @@
-"""Conclusions in words come from the numbers; the loss x optimizer table; sweep ticks; the packaged bench copy."""
+"""Conclusions in words come from the numbers (holdout product top-1 with paired intervals; val image top-1 for older
+files); the loss x optimizer table; sweep ticks; the packaged bench copy."""
 
 from __future__ import annotations
 
@@ -59,7 +60,54 @@ def test_one_seed_has_no_spread_to_judge_by() -> None:
     data = _compare(_arm("softmax", "adamw", 0.70, None, seeds=1), _arm("adaptive", "adamw", 0.65, None, seeds=1))
     sentence = conclusions.compare_conclusions(data, num_classes=None)[0]
     assert sentence.startswith("Adaptive softmax is 5.0 points below full softmax at equal optimizer (adamw)")
-    assert "one seed, so no seed spread" in sentence and "mean of 1 seed)" in sentence
+    assert "one seed, so no seed spread" in sentence and "mean of 1 seed;" in sentence
+    assert "val image top-1 after the last step" in sentence and "it may be noise" in sentence  # an older file
+
+
+def _holdout_arm(loss: str, mean: float, std: float | None, seeds: int = 3) -> dict:
+    arm = _arm(loss, "adamw", 0.5, 0.01, seeds)
+    interval = [mean - 0.04, mean + 0.04]
+    return {**arm, "holdout_top1_mean": mean, "holdout_top1_std": std, "holdout_top1_ci95": interval,
+            "holdout_products": 353, "holdout_split": "holdout"}  # fmt: skip
+
+
+def test_holdout_numbers_and_paired_interval_make_the_sentence() -> None:
+    data = _compare(_holdout_arm("softmax", 0.76, 0.004), _holdout_arm("sampled", 0.74, 0.005))
+    data["differences"] = {
+        "sampled, adamw vs softmax, adamw": {"change": -0.02, "ci95": [-0.035, -0.006], "n": 353, "split": "holdout"}
+    }
+    first = conclusions.compare_conclusions(data, num_classes=60)[0]
+    assert "2.0 points below full softmax at equal optimizer (adamw): 74.0% vs 76.0% holdout product top-1" in first
+    assert "(n = 353 products), mean of 3 seeds" in first and "50.0%" not in first  # never the val numbers
+    assert "paired 95% interval over the 353 holdout products [-3.5, -0.6] points, excludes 0" in first
+    # Stored once as "A vs B": the other way round is the same difference turned round.
+    data["differences"] = {
+        "softmax, adamw vs sampled, adamw": {"change": 0.02, "ci95": [-0.01, 0.05], "n": 353, "split": "holdout"}
+    }
+    first = conclusions.compare_conclusions(data, num_classes=60)[0]
+    assert "[-5.0, +1.0] points, holds 0: no clear difference" in first
+    del data["differences"]
+    assert "their 95% intervals over products overlap" in conclusions.compare_conclusions(data, 60)[0]
+    grid = conclusions.loss_optimizer_table(data)
+    assert "76.0% ± 0.4" in grid and "50.0%" not in grid
+
+
+def test_sweep_on_the_holdout_reaches_where_the_paired_interval_reaches_zero() -> None:
+    def point(k: int, mean: float, low: float, high: float) -> dict:
+        paired = {"change": mean - 0.70, "ci95": [low, high], "n": 300, "split": "holdout"}
+        return {"num_sampled": k, "val_top1_mean": 0.1, "seeds": 1, "holdout_top1_mean": mean,
+                "holdout_top1_std": None, "holdout_products": 300, "vs_reference": paired}  # fmt: skip
+
+    reference = {"val_top1_mean": 0.1, "seeds": 1, "holdout_top1_mean": 0.70, "holdout_top1_ci95": [0.65, 0.75]}
+    reference["holdout_products"] = 300
+    data = {"settings": {"optimizer": "adamw"}, "reference": reference}
+    data["points"] = [point(2, 0.60, -0.15, -0.05), point(8, 0.68, -0.05, 0.01), point(32, 0.70, -0.02, 0.02)]
+    first, second = conclusions.sweep_conclusions(data)
+    assert first.startswith("Holdout product top-1 (n = 300 products) against the number of sampled negatives")
+    assert "K = 2: 60.0%, K = 8: 68.0%, K = 32: 70.0%; full softmax 70.0% [65.0, 75.0]" in first
+    assert "reaches the full softmax (not clearly below: its paired 95% interval over products reaches 0) is K = 8" in (
+        second
+    )
 
 
 def test_optimizer_factor_compared_at_equal_loss() -> None:
@@ -117,12 +165,13 @@ def test_sweep_conclusions() -> None:
 
 
 def test_sweep_ticks_at_the_values_tried(tmp_path: Path) -> None:
-    from prodcat.train.experiments import _plot_sweep
+    from prodcat.report.experiments import plot_sweep
 
     ks = [2, 4, 8, 16, 32]
     points = [{"num_sampled": k, "val_top1_mean": 0.5, "val_top1_std": None, "step_seconds_mean": 0.01} for k in ks]
     reference = {"val_top1_mean": 0.6, "step_seconds_mean": 0.02}
-    figure = _plot_sweep(tmp_path / "sweep.png", points, reference, "adamw", "sweep")
+    data = {"settings": {"optimizer": "adamw"}, "points": points, "reference": reference}
+    figure = plot_sweep(tmp_path / "sweep.png", data)
     assert (tmp_path / "sweep.png").is_file()
     for axes in figure.axes:
         assert list(axes.get_xticks()) == ks

@@ -31,7 +31,7 @@ ROWS = [
     (14, "SPORT", "CYCLES", "CASQUE"),
     (15, "LIBRAIRIE", "LIVRE", "ROMAN"),
 ]
-SECTIONS = ("answer", "explore", "training", "compare", "sweep", "evaluation", "gallery", "ocr")
+SECTIONS = ("answer", "explore", "training", "compare", "sweep", "evaluation", "gallery", "ocr", "scale")
 STORE = "toy"
 
 
@@ -151,8 +151,9 @@ def test_full_report(full_workdir: Path) -> None:
     sections = _sections(page)
     assert list(sections) == list(SECTIONS)
     for name, body in sections.items():
-        if name != "ocr":  # optional: this workdir never ran `prodcat ocr`, and the section says how
+        if name not in ("ocr", "scale"):  # optional: no `prodcat ocr` or rehearsal here, and the sections say how
             assert 'class="missing"' not in body, name
+    assert "make rehearsal" in sections["scale"] and "<a " not in sections["scale"]
     assert "prodcat text-head" in sections["ocr"]
     # Names are escaped: the raw "<JARDIN>" never reaches the page as markup; accents and Œ survive as UTF-8.
     assert "<JARDIN>" not in page and "MAISON &amp; &lt;JARDIN&gt;" in page
@@ -167,6 +168,12 @@ def test_full_report(full_workdir: Path) -> None:
     assert ">sampled<" in sections["compare"] and ">softmax<" in sections["compare"]
     assert "peak RSS" not in sections["compare"]
     assert "Conclusions" in sections["compare"] and "at equal optimizer (adamw)" in sections["compare"]
+    # compare and sweep: holdout product top-1 with n and its interval over products beside the seed spread
+    assert (
+        "holdout product top-1 (n = " in sections["compare"] and "paired 95% interval over the" in sections["compare"]
+    )
+    assert re.search(r"\d+\.\d% ± n/a \[\d+\.\d, \d+\.\d\]", sections["compare"])
+    assert re.search(r"\d+\.\d% ± n/a \[\d+\.\d, \d+\.\d\]", sections["sweep"]) and "(reference)" in sections["sweep"]
     assert "loss \\ optimizer" in sections["compare"]
     assert "Hierarchical vs flat head" in sections["evaluation"]
     # Headline numbers say where they come from, their n and interval; a one-seed spread is n/a, never ± 0.
@@ -248,6 +255,7 @@ def test_report_with_some_sections(full_workdir: Path, tmp_path: Path) -> None:
     shutil.copytree(source.runs, target.runs)
     shutil.rmtree(target.run("linear-run") / "eval")  # trained, not evaluated
     (target.run("hier-run") / "curves.png").unlink()
+    (target.run("hier-run") / "metrics.jsonl").unlink()  # nothing to draw the curves from
     page = build_report(tmp_path).read_text(encoding="utf-8")
     sections = _sections(page)
     for name in ("compare", "sweep"):
@@ -262,8 +270,71 @@ def test_report_with_some_sections(full_workdir: Path, tmp_path: Path) -> None:
     _assert_links_exist(page, target.reports)
 
 
+def test_missing_figures_are_drawn_from_the_numbers(full_workdir: Path, tmp_path: Path) -> None:
+    """The stages write numbers; the report draws what is missing (or older than the numbers) before it reads."""
+    source, target = WorkPaths(full_workdir), WorkPaths(tmp_path)
+    shutil.copytree(source.runs, target.runs)
+    shutil.copytree(source.report("compare"), target.report("compare"))
+    for path in [*target.runs.glob("*/curves.png"), *target.runs.glob("*/eval/*.png"), *target.reports.rglob("*.png")]:
+        path.unlink()
+    (target.report("compare") / "compare.md").unlink()
+    sections = _sections(build_report(tmp_path).read_text(encoding="utf-8"))
+    assert 'alt="hier-run: hier head, softmax, adamw"' in sections["training"]
+    assert 'alt="hier-run: confidence"' in sections["evaluation"] and "data:image/png" in sections["compare"]
+    assert (target.report("compare") / "compare.md").is_file() and (
+        target.run("hier-run") / "eval" / "levers.md"
+    ).is_file()
+
+
+def test_at_scale_page_is_linked_when_present(tmp_path: Path) -> None:
+    from prodcat.rehearsal.report import write_at_scale
+
+    stage = {"name": "ingest", "seconds": 1.0, "peak_rss_mb": 10.0, "disk_growth_mb": 0.1, "written_mb": 0.1,
+             "items": 5, "unit": "products", "throughput": 5.0}  # fmt: skip
+    holdout = {"product_top1": 0.41, "product_top1_ci95": [0.3, 0.5], "products": 38, "frequency": {}}
+    train = {
+        "run": str(tmp_path / "runs" / "r"),
+        "train_seconds": 3.0,
+        "epoch_seconds": 1.5,
+        "epoch_seconds_basis": "measured",
+    }
+    runs = {"r": {"head": "linear", "loss": "sampled", "seed": 0, "train": train, "holdout": holdout}}
+    payload = {"kind": "pictures", "note": "Synthetic data.", "stages": [stage], "results": {"runs": runs}}
+    write_at_scale(tmp_path, payload)
+    page = build_report(tmp_path).read_text(encoding="utf-8")
+    scale = _sections(page)["scale"]
+    assert '<a href="at_scale/index.html">' in scale and 'class="missing"' not in scale
+    assert "synthetic" in scale and "41.0%" in scale and "[30.0, 50.0]" in scale and ">38<" in scale
+    _assert_links_exist(page, WorkPaths(tmp_path).reports)
+
+
+def test_partial_and_older_files_cost_their_figures_not_the_page(tmp_path: Path) -> None:
+    """A metrics.json with only the headline blocks and a compare.json from before holdout evaluation: the page builds,
+    the compare section says its numbers are val image top-1, nothing is drawn from numbers that are not there."""
+    import json
+
+    run = WorkPaths(tmp_path).run("old-run")
+    (run / "eval").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"head": "linear", "loss": "softmax", "optimizer": "adamw"}))
+    metrics = {
+        "split": "holdout",
+        "product": {"top1": 0.7, "top1_ci95": [0.6, 0.8], "n": 50, "macro": 0.5},
+        "image": {"top1": 0.6, "n": 90},
+        "confidence": {"threshold": None, "target_accuracy": 0.95, "note": "no threshold reaches 95%"},
+    }
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    arm = {"seeds": 1, "val_top1_mean": 0.61, "val_top1_std": None, "val_loss_mean": 1.2, "step_seconds_mean": 0.01}
+    old = {"settings": {"optimizer": "adamw", "num_sampled": 4}, "losses": {"softmax": arm, "sampled": {**arm}}}
+    WorkPaths(tmp_path).report("compare").mkdir(parents=True)
+    (WorkPaths(tmp_path).report("compare") / "compare.json").write_text(json.dumps(old))
+    sections = _sections(build_report(tmp_path).read_text(encoding="utf-8"))
+    assert "val image top-1 after the last step" in sections["compare"] and "n/a" in sections["compare"]
+    assert not list((run / "eval").glob("*.png"))  # nothing to draw them from
+    assert "old-run" in sections["evaluation"]
+
+
 def test_one_seed_spread_is_na() -> None:
-    from prodcat.report.html import _spread
+    from prodcat.report.markup import spread as _spread
 
     assert _spread({"seeds": 1, "top1_mean": 0.5, "top1_std": 0.0}, "top1") == "50.0% ± n/a"
     assert _spread({"seeds": 3, "top1_mean": 0.5, "top1_std": 0.012}, "top1") == "50.0% ± 1.2"

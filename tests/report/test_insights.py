@@ -66,7 +66,7 @@ def test_calibration_block_is_rendered_when_evaluation_writes_one() -> None:
 
 
 def test_gallery_thumbnails_are_large_enough_to_judge() -> None:
-    from prodcat.report.html import _CSS
+    from prodcat.report.markup import CSS
     from prodcat.report.thumbnails import THUMBNAIL_SIZE
 
-    assert THUMBNAIL_SIZE >= 120 and ".thumbs img { width: 120px; height: 120px;" in _CSS
+    assert THUMBNAIL_SIZE >= 120 and ".thumbs img { width: 120px; height: 120px;" in CSS

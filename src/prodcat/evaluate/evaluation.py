@@ -10,7 +10,10 @@ macro accuracy).
 Outputs in `RUN/eval/`:
   metrics.json        every number (the Predictor reads `product.aggregation` and `confidence.threshold` from it)
   predictions.parquet one row per product: product_id, num_images, true label, top-3 labels and probabilities
-  confidence.png, accuracy_by_num_images.png, taxonomy.png, config.json
+  curves.json         the coverage / accuracy / threshold curve of the auto-accept choice (plain numbers)
+  config.json, prior.json
+Figures and the levers table as Markdown are drawn from these files by `prodcat.report.runs` (the CLI's `evaluate`
+and `prodcat report` call it): evaluation hands plain data to the report and never imports plotting.
 
 The split is read in chunks of whole products, and only compact results (top-k labels, the true class's
 log-probability) are kept, so no (images x categories) array of the full split is ever held: the real validation
@@ -29,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from prodcat.config import EvalConfig, save_config
+from prodcat.config import EvalConfig, TrainConfig, save_config
 from prodcat.data.catalog import load_catalog
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.evaluate import levers
@@ -48,7 +51,7 @@ from prodcat.predict.calibration import (
     save_prior,
 )
 from prodcat.predict.predictor import AGGREGATIONS, Predictor, aggregate_products
-from prodcat.utils import atomic_write_text, get_logger, progress, write_json, write_parquet
+from prodcat.utils import get_logger, progress, write_json, write_parquet
 
 __all__ = [
     "evaluate",
@@ -73,7 +76,9 @@ __all__ = [
     "Variant",
     "search_val",
     "compute_metrics",
-    "FIGURES",
+    "product_hits",
+    "ProductHits",
+    "CURVES_FILE",
     "TOP_K",
     "GALLERY_TOP",
 ]
@@ -88,13 +93,8 @@ FULL_SCALE_PICTURES_PER_LEAF = 12_371_293 / 5_270
 FULL_SCALE_THRESHOLDS = (100.0, 1000.0)  # (tail below, head above), pictures per leaf
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 COVERAGE_POINTS = (0.5, 0.8, 0.9, 1.0)
-LEVERS_FILE = "levers.md"  # the levers table as Markdown (the report includes report.levers.levers_table_html)
-FIGURES = {
-    "confidence": "confidence.png",
-    "by_num_images": "accuracy_by_num_images.png",
-    "taxonomy": "taxonomy.png",
-    "reliability": "reliability.png",
-}
+CURVES_FILE = "curves.json"  # the confidence curve the report draws (coverage / accuracy against the threshold)
+CURVE_POINTS = 2000  # at most this many points of it: a figure needs no more, and 350k products would be 20 MB
 log = get_logger("prodcat.evaluate.evaluation")
 
 
@@ -1008,8 +1008,20 @@ def _require_split(store: FeatureStore, workdir: str, split: str) -> None:
     raise SplitError(f"{store.path}: no {split!r} rows in this feature store; {fix}{fallback}")
 
 
-def evaluate(config: EvalConfig) -> dict:
-    """Choose on val, evaluate `config.run` on `config.split`; returns the metrics, also in RUN/eval/metrics.json."""
+@dataclasses.dataclass
+class _Prepared:
+    """A run loaded, every choice made on val, and the compact pass over the reported split."""
+
+    predictor: Predictor
+    store: FeatureStore
+    train_config: TrainConfig
+    train_pictures: np.ndarray
+    chosen: dict[str, Any]  # selection, search, variants, val (see _choose_on_val)
+    data: Collected  # the reported split under the deployed calibration
+
+
+def _choose_and_collect(config: EvalConfig) -> _Prepared:
+    """Load `config.run`, make every choice on val, then one pass over `config.split` with them."""
     run_dir = Path(config.run)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     predictor = Predictor.load(run_dir, device=device)
@@ -1029,38 +1041,79 @@ def evaluate(config: EvalConfig) -> dict:
             predictor, store, config.split, config.batch_size, hierarchical, variants["deployed"], variants,
             selection["aggregation"],
         )  # fmt: skip
-    metrics, curve = compute_metrics(data, predictor.taxonomy, config, selection, train_pictures)
-    metrics["logit_adjustment"] = _adjustment_metrics(data, chosen["search"], config, train_pictures)
-    metrics["calibration"] = _calibration_metrics(data, chosen["search"], config.split, selection)
+    return _Prepared(predictor, store, train_config, train_pictures, chosen, data)
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Choose on val, evaluate `config.run` on `config.split`; returns the metrics, also in RUN/eval/metrics.json."""
+    run_dir = Path(config.run)
+    run = _choose_and_collect(config)
+    predictor, data, selection, search = run.predictor, run.data, run.chosen["selection"], run.chosen["search"]
+    metrics, curve = compute_metrics(data, predictor.taxonomy, config, selection, run.train_pictures)
+    metrics["logit_adjustment"] = _adjustment_metrics(data, search, config, run.train_pictures)
+    metrics["calibration"] = _calibration_metrics(data, search, config.split, selection)
     predictor.aggregation = selection["aggregation"]  # the twins lever uses the aggregation chosen just now
-    twins = _twin_lever(predictor, store, config)
-    metrics["levers"] = _levers(run_dir, data, chosen["search"], twins, config)
+    twins = _twin_lever(predictor, run.store, config)
+    metrics["levers"] = _levers(run_dir, data, search, twins, config)
     out = run_dir / "eval"
     metrics = {
         "run": run_dir.name,
         "run_dir": str(run_dir),
-        "head": train_config.head,
-        "loss": train_config.loss,
-        "store": train_config.store,
+        "head": run.train_config.head,
+        "loss": run.train_config.loss,
+        "store": run.train_config.store,
         "checkpoint_step": predictor.meta.get("step"),
         **metrics,
         "twins": twins["summary"],
         "notes": [levers.LEVERS_NOTE],
         "files": {
             "metrics": "metrics.json", "predictions": "predictions.parquet", "config": "config.json",
-            "prior": PRIOR_FILE, "levers": LEVERS_FILE, **FIGURES,
+            "prior": PRIOR_FILE, "curves": CURVES_FILE,
         },
     }  # fmt: skip
     _write_predictions(out / "predictions.parquet", data, metrics["product"]["aggregation"], config.split)
-    _draw_figures(out, metrics, curve)
+    write_json(out / CURVES_FILE, {"split": config.split, "confidence": _thin_curve(curve)})
     save_config(config, out / "config.json")
-    save_prior(out, train_pictures, "train-split pictures per leaf")
-    write_json(out / "metrics.json", metrics)
-    from prodcat.report.levers import levers_table_markdown
-
-    atomic_write_text(out / LEVERS_FILE, levers_table_markdown(metrics))
+    save_prior(out, run.train_pictures, "train-split pictures per leaf")
+    write_json(out / "metrics.json", metrics)  # last: the report redraws figures older than this file
     log.info("evaluate %s: %s", run_dir.name, " | ".join(summary_lines(metrics)))
     return metrics
+
+
+def _thin_curve(curve: dict[str, np.ndarray], points: int = CURVE_POINTS) -> dict[str, list[float]]:
+    """The curve as lists, every k-th point (first and last kept) when it has more than `points`."""
+    size = len(next(iter(curve.values()))) if curve else 0
+    keep = np.unique(np.linspace(0, size - 1, points).round().astype(np.int64)) if size > points else slice(None)
+    return {name: np.asarray(values)[keep].astype(float).tolist() for name, values in curve.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductHits:
+    """Product top-1 hits of one run on one split, every choice (checkpoint, aggregation, tau, T) made on val."""
+
+    split: str
+    product_id: np.ndarray  # (P,) sorted
+    correct: np.ndarray  # (P,) bool
+    aggregation: str
+    checkpoint_step: int | None
+
+    @property
+    def top1(self) -> float:
+        return float(self.correct.mean()) if len(self.correct) else 0.0
+
+
+def product_hits(run: str | Path, split: str = "holdout", aggregation: str = "auto") -> ProductHits:
+    """Which products of `split` the run gets right, as `evaluate` would report them (the same choices on val, the
+    same product top-1), without computing or writing the rest: what compare and sweep put side by side."""
+    prepared = _choose_and_collect(EvalConfig(run=str(run), split=split, aggregation=aggregation))
+    chosen = prepared.chosen["selection"]["aggregation"]
+    return ProductHits(
+        split=split,
+        product_id=prepared.data.product_id,
+        correct=_product_hits(prepared.data, chosen)[0],
+        aggregation=chosen,
+        checkpoint_step=prepared.predictor.meta.get("step"),
+    )
 
 
 def _choose_on_val(
@@ -1118,157 +1171,3 @@ def _write_predictions(path: Path, data: Collected, chosen: str, split: str) -> 
         {b"prodcat.predict.aggregation": chosen.encode(), b"prodcat.split": split.encode()}
     )
     write_parquet(path, table)
-
-
-# -- figures -----------------------------------------------------------------------------------------------------------
-def _draw_figures(out: Path, metrics: dict[str, Any], curve: dict[str, np.ndarray]) -> None:
-    _plot_confidence(out / FIGURES["confidence"], metrics["confidence"], curve, metrics["split"])
-    _plot_by_num_images(out / FIGURES["by_num_images"], metrics["product"])
-    _plot_taxonomy(out / FIGURES["taxonomy"], metrics["taxonomy"])
-    _plot_reliability(out / FIGURES["reliability"], metrics["calibration"])
-
-
-def _plot_reliability(path: Path, calibration: dict[str, Any]) -> None:
-    """Reliability diagram of the product top-1 probability, before and after temperature scaling."""
-    from prodcat.report import figures
-
-    with figures.png_figure(path, figsize=(5.6, 4.6)) as (figure, axes):
-        axes.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect calibration")
-        for index, (key, name) in enumerate((("before", "before"), ("after", f"T = {calibration['temperature']:.2f}"))):
-            bins = [b for b in calibration[f"reliability_{key}"] if b["count"]]
-            axes.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", markersize=4,
-                      color=figures.PALETTE[index], label=f"{name}: ECE {calibration[f'ece_{key}']:.3f}")  # fmt: skip
-        axes.set_xlim(0, 1)
-        axes.set_ylim(0, 1.02)
-        axes.set_xlabel("mean product top-1 probability in the bin")
-        axes.set_ylabel("accuracy in the bin")
-        axes.set_title(f"Reliability on {calibration['split']} ({calibration['bins']} bins, n = {calibration['n']:,})")
-        axes.legend(loc="upper left", fontsize=8)
-
-
-def _plot_confidence(path: Path, confidence: dict[str, Any], curve: dict[str, np.ndarray], split: str) -> None:
-    from prodcat.report import figures
-
-    target = confidence["target_accuracy"]
-    chosen_on = confidence.get("chosen_on", SELECTION_SPLIT)
-    with figures.png_figure(path, 1, 2, figsize=(10.5, 4.0)) as (figure, axes):
-        left, right = axes
-        left.plot(curve["coverage"], curve["accuracy"], color=figures.PALETTE[0], linewidth=1.6)
-        left.axhline(target, color=figures.PALETTE[3], linestyle="--", linewidth=1, label=f"target {target:.0%}")
-        if confidence["threshold"] is not None and confidence["accuracy"] is not None:
-            left.plot(
-                [confidence["coverage"]],
-                [confidence["accuracy"]],
-                "o",
-                color=figures.PALETTE[3],
-                label=f"threshold {confidence['threshold']:.3f} (chosen on {chosen_on}): "
-                f"{confidence['coverage']:.1%} auto-accepted",
-            )
-        left.set_xlim(0, 1.0)
-        left.set_ylim(0, 1.02)
-        left.set_xlabel("coverage (share of products auto-accepted)")
-        left.set_ylabel("accuracy of the auto-accepted products")
-        left.set_title(f"Coverage vs accuracy on {split}")
-        left.legend(loc="lower left")
-        right.plot(curve["threshold"], curve["accuracy"], color=figures.PALETTE[0], label="accuracy of accepted")
-        right.plot(curve["threshold"], curve["coverage"], color=figures.PALETTE[1], label="coverage")
-        if confidence["threshold"] is not None:
-            right.axvline(confidence["threshold"], color=figures.PALETTE[3], linestyle="--", linewidth=1)
-        right.set_xlim(0, 1.0)
-        right.set_xlabel("threshold on the top product probability")
-        right.set_title("Accept when top probability >= threshold")
-        right.legend(loc="lower left")
-        if confidence["threshold"] is None:
-            figure.suptitle(f"No threshold reaches {target:.0%} accuracy on {chosen_on}")
-
-
-def _plot_by_num_images(path: Path, product: dict[str, Any]) -> None:
-    from prodcat.report import figures
-
-    by_count = product["by_num_images"]
-    ks = sorted({int(k) for method in by_count.values() for k in method})
-    width = 0.8 / len(AGGREGATIONS)
-    with figures.png_figure(path, figsize=(7.2, 4.0)) as (figure, axes):
-        for index, method in enumerate(AGGREGATIONS):
-            heights = [by_count[method][str(k)]["top1"] for k in ks]
-            positions = np.arange(len(ks)) + (index - (len(AGGREGATIONS) - 1) / 2) * width
-            label = method + (" (chosen)" if method == product["aggregation"] else "")
-            bars = axes.bar(positions, heights, width=width * 0.95, label=label, color=figures.PALETTE[index])
-            figures.label_bars(axes, bars, [f"{h:.2f}" for h in heights], fontsize=7)
-        first = by_count[AGGREGATIONS[0]]
-        axes.set_xticks(
-            np.arange(len(ks)), [f"{k} image{'s' if k > 1 else ''}\n{first[str(k)]['products']:,} products" for k in ks]
-        )
-        axes.set_ylim(0, 1.12)
-        axes.set_ylabel("product top-1 accuracy")
-        axes.set_title("Product accuracy by number of images")
-        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3)  # below: bars reach the top
-
-
-def _plot_taxonomy(path: Path, taxonomy: dict[str, Any]) -> None:
-    from prodcat.report import figures
-
-    with figures.png_figure(path, 1, 3, figsize=(13.0, 4.0)) as (figure, axes):
-        levels = ("level1", "level2", "leaf")
-        for index, unit in enumerate(("image", "product")):
-            heights = [taxonomy[unit][level] for level in levels]
-            bars = axes[0].bar(
-                np.arange(3) + (index - 0.5) * 0.38, heights, width=0.36, label=unit, color=figures.PALETTE[index]
-            )
-            figures.label_bars(axes[0], bars, [f"{h:.2f}" for h in heights], fontsize=7)
-        axes[0].set_xticks(np.arange(3), ["level 1", "level 2", "leaf"])
-        axes[0].set_ylim(0, 1.12)
-        axes[0].set_title("Accuracy of the predicted leaf per level")
-        axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2)
-        frequency = taxonomy["frequency"]
-        names = [name for name in (*FREQUENCY_GROUPS, "unseen") if name in frequency]
-        thresholds = frequency.get("thresholds", {})
-        bounds = {
-            "head": f"> {thresholds.get('head_above', 0):,.0f} pict.",
-            "medium": f"{thresholds.get('tail_below', 0):,.0f}-{thresholds.get('head_above', 0):,.0f} pict.",
-            "tail": f"< {thresholds.get('tail_below', 0):,.0f} pict.",
-            "unseen": "0 pict.",
-        }
-        heights = [frequency[name]["product_top1"] or 0.0 for name in names]
-        bars = axes[1].bar(np.arange(len(names)), heights, color=figures.PALETTE[2], width=0.6)
-        figures.label_bars(axes[1], bars, [f"{h:.2f}" for h in heights], fontsize=7)
-        axes[1].set_xticks(
-            np.arange(len(names)),
-            [
-                f"{name} ({bounds[name]})\n{frequency[name]['categories']} cat., {frequency[name]['products']:,} prod."
-                for name in names
-            ],
-        )
-        axes[1].set_ylim(0, 1.12)
-        axes[1].set_title("Product top-1 by train pictures per leaf")
-        _plot_severity(axes[2], taxonomy, figures)
-
-
-def _plot_severity(axes: Any, taxonomy: dict[str, Any], figures: Any) -> None:
-    units = ("image", "product")
-    parts = (
-        ("same_level2", "right level 2", 2),
-        ("level1_only", "right level 1 only", 1),
-        ("other_level1", "wrong level 1", 3),
-    )
-    bottom = np.zeros(len(units))
-    for key, label, colour in parts:
-        values = []
-        for unit in units:
-            severity = taxonomy[unit]["severity"]
-            if severity["errors"] == 0:
-                values.append(0.0)
-            elif key == "level1_only":
-                values.append(severity["same_level1"] - severity["same_level2"])
-            else:
-                values.append(severity[key])
-        axes.bar(np.arange(len(units)), values, bottom=bottom, width=0.55, label=label, color=figures.PALETTE[colour])
-        bottom += np.asarray(values)
-    axes.set_xticks(
-        np.arange(len(units)), [f"{unit} errors\n({taxonomy[unit]['severity']['errors']:,})" for unit in units]
-    )
-    axes.set_ylim(0, 1.0)
-    axes.set_ylabel("share of leaf errors")
-    axes.set_title("Where the wrong predictions land")
-    # Below the plot: inside, it would hide the patch of the colour it sits on.
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, fontsize=7.5)

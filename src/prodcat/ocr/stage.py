@@ -5,7 +5,8 @@ Outputs under W/ocr/:
   pictures.parquet  product_id, image_index, split, status (ok | no_text | failed | skipped), reason, words,
                     text_score, seconds
   summary.json      pictures read, share with text, pictures/s, hours extrapolated to Cdiscount's 12.4 M pictures
-  examples.png      a few pictures with the words and boxes read
+  examples.png      a few pictures with the words and boxes read (drawn from these tables by
+                    prodcat.report.ocr_examples: the stage writes tables only)
   plan.json, config.json, shards/  the plan, the config, and per-shard parts with their done markers
 Work unit = one shard of the picture plan, written atomically with a marker last; a killed run resumes with only
 the shards that have no marker. One OCR engine per worker process (one thread each: Tesseract's own threading
@@ -41,6 +42,7 @@ __all__ = [
     "OcrError",
     "PicturePlan",
     "plan_pictures",
+    "read_picture",
     "run_ocr",
     "ocr_dir",
     "has_text",
@@ -167,7 +169,7 @@ def has_text(words: list[Any]) -> bool:
     return any(len(token) >= config.min_length for text in sure for token in normalise(text))
 
 
-def _read_picture(plan: PicturePlan, row: int, cache: dict) -> Any:
+def read_picture(plan: PicturePlan, row: int, cache: dict) -> Any:
     """Decoded RGB picture `row` of the plan (the product's document is read once for all its pictures)."""
     from prodcat.data.images import ImageDecodeError, decode_pil
 
@@ -189,7 +191,7 @@ def _ocr_picture(plan: PicturePlan, row: int, cache: dict) -> tuple[dict[str, An
     status: dict[str, Any] = {"status": "failed", "reason": "", "words": 0, "text_score": -1, "seconds": 0.0}
     start = time.perf_counter()
     try:
-        image = _read_picture(plan, row, cache)
+        image = read_picture(plan, row, cache)
         status["text_score"] = text_score(image)
         context = {
             "product_id": int(plan.product_id[row]),
@@ -265,7 +267,7 @@ def run_ocr(config: OcrConfig, engine: OcrEngine | None = None) -> dict[str, Any
     start = time.perf_counter()
     done = _run_missing(plan, missing, config, engine, workers, folder / "shards")
     wall = time.perf_counter() - start
-    summary = _finalize(folder, config, plan, shards, engine.version, workers, wall, done)
+    summary = _finalize(folder, config, shards, engine.version, workers, wall, done)
     log.info("ocr: %s", _summary_line(summary))
     return summary
 
@@ -329,14 +331,13 @@ def _gather(folder: Path, kind: str, shards: int, schema: pa.Schema) -> pa.Table
 def _finalize(
     folder: Path,
     config: OcrConfig,
-    plan: PicturePlan,
     shards: int,
     version: str,
     workers: int,
     wall: float,
     done_now: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Merge the shard parts into words.parquet and pictures.parquet; write summary.json and examples.png."""
+    """Merge the shard parts into words.parquet and pictures.parquet; write summary.json."""
     words = _gather(folder, "words", shards, _WORDS_SCHEMA)
     pictures = _gather(folder, "pictures", shards, _PICTURES_SCHEMA)
     write_parquet(folder / "words.parquet", words)
@@ -344,14 +345,6 @@ def _finalize(
     summary = _summary(config, pictures, version, workers, wall, done_now)
     summary["words"] = words.num_rows
     write_json(folder / "summary.json", summary)
-    if config.examples:
-        from prodcat.ocr.figure import draw_examples
-
-        cache: dict = {}
-        figure = draw_examples(
-            folder / "examples.png", lambda row: _read_picture(plan, row, cache), pictures, words, config.examples
-        )
-        summary["figure"] = str(figure)
     return summary
 
 

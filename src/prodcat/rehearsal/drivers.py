@@ -127,8 +127,9 @@ def run_rehearsal(
     rec.payload["results"] = {"runs": runs, "best_on_val": best}
     rec.stage("predict test.bson", "predict_bson_stage", run=runs[best]["train"]["run"],
               bson=str(Path(data_dir) / "test.bson"), out=str(Path(workdir) / "submission.csv"))  # fmt: skip
+    write_at_scale(workdir, rec.payload | {"stages": [r.as_json() for r in rec.records]})  # so the report links it
     rec.stage("report", "report_stage", workdir=work)
-    write_at_scale(workdir, rec.payload | {"stages": [r.as_json() for r in rec.records]})
+    write_at_scale(workdir, rec.payload | {"stages": [r.as_json() for r in rec.records]})  # with the report's stage
     rec.save()
     return rec.payload
 

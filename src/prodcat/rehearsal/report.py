@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import statistics
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from prodcat.report.markup import esc, figure, page, table
 from prodcat.utils import atomic_write_text, write_json
 
 __all__ = ["write_at_scale", "check_submission", "arm_summary"]
@@ -22,13 +22,12 @@ def _cell(value: Any, digits: int = 3) -> str:
         return f"{value:,.{digits}f}"
     if isinstance(value, int):
         return f"{value:,}"
-    return html.escape(str(value))
+    return esc(str(value))
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    """The report's table helper over cells formatted here (n/a for missing, thousands separators)."""
+    return table(header, [[_cell(value) for value in row] for row in rows], "numbers")
 
 
 def arm_summary(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -55,34 +54,12 @@ def arm_summary(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _curves(runs: dict[str, dict[str, Any]], path: Path) -> bool:
-    """Val top-1 against training seconds (metrics.jsonl train_seconds), one line per run."""
-    import matplotlib
+    """Val top-1 against training seconds, one line per run (seeds after 0 lighter), drawn by prodcat.report."""
+    from prodcat.report.runs import plot_time_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.2))
-    drawn = False
-    for name, run in runs.items():
-        metrics = Path(run["train"]["run"]) / "metrics.jsonl"
-        if not metrics.is_file():
-            continue
-        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        points = [(line["train_seconds"], line["val_top1"]) for line in lines if "val_top1" in line]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            axes.plot(xs, ys, marker=".", label=name, alpha=1.0 if run.get("seed", 0) == 0 else 0.4)
-            drawn = True
-    axes.set_xlabel("training seconds (validation and checkpoints left out)")
-    axes.set_ylabel("val top-1 (images)")
-    axes.set_title("accuracy vs time at scale (synthetic data)")
-    if drawn:
-        axes.legend(fontsize=7)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return drawn
+    run_dirs = {name: Path(run["train"]["run"]) for name, run in runs.items()}
+    faded = [name for name, run in runs.items() if run.get("seed", 0) != 0]
+    return plot_time_curves(path, run_dirs, faded, title="accuracy vs time at scale (synthetic data)")
 
 
 def write_at_scale(workdir: str | Path, payload: dict[str, Any]) -> Path:
@@ -99,8 +76,8 @@ def write_at_scale(workdir: str | Path, payload: dict[str, Any]) -> Path:
                 a["seed0_macro"], *a["seed0_head_medium_tail"], a["n_products"], a["train_seconds"],
                 a["epoch_seconds"], a["epoch_basis"]] for a in arms]  # fmt: skip
     parts = [
-        f"<h2>At scale ({html.escape(payload['kind'])})</h2>",
-        f"<p>{html.escape(payload['note'])} Machine: {html.escape(json.dumps(payload.get('machine_before', {})))}</p>",
+        f"<h2>At scale ({esc(payload['kind'])})</h2>",
+        f"<p>{esc(payload['note'])} Machine: {esc(json.dumps(payload.get('machine_before', {})))}</p>",
         "<h3>Stages</h3>",
         _table(["stage", "seconds", "peak RSS MB", "disk growth MB", "written MB", "items", "unit", "items/s"], stages),
         "<h3>Losses (selected on val, reported on holdout)</h3>",
@@ -125,9 +102,10 @@ def write_at_scale(workdir: str | Path, payload: dict[str, Any]) -> Path:
         ),  # fmt: skip
     ]
     if has_curves:
-        parts.append('<h3>Accuracy vs time</h3><img src="curves.png" alt="val top-1 vs training seconds">')
-    page = "<!doctype html><meta charset='utf-8'><title>prodcat at scale</title>" + "\n".join(parts)
-    atomic_write_text(out / "index.html", page)
+        parts.append(
+            "<h3>Accuracy vs time</h3>" + figure(out / "curves.png", "val top-1 vs training seconds", embed=False)
+        )
+    atomic_write_text(out / "index.html", page("prodcat at scale", "\n".join(parts)))
     write_json(out / "summary.json", {"arms": arms, "stages": payload["stages"]})
     return out / "index.html"
 

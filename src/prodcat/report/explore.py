@@ -14,7 +14,6 @@ Outputs: summary.json (every number), index.html (self-contained page; PNG figur
 from __future__ import annotations
 
 import dataclasses
-import html
 import io
 import time
 from pathlib import Path
@@ -29,6 +28,9 @@ from prodcat.data.split import SPLITS
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.paths import WorkPaths
 from prodcat.report import figures
+from prodcat.report.markup import cards as html_cards
+from prodcat.report.markup import esc, figure, num, page, table
+from prodcat.report.markup import share as share_text
 from prodcat.utils import atomic_write_text, get_logger, write_json
 
 __all__ = [
@@ -83,7 +85,7 @@ def explore(workdir: str | Path, top_k: int = ExploreConfig.top_k) -> dict:
     _draw_figures(out, taxonomy, counts, summary)
     summary["files"] = {"summary": "summary.json", "html": "index.html", "config": "config.json", **FIGURES}
     summary["seconds"] = round(time.perf_counter() - start, 3)
-    atomic_write_text(out / "index.html", render_html(summary))
+    atomic_write_text(out / "index.html", render_html(summary, out))
     write_json(out / "summary.json", summary)
     save_config(ExploreConfig(workdir=str(workdir), top_k=top_k), out / "config.json")
     log.info(
@@ -552,71 +554,31 @@ def _plot_level1(path: Path, rows: list[dict]) -> None:
 
 
 # -- HTML -------------------------------------------------------------------------------------------------------
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:2rem auto;max-width:72rem;
-padding:0 1rem;color:#222;line-height:1.45}
-h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
-table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
-th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:left;vertical-align:top}
-th{background:#f4f6f8}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-figure{margin:1rem 0}img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{color:#555;font-size:.85rem}.headline{display:flex;gap:1rem;flex-wrap:wrap}
-.card{border:1px solid #ddd;border-radius:6px;padding:.6rem 1rem;min-width:10rem}
-.card b{display:block;font-size:1.4rem}
-"""
-
-
-def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _n(value: float | int | None) -> str:
-    return "–" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:,.2f}"
-
-
-def _pct(value: float) -> str:
-    return f"{value:.2%}" if value == 0 or value >= 1e-4 else f"{100 * value:.2g}%"
-
-
-def _table(header: list[str], rows: list[list[str]], numeric: set[int] | None = None) -> str:
-    """An HTML table; cells must already be escaped (numbers formatted, names passed through `_e`)."""
-    numeric = numeric or set()
-    head = "".join(f"<th>{cell}</th>" for cell in header)
-    body = "".join(
-        "<tr>"
-        + "".join(f'<td class="n">{cell}</td>' if i in numeric else f"<td>{cell}</td>" for i, cell in enumerate(row))
-        + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def render_html(summary: dict) -> str:
-    """The exploration page: headline numbers, tables, and the PNG figures referenced beside it."""
+def render_html(summary: dict, out: Path) -> str:
+    """The exploration page: headline numbers, tables, and the PNG figures beside it in `out` (linked by name)."""
     sections = [
         _html_headline(summary),
         _html_categories(summary),
         _html_figure(
             summary,
+            out,
             "hist_products_per_category",
             "Products per category at each level, log-log. Level 3 groups leaves that share a name; the category "
             "id panel is the leaf classes the models predict.",
         ),
         _html_ranked(summary),
-        _html_images(summary),
-        _html_coverage(summary),
-        _html_level1(summary),
+        _html_images(summary, out),
+        _html_coverage(summary, out),
+        _html_level1(summary, out),
         _html_duplicates(summary),
     ]
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>prodcat: catalog exploration</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+    body = (
         "<h1>Catalog exploration</h1>\n"
         + "\n".join(sections)
-        + f"\n<p><small>Numbers from <code>summary.json</code>; computed in {_e(summary.get('seconds', '?'))} s."
-        "</small></p>\n</body>\n</html>\n"
+        + f"\n<p><small>Numbers from <code>summary.json</code>; computed in {esc(summary.get('seconds', '?'))} s."
+        "</small></p>"
     )
+    return page("prodcat: catalog exploration", body)
 
 
 def _html_headline(summary: dict) -> str:
@@ -625,26 +587,27 @@ def _html_headline(summary: dict) -> str:
         ("images", summary["images"]),
         ("leaf categories present", summary["categories"]["level3"]["present"]),
     ]
-    html_cards = "".join(f'<div class="card"><b>{_n(v)}</b>{_e(k)}</div>' for k, v in cards)
     rows = [
         [
-            _e(name),
-            _n(part["products"]),
-            _n(part["images"]),
-            _n(part["images"] / part["products"]) if part["products"] else "–",
+            esc(name),
+            num(part["products"]),
+            num(part["images"]),
+            num(part["images"] / part["products"]) if part["products"] else "–",
         ]
         for name, part in summary["splits"].items()
     ]
     rows.append(
         [
             "<b>total</b>",
-            f"<b>{_n(summary['products'])}</b>",
-            f"<b>{_n(summary['images'])}</b>",
-            _n(summary["images"] / summary["products"]) if summary["products"] else "–",
+            f"<b>{num(summary['products'])}</b>",
+            f"<b>{num(summary['images'])}</b>",
+            num(summary["images"] / summary["products"]) if summary["products"] else "–",
         ]
     )
-    return f'<div class="headline">{html_cards}</div>\n<h2>Products and images per split</h2>\n' + _table(
-        ["split", "products", "images", "images / product"], rows, {1, 2, 3}
+    return (
+        html_cards([(k, num(v)) for k, v in cards])
+        + "\n<h2>Products and images per split</h2>\n"
+        + table(["split", "products", "images", "images / product"], rows, numeric={1, 2, 3})
     )
 
 
@@ -658,26 +621,22 @@ def _html_categories(summary: dict) -> str:
     }
     rows = [
         [
-            _e(labels.get(view, view)),
-            _n(part["present"]),
-            _n(part["taxonomy"]),
-            _n(part["present_train"]),
-            _n(part["present_val"]),
-            _n(part["present_holdout"]),
-            _n(part["empty"]),
+            esc(labels.get(view, view)),
+            num(part["present"]),
+            num(part["taxonomy"]),
+            num(part["present_train"]),
+            num(part["present_val"]),
+            num(part["present_holdout"]),
+            num(part["empty"]),
         ]
         for view, part in summary["categories"].items()
     ]
     header = ["level", "present", "in taxonomy", "present in train", "present in val", "present in holdout", "empty"]
-    return "<h2>Categories per level</h2>\n" + _table(header, rows, {1, 2, 3, 4, 5, 6})
+    return "<h2>Categories per level</h2>\n" + table(header, rows, numeric={1, 2, 3, 4, 5, 6})
 
 
-def _html_figure(summary: dict, key: str, caption: str) -> str:
-    name = summary["files"][key]
-    return (
-        f'<figure><img src="{_e(name)}" alt="{_e(caption)}" loading="lazy">'
-        f"<figcaption>{_e(caption)}</figcaption></figure>"
-    )
+def _html_figure(summary: dict, out: Path, key: str, caption: str) -> str:
+    return figure(out / summary["files"][key], caption, embed=False)
 
 
 def _html_ranked(summary: dict) -> str:
@@ -685,82 +644,86 @@ def _html_ranked(summary: dict) -> str:
     for key, title in (("largest", "largest"), ("smallest", "smallest non-empty")):
         rows = [
             [
-                _n(r["rank"]),
-                _e(r["category_id"]),
-                _e(r["level1"]),
-                _e(r["level2"]),
-                _e(r["level3"]),
-                _n(r["products"]),
-                _n(r["images"]),
-                _pct(r["share"]),
+                num(r["rank"]),
+                esc(r["category_id"]),
+                esc(r["level1"]),
+                esc(r["level2"]),
+                esc(r["level3"]),
+                num(r["products"]),
+                num(r["images"]),
+                share_text(r["share"]),
             ]
             for r in summary[key]
         ]
         parts.append(
             f"<h2>The {len(rows)} {title} leaf categories</h2>\n"
-            + _table(
+            + table(
                 ["#", "category id", "level 1", "level 2", "level 3", "products", "images", "share"],
                 rows,
-                {0, 1, 5, 6, 7},
+                numeric={0, 1, 5, 6, 7},
             )
         )
     return "\n".join(parts)
 
 
-def _html_images(summary: dict) -> str:
+def _html_images(summary: dict, out: Path) -> str:
     sets = summary["images_per_product"]
     ks = sorted({int(k) for part in sets.values() for k in part["products"]})
     rows = [
-        [_e(name)]
-        + [f"{_n(part['products'].get(str(k), 0))} ({_pct(part['shares'].get(str(k), 0.0))})" for k in ks]
-        + [_n(part["mean"])]
+        [esc(name)]
+        + [f"{num(part['products'].get(str(k), 0))} ({share_text(part['shares'].get(str(k), 0.0))})" for k in ks]
+        + [num(part["mean"])]
         for name, part in sets.items()
     ]
     caption = "Products by number of images (bar labels: count and share)."
     return (
         "<h2>Images per product</h2>\n"
-        + _table(
-            ["set"] + [f"{k} image{'s' if k != 1 else ''}" for k in ks] + ["mean"], rows, set(range(1, len(ks) + 2))
+        + table(
+            ["set"] + [f"{k} image{'s' if k != 1 else ''}" for k in ks] + ["mean"],
+            rows,
+            numeric=set(range(1, len(ks) + 2)),
         )
-        + _html_figure(summary, "images_per_product", caption)
+        + _html_figure(summary, out, "images_per_product", caption)
     )
 
 
-def _html_coverage(summary: dict) -> str:
+def _html_coverage(summary: dict, out: Path) -> str:
     cover = summary["coverage"]
-    rows = [[f"{float(share):.0%} of products", _n(n)] for share, n in cover["leaves_for_share"].items()]
-    rows += [[f"share of the top {int(n):,} leaves", _pct(share)] for n, share in cover["top_leaves_share"].items()]
+    rows = [[f"{float(share):.0%} of products", num(n)] for share, n in cover["leaves_for_share"].items()]
     rows += [
-        ["most frequent class (baseline accuracy)", _pct(cover["majority_baseline_accuracy"])],
-        ["largest / smallest non-empty leaf", _n(cover["imbalance_ratio"])],
-        ["Gini coefficient of products over leaves", _n(cover["gini"])],
-        ["Zipf exponent (head of the rank-frequency curve)", _n(cover["zipf_exponent"])],
+        [f"share of the top {int(n):,} leaves", share_text(share)] for n, share in cover["top_leaves_share"].items()
+    ]
+    rows += [
+        ["most frequent class (baseline accuracy)", share_text(cover["majority_baseline_accuracy"])],
+        ["largest / smallest non-empty leaf", num(cover["imbalance_ratio"])],
+        ["Gini coefficient of products over leaves", num(cover["gini"])],
+        ["Zipf exponent (head of the rank-frequency curve)", num(cover["zipf_exponent"])],
     ]
     caption = (
         "Left: products per leaf against its rank, log-log. Right: share of all products held by the k largest leaves."
     )
     return (
         "<h2>Imbalance and coverage</h2>\n"
-        + _table(["", "leaves / value"], rows, {1})
-        + _html_figure(summary, "rank_frequency", caption)
+        + table(["", "leaves / value"], rows, numeric={1})
+        + _html_figure(summary, out, "rank_frequency", caption)
     )
 
 
-def _html_level1(summary: dict) -> str:
+def _html_level1(summary: dict, out: Path) -> str:
     rows = [
         [
-            _e(r["level1"]),
-            _n(r["products"]),
-            _pct(r["share"]),
-            _n(r["images"]),
+            esc(r["level1"]),
+            num(r["products"]),
+            share_text(r["share"]),
+            num(r["images"]),
             f"{r['leaves_present']:,} / {r['leaves']:,}",
         ]
         for r in summary["level1"]
     ]
     return (
         "<h2>Level-1 categories</h2>\n"
-        + _html_figure(summary, "products_per_level1", "Products per level-1 category, largest first.")
-        + _table(["level 1", "products", "share", "images", "leaves present / in taxonomy"], rows, {1, 2, 3, 4})
+        + _html_figure(summary, out, "products_per_level1", "Products per level-1 category, largest first.")
+        + table(["level 1", "products", "share", "images", "leaves present / in taxonomy"], rows, numeric={1, 2, 3, 4})
     )
 
 
@@ -769,30 +732,31 @@ def _html_duplicates(summary: dict) -> str:
     if not stats:
         return "<h2>Duplicate pictures</h2>\n<p>No <code>catalog/pictures.parquet</code>: re-run ingest.</p>"
     cards = [
-        ("train pictures not unique by content", _pct(stats["duplicate_share"])),
-        ("distinct train pictures", _n(stats["distinct_pictures"])),
-        ("duplicate groups (>= 2 products)", _n(stats["groups"])),
-        ("products in groups", _n(stats["products_in_groups"])),
-        ("largest group (products)", _n(stats["largest_group"])),
+        ("train pictures not unique by content", share_text(stats["duplicate_share"])),
+        ("distinct train pictures", num(stats["distinct_pictures"])),
+        ("duplicate groups (>= 2 products)", num(stats["groups"])),
+        ("products in groups", num(stats["products_in_groups"])),
+        ("largest group (products)", num(stats["largest_group"])),
         (
             "test pictures with a train twin",
-            f"{_n(stats['test_pictures_seen_in_train'])} of {_n(stats['test_pictures'])}",
+            f"{num(stats['test_pictures_seen_in_train'])} of {num(stats['test_pictures'])}",
         ),
     ]
-    html_cards = "".join(f'<div class="card"><b>{v}</b>{_e(k)}</div>' for k, v in cards)
-    sizes = _table(["products per group", "groups"], [[_e(k), _n(v)] for k, v in stats["group_sizes"].items()], {1})
+    sizes = table(
+        ["products per group", "groups"], [[esc(k), num(v)] for k, v in stats["group_sizes"].items()], numeric={1}
+    )
     rows = []
     for rank, entry in enumerate(stats["most_reused"], start=1):
-        image = f'<img src="{_e(entry["thumbnail"])}" alt="picture {rank}">' if entry.get("thumbnail") else "–"
-        leaves = "<br>".join(f"{_e(leaf['level3'])} ({_n(leaf['products'])})" for leaf in entry["top_leaves"])
-        rows.append([image, _n(entry["copies"]), _n(entry["products"]), _n(entry.get("categories")), leaves])
+        image = f'<img src="{esc(entry["thumbnail"])}" alt="picture {rank}">' if entry.get("thumbnail") else "–"
+        leaves = "<br>".join(f"{esc(leaf['level3'])} ({num(leaf['products'])})" for leaf in entry["top_leaves"])
+        rows.append([image, num(entry["copies"]), num(entry["products"]), num(entry.get("categories")), leaves])
     return (
         "<h2>Duplicate pictures</h2>\n<p>Byte-identical pictures (XXH3-128 of the stored bytes). Share not unique = "
         "1 &minus; distinct / pictures. Products sharing any picture, transitively, form a group; each group lies in "
         "one split.</p>\n"
-        f'<div class="headline">{html_cards}</div>\n'
+        + html_cards(cards)
         + sizes
         + f"\n<h3>The {len(rows)} most reused train pictures</h3>\n<p>Placeholders show up here: one picture across "
         "many categories.</p>\n"
-        + _table(["picture", "copies", "products", "leaves", "top leaves (products)"], rows, {1, 2, 3})
+        + table(["picture", "copies", "products", "leaves", "top leaves (products)"], rows, numeric={1, 2, 3})
     )

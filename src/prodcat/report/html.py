@@ -3,25 +3,32 @@
 The answer first (a headline box: best run, holdout accuracy with n and interval, baseline, auto-accept), then data
 exploration, training curves of every run, the loss x optimizer comparison and the negative-sample sweep with their
 conclusions in words, evaluation of every evaluated run (per-category table, reliability diagram, pictures of the
-confused pairs, hier vs flat), and a gallery of holdout products. Figures and pictures are embedded (base64 data
-URIs), so index.html alone can be copied or mailed. A section whose inputs are missing says so instead of failing.
+confused pairs, hier vs flat, every lever in one table), a gallery of holdout products, OCR, and a link to the scale
+rehearsal's page when there is one. Figures and pictures are embedded (base64 data URIs), so index.html alone can be
+copied or mailed. A section whose inputs are missing says so instead of failing.
+
+The stages write numbers only; before reading them the report draws what is missing or older than its numbers
+(`prodcat.report.runs`, `prodcat.report.experiments`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from prodcat.paths import WorkPaths
-from prodcat.report import conclusions, insights
-from prodcat.report.levers import levers_table_html
-from prodcat.report.markup import SORT_SCRIPT, Section, cards, esc, interval, missing, natural_key, num, pct, table
+from prodcat.report import experiments, insights
+from prodcat.report.experiments import EXPERIMENTS
+from prodcat.report.levers import bench_rows, levers_table_html
+from prodcat.report.markup import CSS, SORT_SCRIPT, Section, cards, esc, interval, missing, natural_key, num, pct, table
 from prodcat.report.markup import figure as _embedded_figure
 from prodcat.report.ocr import ocr_section
+from prodcat.report.runs import draw_run
 from prodcat.report.thumbnails import THUMBNAIL_SIZE, thumbnails
 from prodcat.utils import atomic_write_text, get_logger, read_json
 
@@ -202,15 +209,18 @@ def _training(paths: WorkPaths) -> Section:
 
 # -- compare and sweep -------------------------------------------------------------------------------------------------
 def _experiment(paths: WorkPaths, name: str, title: str, command: str) -> Section:
-    """A folder written by `prodcat.train.experiments` (`<name>.json`, `<name>.png`): conclusions, table and figure."""
+    """A folder written by `prodcat.train.experiments` (`<name>.json`; `<name>.png` drawn from it by
+    `prodcat.report.experiments`): conclusions, table and figure."""
     folder = paths.report(name)
     data = _read(folder / f"{name}.json")
     figure = _figure(folder / f"{name}.png", title)
     if not isinstance(data, dict) and not figure:
         return Section(name, title, _missing(f"Not run yet: <code>{_e(command)}</code>."), False)
     body = ""
-    if isinstance(data, dict):
-        body = _compare_body(data, _num_classes(paths)) if name == "compare" else _sweep_body(data)
+    if isinstance(data, dict) and name == "compare":
+        body = experiments.compare_body(data, _num_classes(paths))
+    elif isinstance(data, dict):
+        body = experiments.sweep_body(data)
     return Section(name, title, body + _figures([figure]))
 
 
@@ -223,98 +233,10 @@ def _num_classes(paths: WorkPaths) -> int | None:
         return None
 
 
-def _conclusions(sentences: list[str]) -> str:
-    """Sentences are plain text with `code` spans in backticks."""
-    if not sentences:
-        return ""
-    items = "".join(
-        "<li>" + "".join(f"<code>{_e(p)}</code>" if i % 2 else _e(p) for i, p in enumerate(s.split("`"))) + "</li>"
-        for s in sentences
-    )
-    return f'<div class="conclusions"><h3>Conclusions</h3><ul>{items}</ul></div>'
-
-
-def _settings_text(settings: dict[str, Any]) -> str:
-    keys = ("head", "store", "features", "epochs", "batch_size", "seeds", "num_sampled", "sampler", "optimizer")
-    return ", ".join(f"{key.replace('_', ' ')} {_e(settings[key])}" for key in keys if key in settings)
-
-
-def _spread(block: dict[str, Any], key: str) -> str:
-    """Mean ± seed std; one seed (or no std) shows "± n/a": a spread of 0 would read as no spread at all."""
-    mean, std, seeds = block.get(f"{key}_mean"), block.get(f"{key}_std"), block.get("seeds")
-    one_seed = std is None or (seeds is not None and int(seeds) < 2)
-    text = _pct(mean) + (" ± n/a" if one_seed else f" ± {100 * std:.1f}")
-    interval = block.get(f"{key}_ci95")
-    return text + (f" {_interval(interval)}" if interval else "")
-
-
 def _with_ci(block: dict[str, Any], key: str) -> str:
     """value [lo, hi] of a metrics.json block ("value" alone for files from before intervals were written)."""
     interval = block.get(f"{key}_ci95")
     return _pct(block.get(key)) + (f" {_interval(interval)}" if interval else "")
-
-
-def _ms(seconds: Any) -> str:
-    return "–" if seconds is None else f"{1000 * float(seconds):.2f}"
-
-
-def _compare_body(data: dict[str, Any], num_classes: int | None) -> str:
-    arms = conclusions.compare_arms(data)  # as trained: full softmax, the reference, first
-    gpu = any(a.get("peak_cuda_mb_max") is not None for a in arms)  # peak RSS left out: one process's high-water mark
-    rows = [
-        (
-            _e(a["loss"]),
-            _e(a["optimizer"]),
-            _num(a.get("seeds")),
-            _spread(a, "val_top1"),
-            _pct(a.get("val_top5_mean")),
-            _num(a.get("val_loss_mean")),
-            _num(a.get("seconds_per_epoch_mean")),
-            _ms(a.get("step_seconds_mean")),
-            *((_num(a.get("peak_cuda_mb_max"), 4),) if gpu else ()),
-        )
-        for a in arms
-    ]
-    headers = ["loss", "optimizer", "seeds", "val top-1 (mean ± std)", "val top-5", "val loss", "s / epoch"]
-    headers += ["ms / step", *(["peak GPU (MB)"] if gpu else [])]
-    notes = "".join(f"<li>{_e(note)}</li>" for note in data.get("notes", []) if "Peak RSS" not in note)
-    return (
-        _conclusions(conclusions.compare_conclusions(data, num_classes))
-        + "<h3>Loss x optimizer (val top-1, images, mean ± seed std in points)</h3>"
-        + conclusions.loss_optimizer_table(data)
-        + f"<p>The same head trained with each output loss, same budget and seeds "
-        f"({_settings_text(data.get('settings', {}))}). Accuracy: image top-1 on val with the full softmax "
-        "after the last step (no checkpoint picked on val).</p>"
-        + _table(headers, rows, "numbers")
-        + (f"<ul>{notes}</ul>" if notes else "")
-    )
-
-
-def _sweep_body(data: dict[str, Any]) -> str:
-    def row(label: str, block: dict[str, Any]) -> tuple[str, ...]:
-        return (
-            _e(label),
-            _num(block.get("seeds")),
-            _spread(block, "val_top1"),
-            _pct(block.get("val_top5_mean")),
-            _num(block.get("val_loss_mean")),
-            _ms(block.get("step_seconds_mean")),
-            _num(block.get("seconds_per_epoch_mean")),
-        )
-
-    points = sorted(data.get("points", []), key=lambda point: point.get("num_sampled", 0))
-    rows = [row(str(point.get("num_sampled")), point) for point in points]
-    if isinstance(data.get("reference"), dict):
-        rows.append(row("full softmax", data["reference"]))
-    notes = "".join(f"<li>{_e(note)}</li>" for note in data.get("notes", []))
-    headers = ("negatives K", "seeds", "val top-1 (mean ± std)", "val top-5", "val loss", "ms / step", "s / epoch")
-    return (
-        _conclusions(conclusions.sweep_conclusions(data))
-        + f"<p>Sampled softmax against the number of sampled negatives K, the full softmax as reference "
-        f"({_settings_text(data.get('settings', {}))}).</p>"
-        + _table(headers, rows, "numbers")
-        + (f"<ul>{notes}</ul>" if notes else "")
-    )
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------------
@@ -372,8 +294,9 @@ def _evaluation(
         f"<h3>Best run (by product top-1 on val): {_e(best_run.name)}</h3>",
         _headline(best_metrics),
         _confidence_text(best_metrics),
-        "<h3>Levers: what each one changes (holdout, chosen on val)</h3>",
-        levers_table_html(best_metrics, note=synthetic),
+        "<h3>Levers: what each one changes (every lever in one table: this run's on the holdout, chosen on val; "
+        "the rest from their own benchmarks)</h3>",
+        levers_table_html(best_metrics, note=synthetic, bench=bench_rows()),
         _frequency_table(best_metrics),
         insights.per_category_table(best),
         insights.reliability_section(paths, best),
@@ -641,89 +564,52 @@ def _product_card(row: Any, taxonomy: Any, thumbnails: list[str]) -> str:
     )
 
 
+# -- at scale --------------------------------------------------------------------------------------------------------
+AT_SCALE = "at_scale"  # W/reports/at_scale/: the scale rehearsal's page (prodcat.rehearsal.report, docs/scale.md)
+
+
+def _at_scale(paths: WorkPaths) -> Section:
+    """A link to the rehearsal's "at scale" page when this work directory holds one, with its losses in short."""
+    title = "At scale"
+    folder = paths.reports / AT_SCALE
+    if not (folder / "index.html").is_file():
+        return Section(
+            "scale",
+            title,
+            _missing(
+                "No scale rehearsal in this work directory: <code>make rehearsal</code> (or <code>prodcat "
+                "rehearsal --workdir W</code>) runs the pipeline at 5,270 leaves and writes "
+                "<code>W/reports/at_scale/index.html</code>, linked here; docs/scale.md says what it runs."
+            ),
+            False,
+        )
+    summary = _read(folder / "summary.json") or {}
+    rows = [
+        (
+            _e(arm.get("head", "?")),
+            _e(arm.get("loss", "?")),
+            _num(arm.get("seeds")),
+            _pct(arm.get("holdout_product_top1")),
+            "n/a" if not arm.get("seed_spread") else f"{_pct(arm['seed_spread'][0])}–{_pct(arm['seed_spread'][1])}",
+            _interval(arm.get("seed0_ci95")),
+            _num(arm.get("n_products")),
+            _num(arm.get("train_seconds"), 4),
+        )
+        for arm in summary.get("arms", [])
+    ]
+    headers = ("head", "loss", "seeds", "holdout product top-1 (mean)", "seed range", "seed 0 95% CI", "n products")
+    body = (
+        f'<p>The scale rehearsal\'s own page: <a href="{AT_SCALE}/index.html">{AT_SCALE}/index.html</a> (stage '
+        "times, peak memory, disk, throughput, and accuracy against training seconds). Its data is synthetic: the "
+        "numbers describe prodcat's cost and behaviour at the real shape, never Cdiscount accuracy. Selected on "
+        "val, reported on the holdout.</p>"
+    )
+    if rows:
+        body += _table((*headers, "train seconds"), rows, "numbers")
+    return Section("scale", title, body)
+
+
 # -- the page ----------------------------------------------------------------------------------------------------------
-_CSS = """
-:root { --ink: #1f2328; --muted: #5b636e; --line: #d9dde3; --bg: #f6f7f9; --right: #1a7f37; --wrong: #c2410c; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
-       color: var(--ink); background: white; }
-header { background: #0f2a44; color: white; padding: 22px 32px 14px; }
-header h1 { margin: 0 0 4px; font-size: 24px; }
-header p { margin: 0; color: #c8d3df; font-size: 13px; }
-nav { display: flex; flex-wrap: wrap; gap: 6px 18px; margin-top: 12px; }
-nav a { color: #ffffff; text-decoration: none; font-size: 14px; border-bottom: 1px solid transparent; }
-nav a:hover { border-bottom-color: white; }
-nav a.off { color: #8da2b8; }
-main { max-width: 1240px; margin: 0 auto; padding: 8px 32px 48px; }
-section { border-bottom: 1px solid var(--line); padding: 18px 0 26px; }
-h2 { font-size: 21px; margin: 10px 0 12px; }
-h3 { font-size: 16px; margin: 22px 0 8px; }
-p.missing { color: var(--muted); font-style: italic; background: var(--bg); padding: 10px 14px; border-radius: 6px; }
-code { background: var(--bg); padding: 1px 5px; border-radius: 4px; font-size: 13px; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 10px; margin: 6px 0 10px; }
-.card { background: var(--bg); border-radius: 8px; padding: 10px 12px; }
-.card .value { font-size: 20px; font-weight: 650; }
-.card .label { color: var(--muted); font-size: 12.5px; }
-.scroll { overflow-x: auto; }
-table { border-collapse: collapse; margin: 6px 0 12px; font-size: 13.5px; }
-th, td { border-bottom: 1px solid var(--line); padding: 5px 10px; text-align: left; vertical-align: top; }
-th { background: var(--bg); font-weight: 600; vertical-align: bottom; }
-table.numbers { font-size: 13px; }
-table.metrics td:not(:first-child) { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-table.numbers th { max-width: 120px; }
-table.numbers td:first-child, table.numbers td:not(:nth-child(2)), table.runs td:not(:nth-child(2)),
-table.confusions td:nth-child(n+3) { white-space: nowrap; }
-table.numbers td:not(:first-child):not(:nth-child(2)) { text-align: right; font-variant-numeric: tabular-nums; }
-tbody tr:hover { background: #fafbfc; }
-.figures { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; margin: 8px 0; }
-figure { margin: 0; max-width: 100%; }
-figure img { width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
-table.sortable th { cursor: pointer; }
-table.sortable th[data-order="desc"]::after { content: " ▼"; }
-table.sortable th[data-order="asc"]::after { content: " ▲"; }
-.headline { background: #eef4fb; border: 1px solid #c4d6ea; border-radius: 10px; padding: 14px 18px; }
-.headline p { margin: 4px 0 8px; }
-.headline .answer { font-size: 16px; }
-.headline .cards { grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); }
-.headline .card { background: white; }
-.headline .card .value { font-size: 26px; }
-.card small { display: block; font-size: 12.5px; font-weight: 400; color: var(--muted); }
-.headline .accept { font-size: 15px; }
-.synthetic { background: #fff4e5; border-left: 4px solid #e69f00; padding: 6px 10px; border-radius: 4px; }
-.protocol { color: var(--muted); font-size: 12.5px; }
-.conclusions { background: var(--bg); border-radius: 8px; padding: 4px 16px; margin: 6px 0 12px; }
-.conclusions h3 { margin-top: 10px; }
-.conclusions li { margin: 4px 0; }
-table.grid-table td:not(:first-child) { text-align: right; font-variant-numeric: tabular-nums; }
-.pairs { display: grid; grid-template-columns: 1fr; gap: 12px; }
-.pair { border: 1px solid var(--line); border-radius: 6px; padding: 8px 10px; display: grid;
-        grid-template-columns: 1fr 1fr; gap: 4px 12px; font-size: 13px; }
-.pair-title { grid-column: 1 / -1; font-weight: 600; }
-.muted { color: var(--muted); font-weight: 400; }
-figcaption { color: var(--muted); font-size: 12.5px; margin-top: 2px; }
-details { margin: 10px 0; }
-summary { cursor: pointer; font-weight: 600; margin-bottom: 8px; }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(540px, 1fr)); gap: 12px; }
-.product { border: 1px solid var(--line); border-left: 5px solid var(--line); border-radius: 6px; padding: 8px 10px;
-           font-size: 13px; }
-.product.right { border-left-color: var(--right); }
-.product.wrong { border-left-color: var(--wrong); }
-.verdict { font-weight: 600; font-size: 12.5px; margin-bottom: 6px; }
-.right .verdict { color: var(--right); }
-.wrong .verdict { color: var(--wrong); }
-.thumbs { display: flex; gap: 4px; flex-wrap: wrap; margin-bottom: 6px; min-height: 40px; }
-.thumbs img { width: 120px; height: 120px; object-fit: cover; border-radius: 4px; border: 1px solid var(--line); }
-.noimg { color: var(--muted); font-style: italic; }
-.truth { margin-bottom: 4px; }
-.path { color: var(--muted); }
-ol.preds { margin: 0; padding-left: 0; list-style: none; }
-ol.preds li { display: grid; grid-template-columns: 50px 1fr; gap: 6px; padding: 2px 4px; border-radius: 3px; }
-ol.preds .prob { font-variant-numeric: tabular-nums; font-size: 12px; padding-top: 1px; }
-ol.preds .meter { display: block; height: 4px; background: #e3e8ee; border-radius: 2px; margin-top: 2px; }
-ol.preds .meter span { display: block; height: 4px; background: #0072b2; border-radius: 2px; }
-ol.preds li.hit { background: #e8f5ec; }
-footer { color: var(--muted); font-size: 12px; text-align: center; padding: 16px; }
-"""
 
 
 def _synthetic_note(paths: WorkPaths) -> str | None:
@@ -756,7 +642,7 @@ def _page(workdir: Path, sections: list[Section]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>prodcat report</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<title>prodcat report</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
         f"<header><h1>prodcat: product categorisation report</h1><p>work directory {_e(workdir)} · "
         f"generated {_e(stamp)} · one self-contained file (figures embedded)</p><nav>{nav}</nav></header>\n"
         f"<main>{body}</main>\n<footer>prodcat</footer>\n<script>{SORT_SCRIPT}</script>\n</body>\n</html>\n"
@@ -767,6 +653,7 @@ def build_report(workdir: str | Path) -> Path:
     """Write `W/reports/index.html` (self-contained) from whatever the work directory holds; returns its path."""
     paths = WorkPaths(workdir)
     paths.reports.mkdir(parents=True, exist_ok=True)
+    drawn = _draw_stale(paths)
     evaluated = _evaluated(paths)
     chosen = _best(evaluated)
     best = None if chosen is None else insights.BestRun.load(*chosen)
@@ -780,8 +667,25 @@ def build_report(workdir: str | Path) -> Path:
         _evaluation(paths, evaluated, best, synthetic),
         _gallery(paths, best),
         ocr_section(paths.root),
+        _at_scale(paths),
     ]
     out = paths.reports / "index.html"
     atomic_write_text(out, _page(paths.root, sections))
-    log.info("report -> %s (%s)", out, ", ".join(s.id for s in sections if s.available) or "no inputs yet")
+    log.info("report -> %s (%s; %d figures and tables redrawn)", out,
+             ", ".join(s.id for s in sections if s.available) or "no inputs yet", drawn)  # fmt: skip
     return out
+
+
+def _draw_stale(paths: WorkPaths) -> int:
+    """What the stages left as plain numbers, drawn where missing or older than them: every run's curves and
+    evaluation figures, the compare and sweep figures and pages. Returns how many files were written."""
+    jobs = [functools.partial(draw_run, run) for run in _runs(paths)]
+    num_classes = _num_classes(paths)
+    jobs += [functools.partial(experiments.render_experiment, paths.report(name), num_classes) for name in EXPERIMENTS]
+    written = 0
+    for job in jobs:
+        try:
+            written += len(job())
+        except (KeyError, TypeError, ValueError, OSError) as error:  # an odd file costs its figure, not the page
+            log.warning("report: cannot draw from %s: %s: %s", job.args[0], type(error).__name__, error)
+    return written

@@ -1,15 +1,23 @@
-"""The levers table of an evaluated run (`metrics["levers"]` of RUN/eval/metrics.json) as HTML and Markdown.
+"""The levers table: every lever in one table, as HTML (the report) and Markdown (RUN/eval/levers.md).
 
-Plain strings, no state: report/html.py includes `levers_table_html(metrics)`; evaluate writes
-`levers_table_markdown(metrics)` to RUN/eval/levers.md (and a README can paste it).
+Two kinds of rows. A run's own levers (`metrics["levers"]` of RUN/eval/metrics.json, measured by `prodcat evaluate`
+on its reported split: temperature, logit adjustment, twins, runs one change apart) and the levers that need their
+own extraction, head or data (product head, flip TTA, OCR, other backbones, prototypes), measured by their own
+scripts and copied from benchmarks/results into `levers_bench.json` beside this file, each row naming its source
+JSON, split, n, seeds and data (synthetic). `levers_table_html(metrics, bench=bench_rows())` shows both.
 """
 
 from __future__ import annotations
 
-import html
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["HEADERS", "levers_rows", "levers_table_html", "levers_table_markdown"]
+from prodcat.report.markup import esc, markdown_table, table
+
+__all__ = ["HEADERS", "BENCH_FILE", "bench_rows", "levers_rows", "levers_table_html", "levers_table_markdown"]
 
 HEADERS = (
     "lever",
@@ -20,6 +28,17 @@ HEADERS = (
     "verdict",
     "extra cost (time; memory)",
 )
+MEASURED_ON = "measured on (split, n, seeds, data, source)"
+BENCH_FILE = Path(__file__).with_name("levers_bench.json")
+
+
+@functools.cache
+def bench_rows() -> tuple[dict[str, Any], ...]:
+    """The levers measured by their own scripts (packaged copy of benchmarks/results); () if the copy is absent."""
+    try:
+        return tuple(json.loads(BENCH_FILE.read_text(encoding="utf-8"))["rows"])
+    except (OSError, ValueError, KeyError):
+        return ()
 
 
 def _change(entry: dict[str, Any] | None) -> str:
@@ -39,7 +58,7 @@ def _cost(cost: dict[str, str]) -> str:
 
 
 def levers_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    """The table's cells as plain text, one list per lever (in HEADERS order)."""
+    """The run's levers as plain-text cells, one list per lever (in HEADERS order)."""
     rows = []
     for row in (metrics.get("levers") or {}).get("rows", []):
         detail = row.get("detail", "")
@@ -59,6 +78,20 @@ def levers_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _run_measured_on(metrics: dict[str, Any]) -> str:
+    block, run = metrics.get("levers") or {}, metrics.get("run", "the best run")
+    return f"this run ({run}): {block.get('split', '?')}, n = {block.get('n', 0):,}, 1 seed"
+
+
+def _bench_cells(row: dict[str, Any]) -> list[str]:
+    n = row.get("n")
+    measured = (
+        f"{row.get('split', '?')}, n = {n:,}" if isinstance(n, int) else f"{row.get('split', '?')}, n = {n}"
+    ) + f", {row.get('seeds', '?')} seeds; {row.get('data', '')}; {row.get('source', '')}"
+    cells = [row.get(key, "") for key in ("lever", "detail", "top1", "macro", "ece", "verdict", "cost")]
+    return [str(cell) for cell in cells] + [measured]
+
+
 def _caption(metrics: dict[str, Any], note: str | None) -> str:
     block = metrics.get("levers") or {}
     parts = [
@@ -71,32 +104,37 @@ def _caption(metrics: dict[str, Any], note: str | None) -> str:
     return " ".join(parts + ([note] if note else []))
 
 
-def levers_table_html(metrics: dict[str, Any], note: str | None = None) -> str:
-    """A self-contained <table> (with caption and notes) of every lever; an explanatory <p> when there is none.
-    `note` joins the caption (e.g. "Demo data is synthetic ...")."""
-    rows = levers_rows(metrics)
-    if not rows:
-        return (
-            "<p>No levers table: this run was evaluated before evaluate measured levers; re-run `prodcat evaluate`.</p>"
+BENCH_CAPTION = (
+    "Rows measured by their own scripts (they need their own extraction, head or data) on synthetic demo sets of "
+    "other sizes: each names its split, n, seeds and source JSON; changes in percentage points against the "
+    "default (Lite0, linear head, mean-of-pictures aggregation, no TTA, pictures only). Nothing here says what a "
+    "lever does on Cdiscount's photos."
+)
+
+
+def levers_table_html(metrics: dict[str, Any], note: str | None = None, bench: Sequence[dict[str, Any]] = ()) -> str:
+    """Every lever in one table: the run's own rows, then `bench` rows (e.g. `bench_rows()`), each saying where it
+    was measured; an explanatory <p> instead of the run's rows when it has none. `note` joins the caption (e.g.
+    "Demo data is synthetic ...")."""
+    rows = [[*cells, _run_measured_on(metrics)] for cells in levers_rows(metrics)]
+    parts = []
+    if rows:
+        parts.append(f'<p class="caption">{esc(_caption(metrics, note))}</p>')
+    else:
+        parts.append(
+            "<p>No levers of this run: it was evaluated before evaluate measured levers; re-run `prodcat evaluate`.</p>"
         )
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
-    notes = "".join(
-        f"<p class='note'>{html.escape(note)}</p>" for note in (metrics.get("levers") or {}).get("notes", [])
-    )
-    return (
-        f'<table class="levers"><caption>{html.escape(_caption(metrics, note))}</caption>'
-        f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}"
-    )
+    if bench:
+        parts.append(f'<p class="caption">{esc(BENCH_CAPTION)}</p>')
+        rows += [_bench_cells(row) for row in bench]
+    if not rows:
+        return "".join(parts)
+    cells = [[esc(cell) for cell in row] for row in rows]
+    notes = "".join(f"<p class='note'>{esc(text)}</p>" for text in (metrics.get("levers") or {}).get("notes", []))
+    return "".join(parts) + table((*HEADERS, MEASURED_ON), cells, "levers") + notes
 
 
 def levers_table_markdown(metrics: dict[str, Any], note: str | None = None) -> str:
-    """The same table in Markdown, caption and notes as paragraphs."""
-    rows = levers_rows(metrics)
-
-    def line(cells: list[str] | tuple[str, ...]) -> str:
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
-
-    table = [line(HEADERS), line(["---"] * len(HEADERS)), *(line(row) for row in rows)]
+    """The run's own levers in Markdown, caption and notes as paragraphs (RUN/eval/levers.md)."""
     notes = (metrics.get("levers") or {}).get("notes", [])
-    return "\n".join([_caption(metrics, note), "", *table, "", *notes]) + "\n"
+    return "\n".join([_caption(metrics, note), "", markdown_table(HEADERS, levers_rows(metrics)), *notes]) + "\n"

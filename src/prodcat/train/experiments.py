@@ -1,15 +1,22 @@
 """Experiments over training runs: loss x optimizer comparison (`compare`) and the number-of-negatives sweep (`sweep`).
 
 Both train ordinary runs (`W/runs/compare-<loss>-<optimizer>-s<seed>`, `W/runs/sweep-k<K>-<optimizer>-s<seed>`,
-`W/runs/sweep-softmax-<optimizer>-s<seed>`) and summarise them from each run's summary.json and metrics.jsonl into
-`W/reports/<name>/`: a JSON file with every number, a PNG figure, and the same table as Markdown and as a small HTML
-page. Both return an `ExperimentResult`: the report folder and every run folder, keyed by what varied.
+`W/runs/sweep-softmax-<optimizer>-s<seed>`) and summarise them into `W/reports/<name>/<name>.json`: every number,
+plain data. `prodcat.report.experiments` draws the figure and writes the same table as Markdown and as a small HTML
+page from that file (the CLI and `prodcat report` call it): experiments never import plotting. Both return an
+`ExperimentResult`: the report folder and every run folder, keyed by what varied, so no caller globs run names.
 
 A comparison changes one thing: every arm of `compare` shares head, feature store, budget, seeds and, unless
 `optimizers` makes it a second factor, the optimizer; the sweep's full-softmax reference uses the sweep's optimizer.
-Seed spread is the standard deviation over seeds (three by default); one seed has no spread ("n/a"). Accuracy is
-taken after the last step, never at a checkpoint picked on the same val split; curves are against training seconds
-(validation and checkpoints left out).
+
+Select on val, report on the holdout: each run's headline is its product top-1 on the holdout split (n products),
+with the checkpoint (best val top-1 during training), product aggregation, tau and T chosen on val exactly as
+`prodcat evaluate` chooses them (`evaluate.evaluation.product_hits`). Beside the seed spread (sample standard
+deviation over seeds, three by default; one seed has none: "n/a") stands a 95% interval over holdout products: Wilson
+for one seed, a bootstrap over products of the per-product mean over seeds otherwise; differences between arms get a
+paired bootstrap interval over the same products. The val image top-1 after the last step is kept for the curves
+(against training seconds: validation and checkpoints left out); it is where checkpoints get selected, never the
+headline.
 
 `compare` trains each run in a fresh (spawned) process by default, so the peak RSS it reports belongs to that run
 alone (a process's peak RSS never goes down, so runs sharing one process would inherit the largest before them).
@@ -18,7 +25,7 @@ alone (a process's peak RSS never goes down, so runs sharing one process would i
 from __future__ import annotations
 
 import dataclasses
-import html
+import itertools
 import multiprocessing
 import statistics
 from collections.abc import Sequence
@@ -30,10 +37,11 @@ import numpy as np
 from prodcat.config import CompareConfig, ConfigError, SweepConfig, TrainConfig, save_config
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.errors import require_store
+from prodcat.evaluate.evaluation import ProductHits, bootstrap_ci, product_hits, proportion_ci
 from prodcat.features.store import FeatureStore
 from prodcat.paths import WorkPaths
 from prodcat.train.loop import StepPlan, read_metrics, run_summary, train
-from prodcat.utils import atomic_write_text, get_logger, log_to_file, write_json
+from prodcat.utils import get_logger, log_to_file, write_json
 
 __all__ = ["compare", "sweep", "ExperimentResult", "EVALS_PER_RUN", "DEFAULT_SEEDS"]
 
@@ -42,7 +50,8 @@ log = get_logger("prodcat.train.experiments")
 EVALS_PER_RUN = 15  # validation points per run: enough for a curve, few enough not to dominate a tiny run
 DEFAULT_SEEDS = CompareConfig.seeds  # where a spread is shown, over three seeds unless asked otherwise
 TIME_KEY = "train_seconds"  # curves against time use training seconds: validation and checkpoints left out
-TIME_LABEL = "training seconds (excl. validation, checkpoints)"
+REPORTED_SPLIT = "holdout"  # every headline number; val is where checkpoints and aggregations are chosen
+RESAMPLES = 1000  # bootstrap resamples of the holdout products (as `prodcat evaluate`)
 
 RunKey = tuple[str, str, int]  # (arm, optimizer, seed); arm = the loss in compare, "sampled-k<K>" | "softmax" in sweep
 
@@ -85,7 +94,8 @@ def _train_isolated(config: TrainConfig) -> None:
 
 
 def _run(config: TrainConfig, isolate: bool) -> dict[str, Any]:
-    """Train one run (validating about EVALS_PER_RUN times) and read back its summary and metrics."""
+    """Train one run (validating about EVALS_PER_RUN times), read back its summary and metrics, and score it on the
+    holdout with every choice made on val (its product hits, kept in memory for the intervals)."""
     # compare/sweep own their run names: re-running them retrains each run from scratch (explicitly)
     config = dataclasses.replace(config, eval_every=_eval_every(config), overwrite=True)
     log.info("run %s", config.name)
@@ -94,7 +104,14 @@ def _run(config: TrainConfig, isolate: bool) -> dict[str, Any]:
     else:
         train(config)
     run_dir = WorkPaths(config.workdir).run(config.name)
-    return {"name": config.name, "dir": run_dir, "summary": run_summary(run_dir), "metrics": read_metrics(run_dir)}
+    hits = product_hits(run_dir, REPORTED_SPLIT)  # choices on val, as `prodcat evaluate` makes them
+    return {
+        "name": config.name,
+        "dir": run_dir,
+        "summary": run_summary(run_dir),
+        "metrics": read_metrics(run_dir),
+        "hits": hits,
+    }
 
 
 def _resolve_optimizers(optimizer: str | None, optimizers: Sequence[str] | None) -> tuple[str, ...]:
@@ -123,27 +140,76 @@ def _mean_or_none(values: Sequence[float | None]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
-def _product_interval(run_dirs: Sequence[Path]) -> dict[str, Any] | None:
-    """HOOK: the 95% interval over products of the headline accuracy, shown beside the seed spread.
+def _hit_matrix(runs: list[dict[str, Any]]) -> np.ndarray:
+    """(seeds, products) 0/1 holdout hits; every run of an experiment is scored on the same products."""
+    hits: list[ProductHits] = [r["hits"] for r in runs]
+    for run, other in zip(runs[1:], hits[1:], strict=True):
+        if not np.array_equal(other.product_id, hits[0].product_id):
+            raise RuntimeError(
+                f"{run['name']} and {runs[0]['name']} were scored on different {REPORTED_SPLIT} products"
+            )
+    return np.stack([h.correct for h in hits]).astype(np.float64)
 
-    Holdout evaluation with intervals over products is being added to `prodcat.evaluate.evaluation`. Once a run's
-    `eval/metrics.json` carries one, read it here (e.g. from seed 0's run) as {"low", "high", "n", "split"}; the
-    tables, JSON and report then show it. Until then None ("n/a"). It must not be computed from the val numbers
-    below: those are where checkpoints and aggregations get selected.
-    """
-    return None
+
+def _holdout(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Holdout product top-1 over seeds: mean, seed std (None for one seed) and the 95% interval over products."""
+    matrix = _hit_matrix(runs)
+    per_seed = matrix.mean(axis=1).tolist()
+    products = matrix.shape[1]
+    if len(runs) == 1:
+        interval, method = proportion_ci(int(matrix.sum()), products), "Wilson interval over products"
+    else:
+        per_product = matrix.mean(axis=0)
+        interval = bootstrap_ci({"top1": lambda w: float(w @ per_product / w.sum())}, products, RESAMPLES)["top1"]
+        method = f"bootstrap over products ({RESAMPLES:,} resamples) of each product's mean over seeds"
+    return {
+        "holdout_top1_mean": statistics.fmean(per_seed),
+        "holdout_top1_std": _std(per_seed),
+        "holdout_top1_ci95": interval,
+        "holdout_top1_per_seed": per_seed,
+        "holdout_products": products,
+        "holdout_split": runs[0]["hits"].split,
+        "holdout_ci95_method": method,
+        "holdout_aggregations": [r["hits"].aggregation for r in runs],
+        "holdout_checkpoint_steps": [r["hits"].checkpoint_step for r in runs],
+    }
+
+
+def _differences(arms: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """'A vs B' for every pair of arms, A the later one (the reference trains first): the difference of holdout
+    product top-1 (seed means, A - B) with its 95% paired bootstrap interval, both arms on the same resampled
+    products, one draw for every pair."""
+    means = {label: _hit_matrix(runs).mean(axis=0) for label, runs in arms.items()}
+    pairs = [(later, earlier) for earlier, later in itertools.combinations(means, 2)]
+    if not pairs:
+        return {}
+    products = len(next(iter(means.values())))
+    gaps = {f"{a} vs {b}": means[a] - means[b] for a, b in pairs}
+    stats = {key: (lambda w, gap=gap: float(w @ gap / w.sum())) for key, gap in gaps.items()}
+    intervals = bootstrap_ci(stats, products, RESAMPLES)
+    return {
+        key: {
+            "a": a,
+            "b": b,
+            "change": float(gaps[key].mean()),
+            "ci95": intervals[key],
+            "n": products,
+            "split": REPORTED_SPLIT,
+            "method": f"paired bootstrap over products ({RESAMPLES:,} resamples) of the seed means",
+        }
+        for (a, b), key in zip(pairs, gaps, strict=True)
+    }
 
 
 def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and spread over seeds of the final validation and the cost of each run."""
+    """Holdout product top-1 over seeds (the headline), the final validation and the cost of each run."""
     finals = [r["summary"]["final"] for r in runs]
     summaries = [r["summary"] for r in runs]
-    result: dict[str, Any] = {"runs": [r["name"] for r in runs], "seeds": len(runs)}
+    result: dict[str, Any] = {"runs": [r["name"] for r in runs], "seeds": len(runs), **_holdout(runs)}
     for key in ("val_top1", "val_top5", "val_loss"):
         values = [f[key] for f in finals]
         result[f"{key}_mean"], result[f"{key}_std"] = statistics.fmean(values), _std(values)
     result["val_rows"] = finals[0].get("val_rows")
-    result["val_top1_ci95"] = _product_interval([r["dir"] for r in runs])
     # Selected on val and reported on val (optimistic): kept in the JSON for curiosity, left out of the tables.
     result["best_top1_mean"] = statistics.fmean(s["best"]["value"] for s in summaries)
     for key in ("seconds_per_epoch", "step_seconds", "seconds", "train_seconds"):
@@ -171,118 +237,23 @@ def _curves_json(runs: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return curves
 
 
-# -- tables ---------------------------------------------------------------------------------------------------------
-def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
-    return "–" if value is None else f"{value * scale:.{digits}f}"
-
-
-def _spread(agg: dict[str, Any], key: str = "val_top1") -> str:
-    """'mean ± std (n seeds)'; one seed has no spread: 'n/a', never '± 0'."""
-    mean, std, seeds = agg[f"{key}_mean"], agg[f"{key}_std"], agg["seeds"]
-    if std is None:
-        return f"{mean:.4f} ± n/a (1 seed)"
-    return f"{mean:.4f} ± {std:.4f} ({seeds} seeds)"
-
-
-def _interval(agg: dict[str, Any]) -> str:
-    ci = agg.get("val_top1_ci95")
-    if not ci:
-        return "n/a"
-    return f"[{ci['low']:.4f}, {ci['high']:.4f}] ({ci.get('split', '?')}, n = {ci.get('n', '?')})"
-
-
-SPREAD_NOTE = (
-    "Spread: mean ± sample standard deviation over training seeds (n seeds); one seed has none (n/a). The 95% "
-    "interval over products (sampling error of the evaluated products) needs holdout evaluation: n/a until a run "
-    "carries one."
-)
-
-
-def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _html_page(
-    title: str, figure: str, headers: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str]
-) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    return (
-        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
-        f'<h1>{html.escape(title)}</h1><img src="{html.escape(figure)}" alt="{html.escape(title)}" '
-        f'style="max-width:100%"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-        f"<ul>{note_html}</ul></body></html>\n"
-    )
-
-
-def _write_tables(
-    out: Path, name: str, title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str]
-) -> None:
-    notes_md = "".join(f"\n- {n}" for n in notes)
-    atomic_write_text(out / f"{name}.md", f"# {title}\n\n" + _markdown(headers, rows) + notes_md + "\n")
-    from prodcat.report.markup import png_data_uri
-
-    figure = out / f"{name}.png"  # embedded: the page stands alone like the report
-    source = png_data_uri(figure) if figure.is_file() else figure.name
-    atomic_write_text(out / f"{name}.html", _html_page(title, source, headers, rows, notes))
-
-
-def _band(ax: Any, x: np.ndarray, mean: np.ndarray, std: np.ndarray | None, label: str) -> None:
-    (line,) = ax.plot(x, mean, marker=".", label=label)
-    if std is not None:
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
-
-
-# -- compare --------------------------------------------------------------------------------------------------------
-COMPARE_HEADERS = (
-    "loss",
-    "optimizer",
-    "val top-1: mean ± std over seeds",
-    "95% CI over products",
-    "n (val images)",
-    "val top-5",
-    "val loss",
-    "s / epoch",
-    "ms / step",
-    "peak GPU (MB)",
-)  # peak RSS stays in the JSON only: in one process it is the process's high-water mark, the same for every run
-
-
+# -- notes (plain text, shown by the report under each table) ---------------------------------------------------------
 def _arm_label(loss: str, optimizer: str) -> str:
     return f"{loss}, {optimizer}"
 
 
-def _compare_row(agg: dict[str, Any]) -> list[str]:
-    return [
-        agg["loss"],
-        agg["optimizer"],
-        _spread(agg),
-        _interval(agg),
-        str(agg["val_rows"]),
-        f"{agg['val_top5_mean']:.4f}",
-        f"{agg['val_loss_mean']:.4f}",
-        _fmt(agg["seconds_per_epoch_mean"]),
-        _fmt(agg["step_seconds_mean"], 1000, 2),
-        _fmt(agg["peak_cuda_mb_max"], digits=0),
-    ]
-
-
-def _plot_compare(path: Path, runs_by_arm: dict[str, list[dict[str, Any]]], title: str) -> None:
-    from prodcat.report.figures import png_figure
-
-    with png_figure(path, 1, 2, figsize=(11, 4.2)) as (figure, axes):
-        for label, runs in runs_by_arm.items():
-            for ax, key in zip(axes, ("step", TIME_KEY), strict=True):
-                _band(ax, *_curve(runs, key), f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
-        for ax, label in zip(axes, ("step", TIME_LABEL), strict=True):
-            ax.set(xlabel=label, ylabel="val top-1 (images, full softmax)", title=f"accuracy vs {label.split(' (')[0]}")
-            ax.legend(fontsize="small")
-        figure.suptitle(title)
+SPREAD_NOTE = (
+    "Spread: mean ± sample standard deviation over training seeds (n seeds); one seed has none (n/a). Beside it, the "
+    "95% interval over holdout products (the sampling error of the evaluated products, which seeds do not show): "
+    "Wilson for one seed, a bootstrap over products of each product's mean over seeds otherwise. Differences between "
+    "arms: a paired bootstrap over the same holdout products."
+)
+ACCURACY_NOTE = (
+    "Headline: product top-1 on the holdout split (n products), each run at its best checkpoint by val top-1, with "
+    "the product aggregation, tau and T chosen on val as prodcat evaluate chooses them; nothing was tuned on the "
+    "holdout. The val columns and the curves are image top-1 on val with the full softmax after the last step (val "
+    "is where checkpoints are selected); curves against training seconds leave validation and checkpoints out."
+)
 
 
 def _compare_notes(
@@ -299,19 +270,19 @@ def _compare_notes(
     return [
         f"Same head ({head}), feature store ({store}), {epochs:g} epochs, batch {batch_size}, seeds 0..{seeds - 1}; "
         f"{factor}; sampled softmax uses {num_sampled} negatives.",
-        "Accuracy: image-level top-1 on the val split with the full softmax over all classes, after the last step "
-        "(no checkpoint picked on val). Curves against training seconds leave validation and checkpoints out.",
+        ACCURACY_NOTE,
         SPREAD_NOTE,
     ]
 
 
+# -- compare --------------------------------------------------------------------------------------------------------
 def compare(config: CompareConfig) -> ExperimentResult:
-    """Train `config.head` with each loss (x each optimizer) under the same budget and seeds 0..seeds-1; report under
-    `W/reports/compare/`, with the config beside it (config.json). `optimizer` is held fixed across arms (default
-    TrainConfig's); `optimizers` makes it a second factor (every loss with every optimizer); `arms`, (loss,
-    optimizer) pairs, picks cells of that grid instead (e.g. the optimizer factor on two losses only). `note` is added
-    to the report (e.g. "demo data is synthetic"). Returns the report folder and the run folders keyed by (loss,
-    optimizer, seed)."""
+    """Train `config.head` with each loss (x each optimizer) under the same budget and seeds 0..seeds-1, evaluate each
+    run on the holdout; numbers in `W/reports/compare/compare.json`, the config beside it (config.json). `optimizer`
+    is held fixed across arms (default TrainConfig's); `optimizers` makes it a second factor (every loss with every
+    optimizer); `arms`, (loss, optimizer) pairs, picks cells of that grid instead (e.g. the optimizer factor on two
+    losses only). `note` is added to the report (e.g. "demo data is synthetic"). Returns the report folder and the
+    run folders keyed by (loss, optimizer, seed)."""
     workdir, store, head, epochs, seeds = config.workdir, config.store, config.head, config.epochs, config.seeds
     num_sampled, batch_size, isolate, note = config.num_sampled, config.batch_size, config.isolate, config.note
     require_store(workdir, store)
@@ -334,13 +305,6 @@ def compare(config: CompareConfig) -> ExperimentResult:
             runs.append(_run(train_config, isolate))
             run_dirs[(loss, name, seed)] = runs[-1]["dir"]
         runs_by_arm[_arm_label(loss, name)] = runs
-    out = WorkPaths(workdir).report("compare")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.json")
-    aggregates = {
-        _arm_label(loss, name): {"loss": loss, "optimizer": name, **_aggregate(runs_by_arm[_arm_label(loss, name)])}
-        for loss, name in cells
-    }
     settings = {
         **{k: v for k, v in base.items() if k != "workdir"},
         "losses": list(dict.fromkeys(loss for loss, _ in cells)),
@@ -349,6 +313,7 @@ def compare(config: CompareConfig) -> ExperimentResult:
         "seeds": seeds,
         "batch_size": batch_size,
         "isolated_processes": isolate,
+        "reported_split": REPORTED_SPLIT,
     }
     notes = _compare_notes(head, store, epochs, batch_size, seeds, num_sampled, cells)
     notes.append(
@@ -356,36 +321,40 @@ def compare(config: CompareConfig) -> ExperimentResult:
         if isolate
         else "Peak RSS (compare.json only): runs shared one process, so it is the process peak up to that run."
     )
-    notes += [note] if note else []
-    write_json(
+    out = WorkPaths(workdir).report("compare")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.json")
+    _write_compare(out, cells, runs_by_arm, settings, notes + ([note] if note else []))
+    return ExperimentResult(out, run_dirs)
+
+
+def _write_compare(
+    out: Path,
+    cells: list[tuple[str, str]],
+    runs_by_arm: dict[str, list[dict[str, Any]]],
+    settings: dict[str, Any],
+    notes: list[str],
+) -> Path:
+    aggregates = {
+        _arm_label(loss, name): {"loss": loss, "optimizer": name, **_aggregate(runs_by_arm[_arm_label(loss, name)])}
+        for loss, name in cells
+    }
+    return write_json(
         out / "compare.json",
         {
             "settings": settings,
             # Keyed by "loss, optimizer"; each entry also names both (the report's loss column shows the key).
             "losses": aggregates,
+            "differences": _differences(runs_by_arm),  # "A vs B": holdout product top-1, A - B, paired interval
             "curves": {label: _curves_json(runs) for label, runs in runs_by_arm.items()},
+            "run_dirs": {r["name"]: str(r["dir"]) for runs in runs_by_arm.values() for r in runs},
             "notes": notes,
         },
     )
-    factor = "loss x optimizer" if len(names) > 1 else f"loss comparison, {names[0]}"
-    _plot_compare(out / "compare.png", runs_by_arm, f"{head} head on {store}: {factor}")
-    rows = [_compare_row(agg) for agg in aggregates.values()]
-    _write_tables(out, "compare", f"{factor.capitalize()}: {head} head on {store}", COMPARE_HEADERS, rows, notes)
-    return ExperimentResult(out, run_dirs)
 
 
 # -- sweep ----------------------------------------------------------------------------------------------------------
-SWEEP_HEADERS = (
-    "negatives K",
-    "optimizer",
-    "val top-1: mean ± std over seeds",
-    "95% CI over products",
-    "n (val images)",
-    "val top-5",
-    "val loss",
-    "ms / step",
-    "s / epoch",
-)
+REFERENCE_LABEL = "full softmax"
 
 
 def _clip_negatives(requested: Sequence[int], num_classes: int) -> tuple[list[int], list[str]]:
@@ -402,65 +371,10 @@ def _clip_negatives(requested: Sequence[int], num_classes: int) -> tuple[list[in
     return values, notes
 
 
-def _sweep_row(label: str, optimizer: str, agg: dict[str, Any]) -> list[str]:
-    return [
-        label,
-        optimizer,
-        _spread(agg),
-        _interval(agg),
-        str(agg["val_rows"]),
-        f"{agg['val_top5_mean']:.4f}",
-        f"{agg['val_loss_mean']:.4f}",
-        _fmt(agg["step_seconds_mean"], 1000, 2),
-        _fmt(agg["seconds_per_epoch_mean"]),
-    ]
-
-
-def _k_ticks(ax: Any, ks: Sequence[int]) -> None:
-    """Ticks at the K values tried (2, 4, 8, 16, 32) on the log axis, written as plain numbers."""
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
-
-    ax.xaxis.set_major_locator(FixedLocator(list(ks)))
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_locator(NullLocator())
-
-
-def _plot_sweep(path: Path, points: list[dict[str, Any]], reference: dict[str, Any], optimizer: str, title: str) -> Any:
-    """Accuracy and step time against K; returns the matplotlib Figure (already saved to `path`)."""
-    from prodcat.report.figures import png_figure
-
-    ks = [p["num_sampled"] for p in points]
-    stds = [p["val_top1_std"] for p in points]
-    with png_figure(path, 1, 2, figsize=(11, 4.2)) as (figure, (acc_axes, time_axes)):
-        acc_axes.errorbar(
-            ks,
-            [p["val_top1_mean"] for p in points],
-            yerr=None if None in stds else stds,  # one seed: no error bars rather than zero-length ones
-            marker="o",
-            capsize=3,
-            label=f"sampled softmax, {optimizer}",
-        )
-        reference_label = f"full softmax, {optimizer}"
-        acc_axes.axhline(reference["val_top1_mean"], linestyle="--", color="#555555", label=reference_label)
-        acc_axes.set(
-            xscale="log", xlabel="sampled negatives K", ylabel="val top-1 (images, full softmax)", title="accuracy vs K"
-        )
-        step_ms = [1000 * (p["step_seconds_mean"] or np.nan) for p in points]
-        time_axes.plot(ks, step_ms, marker="o", label=f"sampled softmax, {optimizer}")
-        if reference["step_seconds_mean"] is not None:
-            reference_ms = 1000 * reference["step_seconds_mean"]
-            time_axes.axhline(reference_ms, linestyle="--", color="#555555", label=reference_label)
-        time_axes.set(xscale="log", xlabel="sampled negatives K", ylabel="ms per training step", title="step time vs K")
-        for ax in (acc_axes, time_axes):
-            _k_ticks(ax, ks)
-            ax.legend()
-        figure.suptitle(title)
-    return figure
-
-
 def sweep(config: SweepConfig) -> ExperimentResult:
     """Sampled softmax for each K plus the full softmax as reference, all with the same optimizer (default
-    TrainConfig's); report under `W/reports/sweep/`, with the config beside it (config.json)."""
+    TrainConfig's), each run evaluated on the holdout; numbers in `W/reports/sweep/sweep.json`, the config beside it
+    (config.json)."""
     workdir, store, head, sampler, epochs = config.workdir, config.store, config.head, config.sampler, config.epochs
     seeds, batch_size, note, isolate = config.seeds, config.batch_size, config.note, config.isolate
     require_store(workdir, store)
@@ -470,27 +384,23 @@ def sweep(config: SweepConfig) -> ExperimentResult:
     values, clip_notes = _clip_negatives(config.num_sampled, num_classes)
     base = dict(workdir=str(workdir), store=store, head=head, epochs=epochs, batch_size=batch_size, optimizer=name)
     run_dirs: dict[RunKey, Path] = {}
+    arms: dict[str, list[dict[str, Any]]] = {}
 
-    def arm(loss: str, label: str, **extra: Any) -> dict[str, Any]:
+    def arm(loss: str, label: str, **extra: Any) -> list[dict[str, Any]]:
         runs = []
         for seed in range(seeds):
             train_config = TrainConfig(loss=loss, seed=seed, run_name=f"sweep-{label}-{name}-s{seed}", **extra, **base)
             runs.append(_run(train_config, isolate))
             run_dirs[(f"sampled-{label}" if loss == "sampled" else label, name, seed)] = runs[-1]["dir"]
-        return _aggregate(runs)
+        return runs
 
-    points = [{"num_sampled": k, **arm("sampled", f"k{k}", num_sampled=k, sampler=sampler)} for k in values]
-    reference = arm("softmax", "softmax")
-    out = paths.report("sweep")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.json")
+    for k in values:
+        arms[f"K = {k}"] = arm("sampled", f"k{k}", num_sampled=k, sampler=sampler)
+    arms[REFERENCE_LABEL] = arm("softmax", "softmax")
     notes = [
         f"{head} head on {store}, {sampler} sampler, {epochs:g} epochs, batch {batch_size}, {num_classes} classes, "
-        f"seeds 0..{seeds - 1}; every point and the full-softmax reference use the same optimizer ({name}); "
-        "accuracy: image-level top-1 on val with the full softmax, after the last step.",
-        SPREAD_NOTE,
-        *clip_notes,
-        *([note] if note else []),
+        f"seeds 0..{seeds - 1}; every point and the full-softmax reference use the same optimizer ({name}).",
+        *(ACCURACY_NOTE, SPREAD_NOTE, *clip_notes, *([note] if note else [])),
     ]
     settings = {
         "store": store,
@@ -501,13 +411,32 @@ def sweep(config: SweepConfig) -> ExperimentResult:
         "epochs": epochs,
         "seeds": seeds,
         "batch_size": batch_size,
+        "reported_split": REPORTED_SPLIT,
     }
-    write_json(
-        out / "sweep.json",
-        {"settings": settings, "num_classes": num_classes, "points": points, "reference": reference, "notes": notes},
-    )
-    _plot_sweep(out / "sweep.png", points, reference, name, f"{head} head on {store}: negatives sweep ({name})")
-    rows = [_sweep_row(str(p["num_sampled"]), name, p) for p in points] + [_sweep_row("full softmax", name, reference)]
-    title = f"Sampled-softmax sweep ({name}): {head} head on {store}"
-    _write_tables(out, "sweep", title, SWEEP_HEADERS, rows, notes)
+    out = paths.report("sweep")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.json")
+    _write_sweep(out, values, arms, {"settings": settings, "num_classes": num_classes, "notes": notes})
     return ExperimentResult(out, run_dirs)
+
+
+def _write_sweep(out: Path, values: list[int], arms: dict[str, list[dict[str, Any]]], extra: dict[str, Any]) -> Path:
+    """sweep.json: a point per K (with its paired difference to the full softmax on the holdout) and the reference."""
+    differences = _differences({REFERENCE_LABEL: arms[REFERENCE_LABEL], **arms})  # each K vs the reference
+    points = [
+        {
+            "num_sampled": k,
+            **_aggregate(arms[f"K = {k}"]),
+            "vs_reference": differences[f"K = {k} vs {REFERENCE_LABEL}"],
+        }
+        for k in values
+    ]
+    return write_json(
+        out / "sweep.json",
+        {
+            **extra,
+            "points": points,
+            "reference": _aggregate(arms[REFERENCE_LABEL]),
+            "run_dirs": {r["name"]: str(r["dir"]) for runs in arms.values() for r in runs},
+        },
+    )

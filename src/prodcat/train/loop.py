@@ -66,7 +66,6 @@ __all__ = [
     "lr_at",
     "read_metrics",
     "run_summary",
-    "plot_curves",
 ]
 
 log = get_logger("prodcat.train.loop")
@@ -196,33 +195,6 @@ def _append_metrics(run_dir: Path, line: dict[str, Any]) -> None:
 
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(line) + "\n")
-
-
-def plot_curves(metrics: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Train/val loss and val accuracy against step (top row) and training seconds (bottom row: time in training
-    steps, validation and checkpoints left out, so runs that validate more often are not drawn slower)."""
-    from prodcat.report.figures import png_figure
-
-    evals = [m for m in metrics if m.get("val_loss") is not None]
-    trains = [m for m in metrics if m.get("train_loss") is not None]
-    with png_figure(path, 2, 2, figsize=(10, 7)) as (figure, axes):
-        for row, key, label in ((0, "step", "step"), (1, "train_seconds", "training seconds")):
-            loss_axes, acc_axes = axes[row]
-            loss_axes.plot([m[key] for m in trains], [m["train_loss"] for m in trains], label="train loss")
-            loss_axes.plot([m[key] for m in evals], [m["val_loss"] for m in evals], marker=".", label="val loss")
-            loss_axes.set(xlabel=label, ylabel="cross-entropy", title=f"loss vs {label}")
-            loss_axes.legend()
-            for metric in ("val_top1", "val_top5"):
-                acc_axes.plot(
-                    [m[key] for m in evals],
-                    [m[metric] for m in evals],
-                    marker=".",
-                    label={"val_top1": "val top-1", "val_top5": "val top-5"}[metric],
-                )
-            acc_axes.set(xlabel=label, ylabel="accuracy (images)", title=f"val accuracy vs {label}", ylim=(0, 1))
-            acc_axes.legend()
-        figure.suptitle(title or "training curves")
-    return Path(path)
 
 
 # -- setup ----------------------------------------------------------------------------------------------------------
@@ -684,7 +656,8 @@ def _meta(run: Run, line: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finish(run: Run, session_start: float, step_times: list[float]) -> dict[str, Any]:
-    """summary.json (what compare and sweep read) and curves.png; rank 0 only."""
+    """summary.json (what compare and sweep read); rank 0 only. The curves are drawn by `prodcat.report.runs` from
+    metrics.jsonl: training hands the report plain numbers."""
     epochs = run.plan.epoch(run.step)
     summary = {
         "run": run.config.name,
@@ -706,7 +679,6 @@ def _finish(run: Run, session_start: float, step_times: list[float]) -> dict[str
     }
     if run.dist.is_main:
         write_json(run.run_dir / "summary.json", summary)
-        plot_curves(read_metrics(run.run_dir), run.run_dir / "curves.png", title=run.config.name)
     return summary
 
 
