@@ -92,7 +92,7 @@ class Predictor:
         self.accept_threshold: float | None = choices.threshold
         # Logit adjustment (tau) and temperature (T) chosen on val; the threshold above is on calibrated probabilities.
         self.calibration = choices.calibration
-        self.twin_choice: TwinChoice | None = choices.twin_choice()  # None: not chosen on val yet
+        self.twin_choice: TwinChoice | None = _twin_choice(choices.twins)  # None: not chosen on val yet
         self._twins: TwinIndex | None | bool = False  # False: not built yet
         self._prototypes: Prototypes | None = None
         self._prototype_signature: tuple[int, int] | None = None
@@ -377,3 +377,12 @@ class Predictor:
         self, images: Sequence[torch.Tensor], top_k: int = 5, hashes: Sequence[bytes] | None = None
     ) -> ProductPrediction:
         return self.predict_products([images], top_k, None if hashes is None else [hashes])[0]
+
+
+def _twin_choice(data: dict[str, Any] | None) -> TwinChoice | None:
+    """The twins choice evaluate made on val (RUN/eval/twins.json), None before one was made."""
+    if data is None:
+        return None
+    from prodcat.predict.twins import TwinChoice  # pyarrow and the picture tables: only where twins are used
+
+    return TwinChoice.from_json(data)

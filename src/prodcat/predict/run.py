@@ -33,7 +33,6 @@ from prodcat.utils import get_logger, read_json, write_json
 
 if TYPE_CHECKING:
     from prodcat.data.taxonomy import Taxonomy
-    from prodcat.predict.twins import TwinChoice
 
 __all__ = [
     "CONFIG_FILE",
@@ -96,14 +95,7 @@ class Choices:
     aggregation: str | None = None
     threshold: float | None = None
     calibration: ProductCalibration = dataclasses.field(default_factory=ProductCalibration)
-    twins: dict[str, Any] | None = None  # eval/twins.json
-
-    def twin_choice(self) -> TwinChoice | None:
-        if self.twins is None:
-            return None
-        from prodcat.predict.twins import TwinChoice  # torch: only where twins are used
-
-        return TwinChoice.from_json(self.twins)
+    twins: dict[str, Any] | None = None  # eval/twins.json (prodcat.predict.twins.TwinChoice.from_json reads it)
 
 
 def read_choices(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> Choices:
