@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from prodcat.config import ExtractConfig, TrainConfig, save_config
+from prodcat.config import TrainConfig
 from prodcat.data.taxonomy import Taxonomy
-from prodcat.features.store import FeatureStore, write_store
+from prodcat.features.store import FeatureStore
 from prodcat.paths import WorkPaths
+from store_fixtures import write_labelled_store
 
 STORE = "toy"
 DIM = 16
@@ -39,21 +40,9 @@ def make_product_workdir(
             label.append(leaf)
             split.append(name)
     label_array = np.array(label)
-    store = write_store(
-        paths.feature_store(STORE),
-        np.array(features, np.float32),
-        product_id=np.array(product_id),
-        image_index=np.array(image_index),
-        label=label_array,
-        level1=taxonomy.leaf_level1[label_array],
-        level2=taxonomy.leaf_level2[label_array],
-        split=np.array(split),
-        shard_size=40,
-    )
-    save_config(
-        ExtractConfig(workdir=str(root), backbone="arrays", store_name=STORE, random_init=True),
-        paths.feature_store(STORE) / "config.json",
-    )
+    store = write_labelled_store(root, taxonomy, np.array(features), product_id=np.array(product_id),
+                                 image_index=np.array(image_index), label=label_array, split=np.array(split),
+                                 shard_size=40)  # fmt: skip
     return taxonomy, store, centres
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from prodcat.config import EvalConfig, ExtractConfig, TrainConfig, save_config
+from prodcat.config import EvalConfig, TrainConfig
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.evaluate.evaluation import (
     SplitError,
@@ -29,10 +29,11 @@ from prodcat.evaluate.evaluation import (
     summary_lines,
     top_k,
 )
-from prodcat.features.store import FeatureStore, write_store
+from prodcat.features.store import FeatureStore
 from prodcat.paths import WorkPaths
 from prodcat.predict.predictor import AGGREGATIONS, Predictor
 from prodcat.report.runs import EVAL_FIGURES, LEVERS_FILE, draw_evaluation
+from store_fixtures import write_labelled_store
 
 ROWS = [
     (10, "MAISON & <JARDIN>", "ABRI", "ABRI DE JARDIN"),
@@ -79,22 +80,9 @@ def build_workdir(
     label_array = np.array(label)
     if permute_holdout:
         label_array = _permute_products(label_array, np.array(product_id), np.array(split) == "holdout", rng)
-    store = write_store(
-        paths.feature_store(STORE),
-        np.array(features, np.float32),
-        product_id=np.array(product_id),
-        image_index=np.array(image_index),
-        label=label_array,
-        level1=taxonomy.leaf_level1[label_array],
-        level2=taxonomy.leaf_level2[label_array],
-        split=np.array(split),
-        shard_size=50,
-    )
-    # Predictor.load reads the store's ExtractConfig; no backbone is ever built on cached features.
-    save_config(
-        ExtractConfig(workdir=str(root), backbone="arrays", store_name=STORE, random_init=True),
-        paths.feature_store(STORE) / "config.json",
-    )
+    store = write_labelled_store(root, taxonomy, np.array(features), product_id=np.array(product_id),
+                                 image_index=np.array(image_index), label=label_array, split=np.array(split),
+                                 shard_size=50)  # fmt: skip
     return taxonomy, store
 
 

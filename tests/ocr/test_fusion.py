@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from prodcat.config import EvalConfig, ExtractConfig, TrainConfig, save_config
+from prodcat.config import EvalConfig, TrainConfig
 from prodcat.data.synthetic.covers import COVER_LEAVES, render_cover_product
 from prodcat.data.taxonomy import Taxonomy
-from prodcat.features.store import write_store
 from prodcat.paths import WorkPaths
 from prodcat.train.text_fusion import FusionConfig, choose_late_weight, late_fuse, load_text_model, train_text_model
 from prodcat.utils import write_parquet
+from store_fixtures import write_labelled_store
 
 STORE = "toy"
 # Two departments of cover leaves (alike in picture within a department) and two ordinary leaves.
@@ -51,11 +51,8 @@ def _build(root: Path, products: int = 240, dim: int = 8) -> Taxonomy:
     centres = rng.normal(size=(4, dim)) * 3
     features = (centres[centre_of[leaf]] + rng.normal(size=(products, dim))).astype(np.float32)
     ids = np.arange(products) + 100
-    levels = {"level1": taxonomy.leaf_level1[label], "level2": taxonomy.leaf_level2[label]}
-    write_store(paths.feature_store(STORE), features, shard_size=64, product_id=ids, image_index=np.zeros(products),
-                label=label, split=split, **levels)  # fmt: skip
-    save_config(ExtractConfig(workdir=str(root), backbone="arrays", store_name=STORE, random_init=True),
-                paths.feature_store(STORE) / "config.json")  # fmt: skip
+    write_labelled_store(root, taxonomy, features, product_id=ids, image_index=np.zeros(products), label=label,
+                         split=split, store=STORE)  # fmt: skip
     words: dict[str, list] = {k: [] for k in ("product_id", "image_index", "word_index", "word", "confidence")}
     for product, k in zip(ids, leaf, strict=True):
         if k < len(LEAVES):

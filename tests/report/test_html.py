@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from prodcat.config import CompareConfig, EvalConfig, ExtractConfig, IngestConfig, SweepConfig, TrainConfig, save_config
+from prodcat.config import CompareConfig, EvalConfig, IngestConfig, SweepConfig, TrainConfig
 from prodcat.data.catalog import ingest, load_catalog
 from prodcat.data.taxonomy import Taxonomy
-from prodcat.features.store import write_store
 from prodcat.paths import WorkPaths
 from prodcat.report.html import GALLERY_RIGHT, GALLERY_WRONG, build_report
+from store_fixtures import write_labelled_store
 
 ROWS = [
     (10, "MAISON & <JARDIN>", "ABRI", "ABRI DE JARDIN"),
@@ -71,21 +71,9 @@ def _write_store(root: Path, rng: np.random.Generator) -> None:
         split[val[::2]] = "holdout"
     label = np.repeat(catalog["label"].to_numpy(), repeat)
     features = centres[label] + rng.normal(size=(len(label), 8)) * 1.4
-    write_store(
-        paths.feature_store(STORE),
-        features.astype(np.float32),
-        product_id=np.repeat(catalog["product_id"].to_numpy(), repeat),
-        image_index=np.concatenate([np.arange(n) for n in repeat]),
-        label=label,
-        level1=taxonomy.leaf_level1[label],
-        level2=taxonomy.leaf_level2[label],
-        split=np.repeat(split, repeat),
-        shard_size=64,
-    )
-    save_config(
-        ExtractConfig(workdir=str(root), backbone="arrays", store_name=STORE, random_init=True),
-        paths.feature_store(STORE) / "config.json",
-    )
+    write_labelled_store(root, taxonomy, features, product_id=np.repeat(catalog["product_id"].to_numpy(), repeat),
+                         image_index=np.concatenate([np.arange(n) for n in repeat]), label=label,
+                         split=np.repeat(split, repeat))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
