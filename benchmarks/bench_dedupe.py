@@ -118,8 +118,9 @@ def main() -> None:
     torch.set_num_threads(2)
     from prodcat.config import ExtractConfig
     from prodcat.distributed import DistInfo
-    from prodcat.features.backbones import Preprocessor, create_backbone
+    from prodcat.features.backbones import create_backbone
     from prodcat.features.extract import _complete_partial, _run_shards, plan_rows
+    from prodcat.features.extractor import FeatureExtractor
     from prodcat.features.inference import InferenceRunner
     from prodcat.features.store import FeatureStore
 
@@ -127,7 +128,7 @@ def main() -> None:
     workdir, share = _workdir(products)
     backbone = create_backbone(args.backbone)
     runner = InferenceRunner(backbone, precision="auto")
-    preprocess = Preprocessor(backbone.spec)
+    extractor = FeatureExtractor(runner)  # extraction's one feature path (pooled, no TTA)
     config = ExtractConfig(workdir=str(workdir), backbone=args.backbone, batch_size=32, shard_size=256, workers=0)
     splits = ("train", "val")
     load = {"start": os.getloadavg()[0]}
@@ -141,7 +142,7 @@ def main() -> None:
         plans[dedupe] = plan.dedupe
         meta = {"backbone": args.backbone, "weights_id": backbone.weights_id, "kind": "pooled", "preprocessing": None}
         store = FeatureStore.create(path, plan.rows, (backbone.spec.num_features,), config.shard_size, meta)
-        _run_shards(store, store.missing_shards(), plan, preprocess, runner, config, DistInfo())
+        _run_shards(store, store.missing_shards(), plan, extractor, config, DistInfo())
         _complete_partial(store, list(range(store.num_shards)), plan.owner)
         store.finalize()
         return time.perf_counter() - start

@@ -48,8 +48,9 @@ def main() -> None:
     torch.set_num_threads(2)
     from prodcat.config import ExtractConfig
     from prodcat.distributed import DistInfo
-    from prodcat.features.backbones import Preprocessor, create_backbone
+    from prodcat.features.backbones import create_backbone
     from prodcat.features.extract import _run_shards, plan_rows
+    from prodcat.features.extractor import FeatureExtractor
     from prodcat.features.inference import InferenceRunner
     from prodcat.features.store import FeatureStore
 
@@ -57,7 +58,7 @@ def main() -> None:
     workdir = _workdir(products)
     backbone = create_backbone(args.backbone)
     runner = InferenceRunner(backbone, precision="auto")
-    preprocess = Preprocessor(backbone.spec)
+    extractor = FeatureExtractor(runner)  # extraction's one feature path (pooled, no TTA)
     plan = plan_rows(workdir, ("train",), dedupe=False)  # every row through the backbone, as model_only below
     images = plan.rows.num_rows
     config = ExtractConfig(
@@ -82,7 +83,7 @@ def main() -> None:
             {"backbone": args.backbone, "weights_id": backbone.weights_id, "kind": "pooled", "preprocessing": None},
         )
         start = time.perf_counter()
-        _run_shards(store, store.missing_shards(), plan, preprocess, runner, config, DistInfo())
+        _run_shards(store, store.missing_shards(), plan, extractor, config, DistInfo())
         return time.perf_counter() - start
 
     def model_only() -> float:
