@@ -46,6 +46,11 @@ def main(argv: list[str]) -> int:
     return 1 if failures else 0
 
 
+def _number(value: object) -> str:
+    """A result's value as the table shows it (a few results hold a word, e.g. the fusion a run kept)."""
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
 def print_table(since: float) -> None:
     rows = []
     for path in sorted((HERE / "results").glob("*.json")):
@@ -56,7 +61,7 @@ def print_table(since: float) -> None:
         rows.append(
             (
                 result["name"],
-                f"{result['value']:g} {result['unit']}",
+                f"{_number(result['value'])} {result['unit']}",
                 goal,
                 status,
                 result.get("machine", {}).get("device", "?"),
