@@ -43,6 +43,11 @@ def write_labelled_store(
         shard_size=shard_size,
     )
     if with_config:
-        config = ExtractConfig(workdir=str(root), backbone="arrays", store_name=store, random_init=True)
-        save_config(config, path / "config.json")
+        save_store_config(root, store)
     return written
+
+
+def save_store_config(root: Path, store: str = STORE) -> None:
+    """The store's ExtractConfig that Predictor.load and evaluate read (no backbone is built on cached features)."""
+    config = ExtractConfig(workdir=str(root), backbone="arrays", store_name=store, random_init=True)
+    save_config(config, WorkPaths(root).feature_store(store) / "config.json")

@@ -7,10 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from prodcat.config import ExtractConfig, TrainConfig, save_config
+from prodcat.config import TrainConfig
 from prodcat.data.taxonomy import Taxonomy
 from prodcat.features.store import FeatureStore, write_store
 from prodcat.paths import WorkPaths
+from store_fixtures import save_store_config
 
 STORE = "toy"
 SPATIAL_STORE = "toy-spatial"
@@ -61,9 +62,8 @@ def make_workdir(
         split=split,
     )
     store = write_store(paths.feature_store(STORE), features, shard_size=64, **columns)
-    if holdout_fraction > 0:  # Predictor.load reads the store's ExtractConfig; no backbone is built on cached features
-        extract = ExtractConfig(workdir=str(root), backbone="arrays", store_name=STORE, random_init=True)
-        save_config(extract, paths.feature_store(STORE) / "config.json")
+    if holdout_fraction > 0:  # evaluable: Predictor.load reads the store's ExtractConfig
+        save_store_config(root, STORE)
     if spatial:
         maps = features.reshape(rows, 2, 2, dim // 4)
         write_store(paths.feature_store(SPATIAL_STORE), maps, shard_size=64, **columns)
